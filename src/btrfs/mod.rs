@@ -1,0 +1,303 @@
+//! A thin layer over the btrfs ioctls rasa needs, on top of the `nix` crate.
+//!
+//! Why not a library: `btrfs-uapi` and `libbtrfsutil` both run bindgen at build time (libclang
+//! in the build closure, and the C library in the initrd for the latter). rasa needs a dozen
+//! ioctls with stable, documented layouts (`include/uapi/linux/btrfs.h`), so it declares them
+//! here, checks the struct sizes at compile time, and tests them on real btrfs.
+//!
+//! Everything works on file descriptors: callers open directories with `openat` and
+//! `O_NOFOLLOW`, so no path handed to this module is ever resolved through a symlink.
+
+pub mod tree;
+
+use std::ffi::{CStr, OsStr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+
+use anyhow::{bail, Context, Result};
+use nix::fcntl::{openat, OFlag};
+use nix::sys::stat::{fstatat, Mode};
+use nix::sys::statfs::fstatfs;
+
+/// `statfs.f_type` of btrfs.
+pub const SUPER_MAGIC: i64 = 0x9123_683E;
+/// Inode number of the top directory of every subvolume.
+pub const FIRST_FREE_OBJECTID: u64 = 256;
+/// The id of the top-level subvolume (`subvolid=5`).
+pub const FS_TREE_OBJECTID: u64 = 5;
+
+const VOL_NAME_MAX: usize = 255;
+const PATH_NAME_MAX: usize = 4087;
+const SUBVOL_NAME_MAX: usize = 4039;
+
+/// `BTRFS_SUBVOL_RDONLY`, for SNAP_CREATE_V2 and SUBVOL_{GET,SET}FLAGS.
+pub const SUBVOL_RDONLY: u64 = 1 << 1;
+/// `BTRFS_SUBVOL_SPEC_BY_ID`, for SNAP_DESTROY_V2.
+const SUBVOL_SPEC_BY_ID: u64 = 1 << 4;
+
+#[repr(C)]
+pub(crate) struct VolArgs {
+    fd: i64,
+    name: [u8; PATH_NAME_MAX + 1],
+}
+
+#[repr(C)]
+pub(crate) struct VolArgsV2 {
+    fd: i64,
+    transid: u64,
+    flags: u64,
+    unused: [u64; 4],
+    /// `name[SUBVOL_NAME_MAX + 1]`, or `subvolid` in its first 8 bytes.
+    name_or_id: [u8; SUBVOL_NAME_MAX + 1],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct IoctlTimespec {
+    pub sec: u64,
+    pub nsec: u32,
+}
+
+#[repr(C)]
+pub(crate) struct GetSubvolInfoArgs {
+    treeid: u64,
+    name: [u8; VOL_NAME_MAX + 1],
+    parent_id: u64,
+    dirid: u64,
+    generation: u64,
+    flags: u64,
+    uuid: [u8; 16],
+    parent_uuid: [u8; 16],
+    received_uuid: [u8; 16],
+    ctransid: u64,
+    otransid: u64,
+    stransid: u64,
+    rtransid: u64,
+    ctime: IoctlTimespec,
+    otime: IoctlTimespec,
+    stime: IoctlTimespec,
+    rtime: IoctlTimespec,
+    reserved: [u64; 8],
+}
+
+const _: () = assert!(std::mem::size_of::<VolArgs>() == 4096);
+const _: () = assert!(std::mem::size_of::<VolArgsV2>() == 4096);
+const _: () = assert!(std::mem::size_of::<GetSubvolInfoArgs>() == 504);
+
+mod ioctl {
+    use super::*;
+    nix::ioctl_write_ptr!(subvol_create, 0x94, 14, VolArgs);
+    nix::ioctl_write_ptr!(snap_destroy, 0x94, 15, VolArgs);
+    nix::ioctl_write_ptr!(snap_create_v2, 0x94, 23, VolArgsV2);
+    nix::ioctl_read!(subvol_getflags, 0x94, 25, u64);
+    nix::ioctl_write_ptr!(subvol_setflags, 0x94, 26, u64);
+    nix::ioctl_read!(get_subvol_info, 0x94, 60, GetSubvolInfoArgs);
+    nix::ioctl_write_ptr!(snap_destroy_v2, 0x94, 63, VolArgsV2);
+}
+
+fn zeroed<T>() -> Box<T> {
+    // SAFETY: only used for the plain-old-data ioctl structs above, for which all-zero is valid.
+    unsafe { Box::new(std::mem::zeroed()) }
+}
+
+/// A subvolume name as the kernel takes it: one path component, no NUL.
+fn copy_name(dest: &mut [u8], name: &OsStr) -> Result<()> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty()
+        || bytes.contains(&b'/')
+        || bytes.contains(&0)
+        || bytes == b"."
+        || bytes == b".."
+    {
+        bail!("{:?} is not a plain subvolume name", name);
+    }
+    if bytes.len() >= dest.len().min(VOL_NAME_MAX + 1) {
+        bail!(
+            "subvolume name {:?} is longer than {VOL_NAME_MAX} bytes",
+            name
+        );
+    }
+    dest[..bytes.len()].copy_from_slice(bytes);
+    Ok(())
+}
+
+/// Create an empty subvolume `name` inside the directory `parent`.
+pub fn create_subvolume(parent: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+    let mut args = zeroed::<VolArgs>();
+    copy_name(&mut args.name, name)?;
+    // SAFETY: `args` is a valid, initialised vol_args.
+    unsafe { ioctl::subvol_create(parent.as_raw_fd(), &*args) }
+        .with_context(|| format!("creating subvolume {:?}", name))?;
+    Ok(())
+}
+
+/// Snapshot the subvolume open at `source` as `name` inside the directory `parent`.
+pub fn snapshot(
+    source: BorrowedFd<'_>,
+    parent: BorrowedFd<'_>,
+    name: &OsStr,
+    readonly: bool,
+) -> Result<()> {
+    let mut args = zeroed::<VolArgsV2>();
+    args.fd = source.as_raw_fd() as i64;
+    args.flags = if readonly { SUBVOL_RDONLY } else { 0 };
+    copy_name(&mut args.name_or_id, name)?;
+    // SAFETY: `args` is a valid, initialised vol_args_v2.
+    unsafe { ioctl::snap_create_v2(parent.as_raw_fd(), &*args) }
+        .with_context(|| format!("snapshotting into {:?}", name))?;
+    Ok(())
+}
+
+/// Delete the subvolume with id `subvol_id`; `any` is any fd on the same filesystem.
+/// The subvolume must have no child subvolumes (ENOTEMPTY otherwise). Needs CAP_SYS_ADMIN and
+/// Linux 5.7. Deleting by id means no path is resolved, so nothing outside the intended tree
+/// can be reached through a renamed directory or a symlink.
+pub fn delete_subvolume_by_id(any: BorrowedFd<'_>, subvol_id: u64) -> Result<()> {
+    let mut args = zeroed::<VolArgsV2>();
+    args.flags = SUBVOL_SPEC_BY_ID;
+    args.name_or_id[..8].copy_from_slice(&subvol_id.to_ne_bytes());
+    // SAFETY: `args` is a valid, initialised vol_args_v2.
+    unsafe { ioctl::snap_destroy_v2(any.as_raw_fd(), &*args) }
+        .with_context(|| format!("deleting subvolume id {subvol_id}"))?;
+    Ok(())
+}
+
+/// Delete the (childless) subvolume `name` inside the directory `parent`.
+pub fn delete_subvolume(parent: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+    let mut args = zeroed::<VolArgs>();
+    copy_name(&mut args.name, name)?;
+    // SAFETY: `args` is a valid, initialised vol_args.
+    unsafe { ioctl::snap_destroy(parent.as_raw_fd(), &*args) }
+        .with_context(|| format!("deleting subvolume {:?}", name))?;
+    Ok(())
+}
+
+pub fn is_readonly(subvol: BorrowedFd<'_>) -> Result<bool> {
+    let mut flags = 0u64;
+    // SAFETY: the kernel writes one u64.
+    unsafe { ioctl::subvol_getflags(subvol.as_raw_fd(), &mut flags) }
+        .context("reading subvolume flags")?;
+    Ok(flags & SUBVOL_RDONLY != 0)
+}
+
+pub fn set_readonly(subvol: BorrowedFd<'_>, readonly: bool) -> Result<()> {
+    let mut flags = 0u64;
+    // SAFETY: the kernel writes one u64.
+    unsafe { ioctl::subvol_getflags(subvol.as_raw_fd(), &mut flags) }
+        .context("reading subvolume flags")?;
+    flags = if readonly {
+        flags | SUBVOL_RDONLY
+    } else {
+        flags & !SUBVOL_RDONLY
+    };
+    // SAFETY: the kernel reads one u64.
+    unsafe { ioctl::subvol_setflags(subvol.as_raw_fd(), &flags) }
+        .context("setting subvolume flags")?;
+    Ok(())
+}
+
+/// What GET_SUBVOL_INFO reports about the subvolume an fd is in.
+#[derive(Clone, Debug)]
+pub struct SubvolInfo {
+    pub id: u64,
+    pub name: String,
+    pub parent_id: u64,
+    /// The transaction id of the last change to the subvolume's tree.
+    pub generation: u64,
+    /// The generation at which the subvolume was created.
+    pub otransid: u64,
+    /// Creation time, seconds since the epoch.
+    pub otime: u64,
+    pub uuid: [u8; 16],
+    pub parent_uuid: [u8; 16],
+}
+
+/// Unprivileged (Linux 4.18).
+pub fn subvol_info(fd: BorrowedFd<'_>) -> Result<SubvolInfo> {
+    let mut args = zeroed::<GetSubvolInfoArgs>();
+    // SAFETY: the kernel fills the struct.
+    unsafe { ioctl::get_subvol_info(fd.as_raw_fd(), &mut *args) }
+        .context("reading subvolume info")?;
+    let name = CStr::from_bytes_until_nul(&args.name)
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(SubvolInfo {
+        id: args.treeid,
+        name,
+        parent_id: args.parent_id,
+        generation: args.generation,
+        otransid: args.otransid,
+        otime: args.otime.sec,
+        uuid: args.uuid,
+        parent_uuid: args.parent_uuid,
+    })
+}
+
+pub fn is_btrfs(fd: BorrowedFd<'_>) -> Result<bool> {
+    let fs = fstatfs(fd).context("statfs")?;
+    Ok(fs.filesystem_type().0 as i64 == SUPER_MAGIC)
+}
+
+/// Is `name` inside `parent` the top directory of a subvolume? (Not following symlinks.)
+pub fn is_subvolume_at(parent: BorrowedFd<'_>, name: &OsStr) -> Result<bool> {
+    match fstatat(parent, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => {
+            Ok(st.st_mode & libc_s_ifmt() == libc_s_ifdir() && st.st_ino == FIRST_FREE_OBJECTID)
+        }
+        Err(nix::errno::Errno::ENOENT) => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("inspecting {:?}", name)),
+    }
+}
+
+fn libc_s_ifmt() -> u32 {
+    nix::libc::S_IFMT
+}
+fn libc_s_ifdir() -> u32 {
+    nix::libc::S_IFDIR
+}
+
+/// Open the directory `name` inside `parent` without following a symlink at any point.
+pub fn open_dir_at(parent: BorrowedFd<'_>, name: &OsStr) -> nix::Result<OwnedFd> {
+    openat(
+        parent,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Delete the subvolume `name` in `parent` together with every subvolume nested in it, children
+/// before parents. Every id comes from the root tree, starting at this subvolume's id, so the
+/// walk cannot leave its tree whatever the directories inside look like. Ids in `protected`
+/// (the live root, the blank, the persistent subvolume) and the top level abort the whole
+/// deletion before anything is deleted. Returns how many subvolumes were deleted.
+pub fn delete_subvolume_tree(
+    fs: BorrowedFd<'_>,
+    parent: BorrowedFd<'_>,
+    name: &OsStr,
+    protected: &[u64],
+    mut after_each: impl FnMut(),
+) -> Result<usize> {
+    let subvol = open_dir_at(parent, name).with_context(|| format!("opening {:?}", name))?;
+    if !is_subvolume_at(parent, name)? {
+        bail!("{:?} is not a subvolume", name);
+    }
+    let info = subvol_info(subvol.as_fd())?;
+    drop(subvol);
+    let mut ids = tree::descendants_depth_first(fs, info.id)?;
+    ids.push(info.id);
+    if let Some(bad) = ids
+        .iter()
+        .find(|id| protected.contains(id) || **id == FS_TREE_OBJECTID)
+    {
+        bail!(
+            "refusing to delete {:?}: it is or contains protected subvolume id {bad}",
+            name
+        );
+    }
+    for id in &ids {
+        delete_subvolume_by_id(fs, *id)?;
+        after_each();
+    }
+    Ok(ids.len())
+}

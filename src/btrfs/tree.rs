@@ -1,0 +1,234 @@
+//! TREE_SEARCH (v1) and INO_LOOKUP: reading btrfs metadata trees directly.
+//!
+//! Both need CAP_SYS_ADMIN. rasa uses them where it must not depend on paths: to find the
+//! child subvolumes of a subvolume by id (pruning), and to walk the items of a subvolume's tree
+//! (diff).
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use anyhow::{Context, Result};
+
+pub const ROOT_TREE_OBJECTID: u64 = 1;
+pub const ROOT_ITEM_KEY: u32 = 132;
+pub const ROOT_BACKREF_KEY: u32 = 144;
+pub const ROOT_REF_KEY: u32 = 156;
+pub const INODE_ITEM_KEY: u32 = 1;
+pub const INODE_REF_KEY: u32 = 12;
+pub const DIR_ITEM_KEY: u32 = 84;
+pub const DIR_INDEX_KEY: u32 = 96;
+pub const EXTENT_DATA_KEY: u32 = 108;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SearchKey {
+    pub tree_id: u64,
+    pub min_objectid: u64,
+    pub max_objectid: u64,
+    pub min_offset: u64,
+    pub max_offset: u64,
+    pub min_transid: u64,
+    pub max_transid: u64,
+    pub min_type: u32,
+    pub max_type: u32,
+    pub nr_items: u32,
+    unused: u32,
+    unused1: u64,
+    unused2: u64,
+    unused3: u64,
+    unused4: u64,
+}
+
+const SEARCH_BUF: usize = 4096 - std::mem::size_of::<SearchKey>();
+
+#[repr(C)]
+struct SearchArgs {
+    key: SearchKey,
+    buf: [u8; SEARCH_BUF],
+}
+
+#[repr(C)]
+struct InoLookupArgs {
+    treeid: u64,
+    objectid: u64,
+    name: [u8; 4080],
+}
+
+const _: () = assert!(std::mem::size_of::<SearchKey>() == 104);
+const _: () = assert!(std::mem::size_of::<SearchArgs>() == 4096);
+const _: () = assert!(std::mem::size_of::<InoLookupArgs>() == 4096);
+
+mod ioctl {
+    use super::*;
+    nix::ioctl_readwrite!(tree_search, 0x94, 17, SearchArgs);
+    nix::ioctl_readwrite!(ino_lookup, 0x94, 18, InoLookupArgs);
+}
+
+impl SearchKey {
+    /// Every item of `tree_id` with `min <= (objectid, type, offset) <= max`, any transid.
+    pub fn range(tree_id: u64, min: (u64, u32, u64), max: (u64, u32, u64)) -> Self {
+        SearchKey {
+            tree_id,
+            min_objectid: min.0,
+            min_type: min.1,
+            min_offset: min.2,
+            max_objectid: max.0,
+            max_type: max.1,
+            max_offset: max.2,
+            min_transid: 0,
+            max_transid: u64::MAX,
+            ..Default::default()
+        }
+    }
+}
+
+/// One item found by a search: its key, the transid of the leaf it lives in, and its bytes.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub transid: u64,
+    pub objectid: u64,
+    pub item_type: u32,
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
+/// Visit every item in the key range, in key order. `visit` returns false to stop early.
+///
+/// The kernel fills one 4 KiB buffer per call; the next call continues from the key after the
+/// last one returned (the usual btrfs-progs loop, with the (objectid, type, offset) carry).
+/// Note that TREE_SEARCH's min/max_type and offset bound the whole key lexicographically,
+/// not each field separately, so callers filter types themselves where the range spans objects.
+pub fn search(
+    fs: BorrowedFd<'_>,
+    key: SearchKey,
+    mut visit: impl FnMut(&Item) -> bool,
+) -> Result<()> {
+    // SAFETY: all-zero is a valid SearchArgs.
+    let mut args: Box<SearchArgs> = unsafe { Box::new(std::mem::zeroed()) };
+    args.key = key;
+    loop {
+        args.key.nr_items = u32::MAX;
+        // SAFETY: args is a valid search_args; the kernel writes at most SEARCH_BUF bytes.
+        unsafe { ioctl::tree_search(fs.as_raw_fd(), &mut *args) }.context("btrfs tree search")?;
+        let found = args.key.nr_items;
+        if found == 0 {
+            return Ok(());
+        }
+        let mut pos = 0usize;
+        let mut last = (0u64, 0u32, 0u64);
+        for _ in 0..found {
+            let header = &args.buf[pos..pos + 32];
+            let read_u64 = |at: usize| u64::from_ne_bytes(header[at..at + 8].try_into().unwrap());
+            let transid = read_u64(0);
+            let objectid = read_u64(8);
+            let offset = read_u64(16);
+            let item_type = u32::from_ne_bytes(header[24..28].try_into().unwrap());
+            let len = u32::from_ne_bytes(header[28..32].try_into().unwrap()) as usize;
+            pos += 32;
+            let item = Item {
+                transid,
+                objectid,
+                item_type,
+                offset,
+                data: args.buf[pos..pos + len].to_vec(),
+            };
+            pos += len;
+            last = (objectid, item_type, offset);
+            if !visit(&item) {
+                return Ok(());
+            }
+        }
+        // Continue just after the last key seen.
+        let (mut objectid, mut item_type, mut offset) = last;
+        if offset < u64::MAX {
+            offset += 1;
+        } else if item_type < u32::MAX {
+            item_type += 1;
+            offset = 0;
+        } else if objectid < u64::MAX {
+            objectid += 1;
+            item_type = 0;
+            offset = 0;
+        } else {
+            return Ok(());
+        }
+        let k = &mut args.key;
+        if (objectid, item_type, offset) > (k.max_objectid, k.max_type, k.max_offset) {
+            return Ok(());
+        }
+        k.min_objectid = objectid;
+        k.min_type = item_type;
+        k.min_offset = offset;
+    }
+}
+
+/// A child subvolume, from a ROOT_REF item of its parent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildRef {
+    pub id: u64,
+    /// Inode number, inside the parent subvolume, of the directory that holds the child.
+    pub dirid: u64,
+    pub name: Vec<u8>,
+}
+
+/// The direct child subvolumes of subvolume `parent_id`, found by id in the root tree: no path
+/// is involved, so a directory renamed or replaced by a symlink cannot redirect the search.
+pub fn child_subvolumes(fs: BorrowedFd<'_>, parent_id: u64) -> Result<Vec<ChildRef>> {
+    let key = SearchKey::range(
+        ROOT_TREE_OBJECTID,
+        (parent_id, ROOT_REF_KEY, 0),
+        (parent_id, ROOT_REF_KEY, u64::MAX),
+    );
+    let mut children = Vec::new();
+    search(fs, key, |item| {
+        if item.objectid == parent_id && item.item_type == ROOT_REF_KEY && item.data.len() >= 18 {
+            // struct btrfs_root_ref { __le64 dirid; __le64 sequence; __le16 name_len; } name
+            let dirid = u64::from_le_bytes(item.data[0..8].try_into().unwrap());
+            let name_len = u16::from_le_bytes(item.data[16..18].try_into().unwrap()) as usize;
+            let name = item.data[18..(18 + name_len).min(item.data.len())].to_vec();
+            children.push(ChildRef {
+                id: item.offset,
+                dirid,
+                name,
+            });
+        }
+        true
+    })?;
+    Ok(children)
+}
+
+/// Every subvolume below `top_id`, children after their descendants (the order deletion needs).
+pub fn descendants_depth_first(fs: BorrowedFd<'_>, top_id: u64) -> Result<Vec<u64>> {
+    let mut order = Vec::new();
+    // An explicit stack: nesting depth is up to the user (or Docker), not to our call stack.
+    let mut stack = vec![(top_id, false)];
+    while let Some((id, expanded)) = stack.pop() {
+        if expanded {
+            if id != top_id {
+                order.push(id);
+            }
+            continue;
+        }
+        stack.push((id, true));
+        for child in child_subvolumes(fs, id)? {
+            stack.push((child.id, false));
+        }
+    }
+    Ok(order)
+}
+
+/// The path of directory inode `dirid` inside subvolume `tree_id`, relative to the subvolume's
+/// top and ending in '/', or empty for the top itself.
+pub fn ino_lookup(fs: BorrowedFd<'_>, tree_id: u64, dirid: u64) -> Result<Vec<u8>> {
+    // SAFETY: all-zero is a valid InoLookupArgs.
+    let mut args: Box<InoLookupArgs> = unsafe { Box::new(std::mem::zeroed()) };
+    args.treeid = tree_id;
+    args.objectid = dirid;
+    // SAFETY: args is valid; the kernel writes a NUL-terminated path into `name`.
+    unsafe { ioctl::ino_lookup(fs.as_raw_fd(), &mut *args) }.context("btrfs inode lookup")?;
+    let end = args
+        .name
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(args.name.len());
+    Ok(args.name[..end].to_vec())
+}

@@ -1,0 +1,10 @@
+//! `rasa check`: not built yet (see its issue).
+
+use anyhow::Result;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> Result<u8> {
+    anyhow::bail!("rasa check is not implemented yet")
+}

@@ -1,0 +1,118 @@
+//! rasa: a blank root on every boot, with the state you opted in kept under /persist.
+
+mod btrfs;
+mod check;
+mod diff;
+mod error;
+mod failpoint;
+mod layout;
+mod log;
+mod manifest;
+mod migrate;
+mod old_roots;
+mod rollback;
+mod toplevel;
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "rasa",
+    version,
+    about = "A blank btrfs root on every boot; the state you opted in kept under /persist",
+    after_help = "\
+Examples:
+  rasa rollback --device /dev/mapper/cryptroot      # in the initrd: reset / to the blank
+  rasa diff                                         # what the next boot will erase
+  rasa migrate                                      # plan copying state into /persist
+  rasa migrate --apply                              # ... and do it
+  rasa check system                                 # is this machine set up right?
+  rasa old-roots list                               # previous roots kept for recovery
+
+Exit codes:
+  0  success
+  1  an operation failed part-way; the message says what (the next run completes the job)
+  2  the command line is wrong
+  3  refused: bad input, configuration or disk layout; nothing was changed
+  4  the command found problems (check: a failed item; migrate: conflicts; diff --exit-code)
+
+Environment:
+  NO_COLOR       turn colour off
+  RASA_DEVICE    default for --device"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Reset the root subvolume to the blank (run in the initrd, before / is mounted).
+    Rollback(rollback::RollbackArgs),
+    /// Delete old roots past retention (run after boot).
+    Prune(old_roots::PruneArgs),
+    /// Inspect the previous roots kept for recovery.
+    #[command(subcommand)]
+    OldRoots(old_roots::OldRootsCommand),
+    /// Copy existing state into the storage root before the first wiping boot.
+    Migrate(migrate::Args),
+    /// Show what state on / is not persisted and will be erased.
+    Diff(diff::Args),
+    /// Validate a manifest, or this machine's layout.
+    Check(check::Args),
+    /// Print the man page (roff) on stdout.
+    #[command(hide = true)]
+    Man,
+    /// Print shell completions on stdout.
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                error::exit::USAGE
+            } else {
+                error::exit::OK
+            };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let result = match cli.command {
+        Command::Rollback(args) => rollback::run(args),
+        Command::Prune(args) => old_roots::run_prune(args),
+        Command::OldRoots(command) => old_roots::run_old_roots(command),
+        Command::Migrate(args) => migrate::run(args),
+        Command::Diff(args) => diff::run(args),
+        Command::Check(args) => check::run(args),
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map(|()| 0)
+            .map_err(Into::into),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "rasa", &mut std::io::stdout());
+            Ok(0)
+        }
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            log::error(format!("{e:#}"));
+            ExitCode::from(error::exit_code_for(&e))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,93 @@
+//! Installing what the tests and the demo need, so a fresh machine works with one command.
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// Debian packages the Rust tests need (btrfs fixtures, attribute checks, benchmarks' peers).
+pub const TEST_PACKAGES: &[&str] = &[
+    "btrfs-progs",
+    "attr",
+    "acl",
+    "rsync",
+    "e2fsprogs",
+    "util-linux",
+];
+/// Debian packages the Nix checks need.
+pub const NIX_PACKAGES: &[&str] = &["nix-bin"];
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+/// apt-get install whatever of `packages` is missing (running `apt-get update` first).
+pub fn apt(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !nix_is_root() {
+        bail!(
+            "missing Debian packages: {} (run as root, or `apt-get install {}`)",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// `cargo install --locked` a tool unless it is already on PATH.
+pub fn cargo_tool(binary: &str, krate: &str, version: &str) -> Result<()> {
+    if Command::new(binary)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {krate} {version} with cargo");
+    run(Command::new("cargo").args([
+        "install",
+        "--locked",
+        "--quiet",
+        krate,
+        "--version",
+        version,
+    ]))
+}
+
+pub fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+pub fn ensure_all() -> Result<()> {
+    apt(TEST_PACKAGES)?;
+    apt(NIX_PACKAGES)?;
+    crate::nix_checks::install_tools()?;
+    crate::vm::install_deps()?;
+    Ok(())
+}
