@@ -1,6 +1,7 @@
 //! Project automation: `cargo xtask <task>`. Kept in Rust, in the workspace, so that the
 //! README's commands need nothing but cargo on a fresh machine.
 
+mod bench;
 mod deps;
 mod nix_checks;
 mod test;
@@ -17,6 +18,7 @@ tasks:
   test [--ci]     the whole test suite: unit, btrfs, Nix checks and VM scenarios
   vm <scenario>   one VM scenario (two-boot, power-cut, retention, bad-config, all)
   nix-checks      parse, lint and format-check the Nix files; module evaluation tests
+  bench <name>    a benchmark: rollback, migrate, diff (results go in docs/benchmarks.md)
   deps            install what the tests need (apt packages, cargo tools)
 ";
 
@@ -28,6 +30,7 @@ fn main() -> ExitCode {
         Some("vm") => vm::run(&args[1..]),
         Some("nix-checks") => nix_checks::run(&args[1..]).map(|_| ()),
         Some("deps") => deps::ensure_all(),
+        Some("bench") => bench::run(&args[1..]),
         _ => {
             eprint!("{USAGE}");
             return ExitCode::from(2);
