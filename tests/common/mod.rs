@@ -24,20 +24,38 @@ pub fn skip<T>(test: &str, reason: &str) -> Option<T> {
         panic!("{test} cannot run: {reason} (RASA_REQUIRE_PRIVILEGED_TESTS=1 forbids skipping)");
     }
     eprintln!("SKIPPED {test}: {reason}");
-    if let Ok(mut log) = std::fs::OpenOptions::new().create(true).append(true).open(skip_log()) {
+    if let Ok(mut log) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(skip_log())
+    {
         let _ = writeln!(log, "{test}: {reason}");
     }
     None
 }
 
 fn have(program: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {program}")).output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 /// Run a command, panicking with its output when it fails.
 pub fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("spawn sh");
-    assert!(out.status.success(), "`{cmd}` failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("spawn sh");
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -57,18 +75,42 @@ impl LoopBtrfs {
         if !have("mkfs.btrfs") {
             return skip(test, "needs mkfs.btrfs (apt-get install btrfs-progs)");
         }
-        let dir = tempfile::Builder::new().prefix("rasa-test.").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("rasa-test.")
+            .tempdir()
+            .expect("tempdir");
         let image = dir.path().join("disk.img");
-        std::fs::File::create(&image).unwrap().set_len(size_mb << 20).unwrap();
-        let device = match Command::new("losetup").args(["-f", "--show"]).arg(&image).output() {
-            Ok(out) if out.status.success() => PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
-            Ok(out) => return skip(test, &format!("losetup failed: {}", String::from_utf8_lossy(&out.stderr).trim())),
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(size_mb << 20)
+            .unwrap();
+        let device = match Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&image)
+            .output()
+        {
+            Ok(out) if out.status.success() => {
+                PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+            }
+            Ok(out) => {
+                return skip(
+                    test,
+                    &format!(
+                        "losetup failed: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
+                )
+            }
             Err(e) => return skip(test, &format!("losetup not runnable: {e}")),
         };
         sh(&format!("mkfs.btrfs -q -f {}", device.display()));
         let top = dir.path().join("top");
         std::fs::create_dir(&top).unwrap();
-        sh(&format!("mount -o subvolid=5 {} {}", device.display(), top.display()));
+        sh(&format!(
+            "mount -o subvolid=5 {} {}",
+            device.display(),
+            top.display()
+        ));
         Some(LoopBtrfs { dir, device, top })
     }
 
@@ -83,7 +125,11 @@ impl LoopBtrfs {
 
     pub fn rasa_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut cmd = Command::new(RASA);
-        cmd.args(args).arg("--device").arg(&self.device).env("NO_COLOR", "1").env_remove("JOURNAL_STREAM");
+        cmd.args(args)
+            .arg("--device")
+            .arg(&self.device)
+            .env("NO_COLOR", "1")
+            .env_remove("JOURNAL_STREAM");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -91,7 +137,10 @@ impl LoopBtrfs {
     }
 
     pub fn subvolume(&self, rel: &str) {
-        sh(&format!("btrfs -q subvolume create '{}'", self.path(rel).display()));
+        sh(&format!(
+            "btrfs -q subvolume create '{}'",
+            self.path(rel).display()
+        ));
     }
 
     /// The standard layout: `root` (with content added by the caller), a read-only empty
@@ -99,13 +148,24 @@ impl LoopBtrfs {
     pub fn standard_layout(&self) {
         self.subvolume("root");
         self.subvolume("persist");
-        sh(&format!("btrfs -q subvolume snapshot -r '{0}/root' '{0}/root-blank'", self.top.display()));
+        sh(&format!(
+            "btrfs -q subvolume snapshot -r '{0}/root' '{0}/root-blank'",
+            self.top.display()
+        ));
     }
 
     /// Subvolume paths below the top level, sorted (from `btrfs subvolume list`).
     pub fn subvolumes(&self) -> Vec<String> {
-        let out = sh(&format!("btrfs subvolume list -o '{}' ; btrfs subvolume list '{}'", self.top.display(), self.top.display()));
-        let mut paths: Vec<String> = out.lines().filter_map(|l| l.split(" path ").nth(1)).map(str::to_owned).collect();
+        let out = sh(&format!(
+            "btrfs subvolume list -o '{}' ; btrfs subvolume list '{}'",
+            self.top.display(),
+            self.top.display()
+        ));
+        let mut paths: Vec<String> = out
+            .lines()
+            .filter_map(|l| l.split(" path ").nth(1))
+            .map(str::to_owned)
+            .collect();
         paths.sort();
         paths.dedup();
         paths

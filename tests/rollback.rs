@@ -1,0 +1,614 @@
+//! `rasa rollback`, `rasa prune` and `rasa old-roots` on real btrfs in loop files.
+
+mod common;
+
+use common::{sh, stderr, stdout, LoopBtrfs};
+use expect_test::expect;
+
+/// Files, directories, symlinks, and nested subvolumes three levels deep (one of them a
+/// read-only snapshot), like a root that systemd and Docker have been at.
+fn populate_root(fs: &LoopBtrfs) {
+    let root = fs.path("root");
+    sh(&format!(
+        "cd '{r}' && mkdir -p etc var/lib home/alice && echo flag > test_flag && echo secret > etc/shadow \
+         && chmod 600 etc/shadow && ln -s /nix/store/abc-foo/bin/foo usr-link && ln -s ../etc var/etc-link \
+         && echo data > home/alice/notes",
+        r = root.display()
+    ));
+    fs.subvolume("root/var/lib/machines");
+    fs.subvolume("root/var/lib/machines/level2");
+    fs.subvolume("root/var/lib/machines/level2/level3");
+    sh(&format!(
+        "echo deep > '{}'",
+        fs.path("root/var/lib/machines/level2/level3/deep")
+            .display()
+    ));
+    sh(&format!(
+        "btrfs -q subvolume snapshot -r '{0}/root/var/lib/machines/level2' '{0}/root/var/lib/machines/level2-ro'",
+        fs.top.display()
+    ));
+}
+
+fn populate_persist(fs: &LoopBtrfs) {
+    sh(&format!(
+        "cd '{p}' && mkdir -p etc/ssh var/lib/nixos && head -c 100000 /dev/urandom > etc/ssh/key && chmod 600 etc/ssh/key \
+         && echo 1000 > var/lib/nixos/uid-map && ln -s /etc/ssh/key link-out && mkfifo fifo",
+        p = fs.path("persist").display()
+    ));
+    fs.subvolume("persist/nested");
+    sh(&format!(
+        "echo kept > '{}'",
+        fs.path("persist/nested/file").display()
+    ));
+}
+
+/// Every file under the persistent subvolume with its type, mode, owner, size, mtime and content
+/// hash: if rollback touched anything there, this changes.
+fn persist_fingerprint(fs: &LoopBtrfs) -> String {
+    sh(&format!(
+        "cd '{}' && find . -printf '%p %y %m %U:%G %s %T@ %l\\n' | sort && find . -type f -print0 | sort -z | xargs -0 sha256sum",
+        fs.path("persist").display()
+    ))
+}
+
+/// Names and nesting of everything at the top level; what "unchanged" is compared on.
+fn top_state(fs: &LoopBtrfs) -> String {
+    let listing = sh(&format!(
+        "cd '{}' && find . -printf '%p %y %m\\n' | sort",
+        fs.top.display()
+    ));
+    format!("{}\n{listing}", fs.subvolumes().join("\n"))
+}
+
+fn old_roots(fs: &LoopBtrfs) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(fs.path("old_roots"))
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+fn ls(path: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Replace the parts of rasa's output that vary between runs.
+fn redact(text: &str, fs: &LoopBtrfs) -> String {
+    let mut out = text
+        .replace(&fs.device.display().to_string(), "<DEVICE>")
+        .replace(&fs.dir.path().display().to_string(), "<TMP>");
+    // Old-root names are timestamps.
+    let re_stamp = |s: &str| -> String {
+        let mut result = String::new();
+        let bytes = s.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            if i + 16 <= bytes.len()
+                && bytes[i..i + 8].iter().all(u8::is_ascii_digit)
+                && bytes[i + 8] == b'T'
+                && bytes[i + 9..i + 15].iter().all(u8::is_ascii_digit)
+                && bytes[i + 15] == b'Z'
+            {
+                result.push_str("<STAMP>");
+                i += 16;
+            } else {
+                result.push(bytes[i] as char);
+                i += 1;
+            }
+        }
+        result
+    };
+    out = re_stamp(&out);
+    out.lines()
+        .map(|l| {
+            if l.contains(" ms") && l.contains("in place in") {
+                "rasa: new root in place in <N> ms"
+            } else {
+                l
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn rollback_gives_a_blank_root_keeps_the_previous_one_and_never_touches_persist() {
+    let Some(fs) = LoopBtrfs::new("rollback_gives_a_blank_root", 512) else {
+        return;
+    };
+    fs.standard_layout();
+    populate_root(&fs);
+    populate_persist(&fs);
+    let persist_before = persist_fingerprint(&fs);
+    let blank_listing = ls(&fs.path("root-blank"));
+
+    let out = fs.rasa(&["rollback"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    expect![[r#"
+        rasa: mounted the top level of <DEVICE> privately
+        rasa: created the old-roots directory old_roots
+        rasa: created root.rasa-new as a writable snapshot of root-blank
+        rasa: kept the previous root as old_roots/<STAMP>
+        rasa: installed the new root
+        rasa: new root in place in <N> ms"#]]
+    .assert_eq(&redact(&stderr(&out), &fs));
+
+    // The root is the blank again: same (empty) content, writable, a new subvolume.
+    assert_eq!(ls(&fs.path("root")), blank_listing);
+    std::fs::write(fs.path("root/writable"), "yes").expect("the new root is writable");
+    // The previous root is kept whole, nested subvolumes included.
+    let kept = old_roots(&fs);
+    assert_eq!(kept.len(), 1);
+    let old = fs.path(&format!("old_roots/{}", kept[0]));
+    assert_eq!(
+        std::fs::read_to_string(old.join("test_flag")).unwrap(),
+        "flag\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(old.join("var/lib/machines/level2/level3/deep")).unwrap(),
+        "deep\n"
+    );
+    let subvols: Vec<String> = fs
+        .subvolumes()
+        .into_iter()
+        .map(|p| p.replace(&kept[0], "<STAMP>"))
+        .collect();
+    expect![[r#"
+        old_roots/<STAMP>
+        old_roots/<STAMP>/var/lib/machines
+        old_roots/<STAMP>/var/lib/machines/level2
+        old_roots/<STAMP>/var/lib/machines/level2-ro
+        old_roots/<STAMP>/var/lib/machines/level2/level3
+        persist
+        persist/nested
+        root
+        root-blank"#]]
+    .assert_eq(&subvols.join("\n"));
+    assert_eq!(
+        persist_fingerprint(&fs),
+        persist_before,
+        "rollback changed the persistent subvolume"
+    );
+
+    // rasa's private mount is gone: only the fixture's own mount of the device remains.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert_eq!(
+        mounts
+            .lines()
+            .filter(|l| l.contains(&*fs.device.to_string_lossy()))
+            .count(),
+        1,
+        "{mounts}"
+    );
+}
+
+#[test]
+fn empty_mode_starts_from_a_new_empty_subvolume_without_a_blank() {
+    let Some(fs) = LoopBtrfs::new("empty_mode_starts_from_a_new_empty_subvolume", 256) else {
+        return;
+    };
+    fs.subvolume("root");
+    fs.subvolume("persist");
+    sh(&format!(
+        "echo flag > '{}'",
+        fs.path("root/test_flag").display()
+    ));
+    let out = fs.rasa(&["rollback", "--empty"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(ls(&fs.path("root")).is_empty());
+    assert_eq!(old_roots(&fs).len(), 1);
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_changes_nothing() {
+    let Some(fs) = LoopBtrfs::new("dry_run_prints_the_plan", 256) else {
+        return;
+    };
+    fs.standard_layout();
+    populate_root(&fs);
+    let before = top_state(&fs);
+    let out = fs.rasa(&["rollback", "--dry-run"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    expect![[r#"
+        dry run: nothing will be changed. rasa rollback would:
+          1. snapshot root-blank (read-only blank) as root.rasa-new
+          2. move root to old_roots/<STAMP>
+          3. rename root.rasa-new to root
+        old roots kept now: 0"#]]
+    .assert_eq(&redact(stdout(&out).trim_end(), &fs));
+    assert_eq!(top_state(&fs), before);
+}
+
+#[test]
+fn retention_keeps_exactly_the_newest_and_the_young_and_prunes_nested_trees() {
+    let Some(fs) = LoopBtrfs::new("retention_keeps_exactly_the_newest", 512) else {
+        return;
+    };
+    fs.standard_layout();
+    populate_persist(&fs);
+    let persist_before = persist_fingerprint(&fs);
+    for boot in 0..4 {
+        populate_root(&fs);
+        sh(&format!(
+            "echo {boot} > '{}'",
+            fs.path("root/boot").display()
+        ));
+        let out = fs.rasa(&["rollback"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    // Two roots retired long ago, by name: only age can keep them.
+    std::fs::create_dir_all(fs.path("old_roots")).unwrap();
+    sh(&format!(
+        "btrfs -q subvolume snapshot '{0}/root-blank' '{0}/old_roots/20200101T000000Z'",
+        fs.top.display()
+    ));
+    fs.subvolume("old_roots/20200101T000000Z/nested");
+    sh(&format!(
+        "btrfs -q subvolume snapshot '{0}/root-blank' '{0}/old_roots/20200102T000000Z'",
+        fs.top.display()
+    ));
+    // Something a user put there by hand is never pruned.
+    fs.subvolume("old_roots/my-backup");
+    let recent = old_roots(&fs)
+        .into_iter()
+        .filter(|n| n.starts_with("20") && !n.starts_with("2020"))
+        .collect::<Vec<_>>();
+    assert_eq!(recent.len(), 4);
+
+    // --keep 2: the two newest stay; the four recent ones are younger than 7 days, so the
+    // default --keep-days keeps them too. Only the 2020 ones go.
+    let out = fs.rasa(&["prune", "--keep", "2", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["pruned"],
+        serde_json::json!(["20200101T000000Z", "20200102T000000Z"])
+    );
+    assert_eq!(report["subvolumes_deleted"], 3);
+    let mut expected = recent.clone();
+    expected.push("my-backup".into());
+    expected.sort();
+    assert_eq!(old_roots(&fs), expected);
+
+    // --keep 2 --keep-days 0: exactly the two newest, with everything nested in the others gone.
+    let out = fs.rasa(&["prune", "--keep", "2", "--keep-days", "0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut expected = recent[2..].to_vec();
+    expected.push("my-backup".into());
+    expected.sort();
+    assert_eq!(old_roots(&fs), expected);
+    let subvols = fs.subvolumes();
+    assert!(
+        !subvols
+            .iter()
+            .any(|s| s.contains(&recent[0]) || s.contains(&recent[1]) || s.contains("2020")),
+        "{subvols:?}"
+    );
+    assert_eq!(
+        subvols.iter().filter(|s| s.ends_with("level3")).count(),
+        2,
+        "{subvols:?}"
+    );
+
+    // --keep 0 --keep-days 0 keeps none of rasa's own.
+    let out = fs.rasa(&["prune", "--keep", "0", "--keep-days", "0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(old_roots(&fs), vec!["my-backup".to_string()]);
+    assert_eq!(persist_fingerprint(&fs), persist_before);
+    assert!(fs.subvolumes().contains(&"root".to_string()));
+    assert!(fs.subvolumes().contains(&"root-blank".to_string()));
+}
+
+#[test]
+fn old_roots_list_shows_names_nesting_and_verdicts() {
+    let Some(fs) = LoopBtrfs::new("old_roots_list_shows_names", 256) else {
+        return;
+    };
+    fs.standard_layout();
+    populate_root(&fs);
+    assert!(fs.rasa(&["rollback"]).status.success());
+    assert!(fs.rasa(&["rollback"]).status.success());
+    let out = fs.rasa(&["old-roots", "list", "--keep", "1", "--keep-days", "0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = redact(&stdout(&out), &fs);
+    // Ages depend on the second the test runs in.
+    let text: String = text
+        .lines()
+        .map(|l| match l.find("s ago") {
+            Some(end) => {
+                let start = l[..end].rfind(' ').map_or(0, |i| i + 1);
+                format!("{}N{}", &l[..start], &l[end..])
+            }
+            None => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    expect![[r#"
+        NAME                  RETIRED  NESTED  RETENTION
+        <STAMP>       Ns ago       0  kept (newest)
+        <STAMP>       Ns ago       4  pruned at next prune
+
+        mount -o subvolid=5 <DEVICE> /mnt  # then copy from /mnt/old_roots/<NAME>/..."#]]
+    .assert_eq(&text);
+    let out = fs.rasa(&["old-roots", "list", "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    assert_eq!(listed[1]["nested_subvolumes"], 4);
+}
+
+// ---- crash safety -------------------------------------------------------------------------
+
+/// Abort rasa right after `step`, run it again, and check what must hold at any crash point:
+/// a usable blank root, /persist untouched, and the root that held the flag still kept.
+#[cfg(feature = "failpoints")]
+fn crash_then_recover(step: &str, command: &[&str]) {
+    let Some(fs) = LoopBtrfs::new(&format!("crash_at_{step}"), 512) else {
+        return;
+    };
+    fs.standard_layout();
+    populate_root(&fs);
+    populate_persist(&fs);
+    let persist_before = persist_fingerprint(&fs);
+    if command[0] == "prune" {
+        // Something for prune to do: three retired roots, the oldest two with nesting.
+        for retired in 0..3 {
+            if retired > 0 {
+                populate_root(&fs);
+            }
+            assert!(fs.rasa(&["rollback"]).status.success());
+        }
+        sh(&format!(
+            "echo flag > '{}'",
+            fs.path("root/test_flag").display()
+        ));
+    }
+    let kept_before = old_roots(&fs);
+
+    let crashed = fs.rasa_env(command, &[("RASA_FAILPOINT", step)]);
+    assert!(
+        !crashed.status.success(),
+        "failpoint {step} was not reached: {}",
+        stderr(&crashed)
+    );
+    assert!(
+        stderr(&crashed).contains(&format!("RASA-FAILPOINT-REACHED {step}")),
+        "{}",
+        stderr(&crashed)
+    );
+    assert_eq!(
+        persist_fingerprint(&fs),
+        persist_before,
+        "{step}: the crash touched /persist"
+    );
+
+    let again = fs.rasa(command);
+    assert!(
+        again.status.success(),
+        "rerun after {step} failed: {}",
+        stderr(&again)
+    );
+    assert_eq!(
+        persist_fingerprint(&fs),
+        persist_before,
+        "{step}: the rerun touched /persist"
+    );
+    assert!(
+        fs.subvolumes().contains(&"root".to_string()),
+        "{step}: no root"
+    );
+    assert!(
+        !fs.path("root.rasa-new").exists(),
+        "{step}: a stray new root is left"
+    );
+    assert!(
+        !old_roots(&fs).iter().any(|n| n.starts_with(".pruning-")),
+        "{step}: an unfinished prune is left"
+    );
+
+    if command[0] == "rollback" {
+        assert!(
+            ls(&fs.path("root")).is_empty(),
+            "{step}: the root is not blank"
+        );
+        // The root that held the flag is kept, with its nested subvolumes.
+        let with_flag: Vec<String> = old_roots(&fs)
+            .into_iter()
+            .filter(|n| fs.path(&format!("old_roots/{n}/test_flag")).exists())
+            .collect();
+        assert_eq!(with_flag.len(), 1, "{step}: {:?}", old_roots(&fs));
+        assert!(fs
+            .path(&format!(
+                "old_roots/{}/var/lib/machines/level2/level3/deep",
+                with_flag[0]
+            ))
+            .exists());
+    } else {
+        // Prune with --keep 1 --keep-days 0: the newest old root survives every crash point.
+        let newest = kept_before.last().unwrap().clone();
+        assert_eq!(old_roots(&fs), vec![newest], "{step}");
+        assert!(
+            fs.path("root/test_flag").exists(),
+            "{step}: prune touched the live root"
+        );
+    }
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn crash_after_each_rollback_step_then_rerun_completes() {
+    for step in ["created-new-root", "moved-old-root", "installed-new-root"] {
+        crash_then_recover(step, &["rollback"]);
+    }
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn crash_during_prune_then_rerun_completes() {
+    for step in ["prune-claimed", "prune-deleted-subvolume"] {
+        crash_then_recover(step, &["prune", "--keep", "1", "--keep-days", "0"]);
+    }
+}
+
+#[cfg(not(feature = "failpoints"))]
+#[test]
+fn crash_tests_need_the_failpoints_feature() {
+    common::skip::<()>(
+        "crash_after_each_step",
+        "built without --features failpoints (cargo xtask test enables it)",
+    );
+}
+
+// ---- refusals: the message, and nothing changed ----------------------------------------
+
+/// Run rasa expecting a refusal (exit 3); return its redacted message and check the disk.
+fn refusal(fs: &LoopBtrfs, args: &[&str]) -> String {
+    let before = top_state(fs);
+    let out = fs.rasa(args);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "expected a refusal from {args:?}: {}",
+        stderr(&out)
+    );
+    assert_eq!(top_state(fs), before, "{args:?} changed the filesystem");
+    redact(&stderr(&out), fs)
+}
+
+#[test]
+fn refusals_name_the_problem_and_the_fix_and_change_nothing() {
+    let Some(fs) = LoopBtrfs::new("refusals_name_the_problem", 256) else {
+        return;
+    };
+    fs.standard_layout();
+    populate_root(&fs);
+    sh(&format!(
+        "btrfs -q subvolume snapshot '{0}/root' '{0}/root-writable'",
+        fs.top.display()
+    ));
+    std::fs::create_dir(fs.path("plain-dir")).unwrap();
+    fs.subvolume("subvol-roots");
+
+    expect![[r#"
+        rasa: error: the root subvolume name "a/b" contains '/': it must be one plain name at the top level of the filesystem
+        rasa:          fix: pass a plain subvolume name with --root, e.g. --root root
+        rasa:          nothing was changed"#]]
+    .assert_eq(&refusal(&fs, &["rollback", "--root", "a/b"]));
+    expect![[r#"
+        rasa: error: the blank subvolume name "" is empty: it must be one plain name at the top level of the filesystem
+        rasa:          fix: pass a plain subvolume name with --blank, e.g. --blank root-blank
+        rasa:          nothing was changed"#]]
+    .assert_eq(&refusal(&fs, &["rollback", "--blank", ""]));
+    expect![[r#"
+        rasa: error: the old-roots directory name ".." is '.' or '..': it must be one plain name at the top level of the filesystem
+        rasa:          fix: pass a plain subvolume name with --old-roots, e.g. --old-roots old_roots
+        rasa:          nothing was changed"#]]
+    .assert_eq(&refusal(&fs, &["rollback", "--old-roots", ".."]));
+    expect![[r#"
+        rasa: error: --root and --persist both name "persist": the root, the blank, the old roots and the persistent subvolume must be four different things
+        rasa:          fix: give --root and --persist different names
+        rasa:          nothing was changed"#]]
+    .assert_eq(&refusal(&fs, &["rollback", "--root", "persist"]));
+    expect![[r#"
+        rasa: error: --root and --blank both name "root": the root, the blank, the old roots and the persistent subvolume must be four different things
+        rasa:          fix: give --root and --blank different names
+        rasa:          nothing was changed"#]]
+    .assert_eq(&refusal(&fs, &["rollback", "--blank", "root"]));
+    expect![[r#"
+        rasa: mounted the top level of <DEVICE> privately
+        rasa: error: the root subvolume "wrong" does not exist at the top level of <DEVICE> (found: persist, plain-dir, root, root-blank, root-writable, subvol-roots)
+        rasa:          fix: pass the name of the root subvolume with --root (the subvol= option of /)
+        rasa:          nothing was changed"#]]
+    .assert_eq(&refusal(&fs, &["rollback", "--root", "wrong"]));
+    expect![[r#"
+        rasa: mounted the top level of <DEVICE> privately
+        rasa: error: "plain-dir" at the top level of <DEVICE> is not a subvolume
+        rasa:          fix: pass the name of the root subvolume with --root (the subvol= option of /)
+        rasa:          nothing was changed"#]]
+    .assert_eq(&refusal(&fs, &["rollback", "--root", "plain-dir"]));
+    expect![[r#"
+        rasa: mounted the top level of <DEVICE> privately
+        rasa: error: the blank subvolume "missing-blank" does not exist at the top level of <DEVICE> (found: persist, plain-dir, root, root-blank, root-writable, subvol-roots)
+        rasa:          fix: create it once with `btrfs subvolume create <top>/missing-blank && btrfs property set <top>/missing-blank ro true` (or `rasa setup`), pass the right name with --blank, or use --empty
+        rasa:          nothing was changed"#]]
+    .assert_eq(&refusal(&fs, &["rollback", "--blank", "missing-blank"]));
+    expect![[r#"
+        rasa: mounted the top level of <DEVICE> privately
+        rasa: error: the blank subvolume "root-writable" is writable, so what each boot starts from could drift
+        rasa:          fix: make it read-only: `btrfs property set <top>/root-writable ro true`
+        rasa:          nothing was changed"#]]
+    .assert_eq(&refusal(&fs, &["rollback", "--blank", "root-writable"]));
+    expect![[r#"
+        rasa: mounted the top level of <DEVICE> privately
+        rasa: error: "subvol-roots" is a subvolume; the old roots must live in a plain directory, because a subvolume can only be renamed within its parent
+        rasa:          fix: rename it and let rasa create "subvol-roots" as a directory, or pass another name with --old-roots
+        rasa:          nothing was changed"#]]
+    .assert_eq(&refusal(&fs, &["rollback", "--old-roots", "subvol-roots"]));
+}
+
+#[test]
+fn refuses_missing_and_non_btrfs_devices() {
+    let Some(fs) = LoopBtrfs::new("refuses_missing_and_non_btrfs_devices", 256) else {
+        return;
+    };
+    let run = |device: &str| {
+        let out = std::process::Command::new(common::RASA)
+            .args(["rollback", "--device", device])
+            .env("NO_COLOR", "1")
+            .env_remove("JOURNAL_STREAM")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+        redact(&stderr(&out), &fs)
+    };
+    expect![[r#"
+        rasa: error: device /dev/mapper/does-not-exist does not exist
+        rasa:          fix: pass the device that holds the btrfs filesystem with --device (for LUKS, the unlocked /dev/mapper/<name>, not the partition)
+        rasa:          nothing was changed"#]]
+    .assert_eq(&run("/dev/mapper/does-not-exist"));
+
+    let zeros = fs.dir.path().join("zeros.img");
+    std::fs::File::create(&zeros)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    expect![[r#"
+        rasa: error: <TMP>/zeros.img does not hold a btrfs filesystem
+        rasa:          fix: pass the device that holds the btrfs filesystem with --device
+        rasa:          nothing was changed"#]]
+    .assert_eq(&run(&zeros.display().to_string()));
+
+    let luks = fs.dir.path().join("luks.img");
+    let mut header = b"LUKS\xba\xbe".to_vec();
+    header.resize(1 << 20, 0);
+    std::fs::write(&luks, header).unwrap();
+    expect![[r#"
+        rasa: error: <TMP>/luks.img does not hold a btrfs filesystem (it is a LUKS container: unlock it and pass /dev/mapper/<name>)
+        rasa:          fix: pass the device that holds the btrfs filesystem with --device
+        rasa:          nothing was changed"#]]
+    .assert_eq(&run(&luks.display().to_string()));
+
+    // The magic is there but the filesystem behind it is garbage: the mount fails.
+    let fake = fs.dir.path().join("fake.img");
+    let mut bytes = vec![0u8; 1 << 20];
+    bytes[0x10040..0x10048].copy_from_slice(b"_BHRfS_M");
+    std::fs::write(&fake, &bytes).unwrap();
+    let fake_loop = sh(&format!("losetup -f --show '{}'", fake.display()))
+        .trim()
+        .to_owned();
+    let message = run(&fake_loop);
+    sh(&format!("losetup -d {fake_loop}"));
+    let message = message.replace(&fake_loop, "<FAKE>");
+    expect![[r#"
+        rasa: error: cannot mount the top level (subvolid=5) of <FAKE>: EINVAL: Invalid argument
+        rasa:          fix: check `dmesg` for the kernel's reason; the device must be an unlocked, healthy btrfs
+        rasa:          nothing was changed"#]]
+    .assert_eq(&message);
+}
