@@ -8,7 +8,6 @@
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
@@ -456,12 +455,6 @@ pub fn human_age(secs: u64) -> String {
         7200..=172_799 => format!("{}h ago", secs / 3600),
         _ => format!("{}d ago", secs / 86_400),
     }
-}
-
-/// Helper for tests and `check`: is `name` a plausible old-root name?
-pub fn is_old_root_name(name: &OsStr) -> bool {
-    name.to_str().and_then(parse_timestamp).is_some()
-        || name.as_bytes().starts_with(PRUNING_PREFIX.as_bytes())
 }
 
 #[cfg(test)]
