@@ -11,6 +11,7 @@ mod manifest;
 mod migrate;
 mod old_roots;
 mod rollback;
+mod setup;
 mod toplevel;
 
 use std::process::ExitCode;
@@ -24,6 +25,7 @@ use clap::{CommandFactory, Parser, Subcommand};
     about = "A blank btrfs root on every boot; the state you opted in kept under /persist",
     after_help = "\
 Examples:
+  rasa setup --apply                                # create persist, the blank, old_roots
   rasa rollback --device /dev/mapper/cryptroot      # in the initrd: reset / to the blank
   rasa diff                                         # what the next boot will erase
   rasa migrate                                      # plan copying state into /persist
@@ -62,6 +64,8 @@ enum Command {
     Diff(diff::Args),
     /// Validate a manifest, or this machine's layout.
     Check(check::Args),
+    /// Prepare an existing btrfs root for rasa: create what is missing, touch nothing else.
+    Setup(setup::SetupArgs),
     /// Print the man page (roff) on stdout.
     #[command(hide = true)]
     Man,
@@ -90,6 +94,7 @@ fn main() -> ExitCode {
         Command::Migrate(args) => migrate::run(args),
         Command::Diff(args) => diff::run(args),
         Command::Check(args) => check::run(args),
+        Command::Setup(args) => setup::run(args),
         Command::Man => clap_mangen::Man::new(Cli::command())
             .render(&mut std::io::stdout())
             .map(|()| 0)

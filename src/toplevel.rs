@@ -175,15 +175,68 @@ impl Drop for TopLevel {
     }
 }
 
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone)]
+pub struct MountInfo {
+    pub mount_point: PathBuf,
+    /// The directory of the filesystem that is the root of this mount: `/root` for a btrfs
+    /// mount with `subvol=root`.
+    pub fs_root: String,
+    pub fstype: String,
+    pub source: PathBuf,
+    pub super_options: String,
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            out.push(
+                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0'),
+            );
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn mounts() -> Vec<MountInfo> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let left: Vec<&str> = left.split(' ').collect();
+            let mut right = right.split(' ');
+            Some(MountInfo {
+                fs_root: unescape(left.get(3)?),
+                mount_point: PathBuf::from(unescape(left.get(4)?)),
+                fstype: right.next()?.to_owned(),
+                source: PathBuf::from(unescape(right.next()?)),
+                super_options: right.next().unwrap_or("").to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// What is mounted at `path` (the topmost mount there), if anything.
+pub fn mount_at(path: &Path) -> Option<MountInfo> {
+    mounts().into_iter().rev().find(|m| m.mount_point == path)
+}
+
 /// The device mounted at `/`, when it is btrfs: the default `--device` on a running system.
 pub fn root_device() -> Option<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mountinfo.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let mount_point = left.split(' ').nth(4)?;
-        let mut right = right.split(' ');
-        let fstype = right.next()?;
-        let source = right.next()?;
-        (mount_point == "/" && fstype == "btrfs").then(|| PathBuf::from(source))
-    })
+    mount_at(Path::new("/"))
+        .filter(|m| m.fstype == "btrfs")
+        .map(|m| m.source)
 }

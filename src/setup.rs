@@ -1,0 +1,306 @@
+//! `rasa setup`: prepare an existing btrfs root for rasa, without touching its contents.
+//!
+//! It only ever creates things that are missing (the persistent subvolume, the read-only empty
+//! blank, the old-roots directory, optionally a log subvolume), so running it twice is harmless
+//! and it can never destroy anything. The blank is made under a temporary name, set read-only
+//! and only then renamed into place, so a crash never leaves a writable blank for rollback to
+//! start from.
+
+use std::ffi::OsStr;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use nix::fcntl::{renameat2, AtFlags, RenameFlags};
+use nix::sys::stat::{fstatat, mkdirat, Mode};
+use serde::Serialize;
+
+use crate::btrfs;
+use crate::error::{exit, refuse};
+use crate::layout::{check_name, LayoutArgs};
+use crate::log;
+use crate::toplevel::{self, TopLevel};
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "\
+Examples:
+  # What would be created (dry run, the default):
+  sudo rasa setup
+
+  # Create it, with a separate subvolume for /var/log:
+  sudo rasa setup --log log --apply
+
+It creates only what is missing: the persistent subvolume, the read-only EMPTY blank, the
+old-roots directory and, with --log, a log subvolume. It never changes the current root, and
+prints the fileSystems entries to add to your NixOS configuration.")]
+pub struct SetupArgs {
+    #[command(flatten)]
+    pub layout: LayoutArgs,
+    /// Also create a subvolume for /var/log with this name.
+    #[arg(long, value_name = "NAME")]
+    pub log: Option<String>,
+    /// Where the persistent subvolume is mounted.
+    #[arg(long, value_name = "PATH", default_value = "/persist")]
+    pub storage_root: PathBuf,
+    /// The mount point of the running root (for chroots and tests).
+    #[arg(long, value_name = "PATH", default_value = "/")]
+    pub live_root: PathBuf,
+    /// Carry out the plan. Without it, nothing is changed.
+    #[arg(long)]
+    pub apply: bool,
+    /// Print the plan or result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Action {
+    Exists,
+    Create,
+    Created,
+}
+
+#[derive(Debug, Serialize)]
+struct Step {
+    name: String,
+    what: &'static str,
+    action: Action,
+    note: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    device: String,
+    root: String,
+    applied: bool,
+    steps: Vec<Step>,
+    nix: String,
+}
+
+enum Kind {
+    Subvolume,
+    Blank,
+    Directory,
+}
+
+pub fn run(args: SetupArgs) -> Result<u8> {
+    let mut layout_args = args.layout.clone();
+    let live = toplevel::mount_at(&args.live_root);
+    let live_fs = live
+        .as_ref()
+        .map_or_else(|| "not mounted".to_owned(), |m| m.fstype.clone());
+    let Some(live) = live.filter(|m| m.fstype == "btrfs") else {
+        return Err(refuse(
+            format!("{} is not a btrfs mount (it is {live_fs}); rasa needs the root on a btrfs subvolume", args.live_root.display()),
+            "install onto btrfs first (see docs/guide.md, \"Fresh install\")",
+        ));
+    };
+    let expected_root = format!("/{}", args.layout.root);
+    if live.fs_root != expected_root {
+        return Err(refuse(
+            format!(
+                "{} is mounted from the btrfs subvolume {:?}, not from a top-level subvolume named {:?}",
+                args.live_root.display(),
+                live.fs_root,
+                args.layout.root
+            ),
+            if live.fs_root == "/" {
+                "the root is the top level itself: move it into a subvolume first (see docs/guide.md), rasa cannot reset the top level".to_owned()
+            } else {
+                format!("pass --root {} if that is your root subvolume", live.fs_root.trim_start_matches('/'))
+            },
+        ));
+    }
+    if layout_args.device.is_none() {
+        layout_args.device = Some(live.source.clone());
+    }
+    if let Some(log_name) = &args.log {
+        check_name("log subvolume", "--log", log_name)?;
+    }
+    let layout = layout_args.validate()?;
+    if args.log.as_deref().is_some_and(|l| {
+        [&layout.root, &layout.old_roots, &layout.persist].contains(&&l.to_owned())
+            || layout.blank.as_deref() == Some(l)
+    }) {
+        return Err(refuse(
+            "--log names the same thing as another subvolume",
+            "give --log its own name, e.g. --log log",
+        ));
+    }
+    toplevel::check_device(&layout.device)?;
+    let top = TopLevel::mount(&layout.device, !args.apply)?;
+
+    let mut wanted: Vec<(String, Kind, &'static str)> = vec![(
+        layout.persist.clone(),
+        Kind::Subvolume,
+        "persistent subvolume",
+    )];
+    if let Some(blank) = &layout.blank {
+        wanted.push((blank.clone(), Kind::Blank, "read-only empty blank"));
+    }
+    wanted.push((
+        layout.old_roots.clone(),
+        Kind::Directory,
+        "old-roots directory",
+    ));
+    if let Some(log_name) = &args.log {
+        wanted.push((log_name.clone(), Kind::Subvolume, "log subvolume"));
+    }
+
+    // Look at everything first: a collision anywhere refuses before anything is created.
+    let mut steps = Vec::new();
+    for (name, kind, what) in &wanted {
+        steps.push(inspect(&top, name, kind, what)?);
+    }
+    if args.apply {
+        for ((name, kind, _), step) in wanted.iter().zip(steps.iter_mut()) {
+            if step.action == Action::Create {
+                create(&top, name, kind)?;
+                step.action = Action::Created;
+                log::info(format!("created the {} {name}", step.what));
+            }
+        }
+    }
+    drop(top);
+
+    let nix = filesystems_snippet(
+        &layout.device,
+        &args.storage_root,
+        &layout.persist,
+        args.log.as_deref(),
+    );
+    let report = Report {
+        device: layout.device.display().to_string(),
+        root: layout.root.clone(),
+        applied: args.apply,
+        steps,
+        nix,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(exit::OK)
+}
+
+fn inspect(top: &TopLevel, name: &str, kind: &Kind, what: &'static str) -> Result<Step> {
+    let st = match fstatat(top.fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(nix::errno::Errno::ENOENT) => {
+            return Ok(Step {
+                name: name.into(),
+                what,
+                action: Action::Create,
+                note: None,
+            })
+        }
+        Err(e) => return Err(e).with_context(|| format!("inspecting {name}")),
+    };
+    let is_dir = st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFDIR;
+    let is_subvol = is_dir && st.st_ino == btrfs::FIRST_FREE_OBJECTID;
+    let collision = |found: &str, fix: String| {
+        Err(refuse(format!("{name:?} already exists at the top level and is {found}, not the {what} rasa needs"), fix))
+    };
+    match kind {
+        Kind::Directory if is_subvol => collision(
+            "a subvolume",
+            format!("rename it, or pass another name with --old-roots (old roots must sit in a plain directory)"),
+        ),
+        Kind::Directory if !is_dir => collision("not a directory", "move it away, or pass another name with --old-roots".into()),
+        Kind::Directory => Ok(Step { name: name.into(), what, action: Action::Exists, note: None }),
+        Kind::Subvolume | Kind::Blank if !is_subvol => {
+            collision(if is_dir { "a plain directory" } else { "not a directory" }, format!("move {name:?} away, or choose another name"))
+        }
+        Kind::Subvolume => Ok(Step { name: name.into(), what, action: Action::Exists, note: None }),
+        Kind::Blank => {
+            let fd = btrfs::open_dir_at(top.fd(), OsStr::new(name))?;
+            let readonly = btrfs::is_readonly(fd.as_fd())?;
+            let entries = std::fs::read_dir(top.path().join(name)).map(|d| d.count()).unwrap_or(0);
+            if !readonly {
+                return Err(refuse(
+                    format!("the blank {name:?} exists but is writable"),
+                    format!("if it is what every boot should start from, make it read-only: `btrfs property set <top>/{name} ro true`"),
+                ));
+            }
+            let note = (entries > 0).then(|| format!("not empty ({entries} entries): every boot will start with them"));
+            Ok(Step { name: name.into(), what, action: Action::Exists, note })
+        }
+    }
+}
+
+fn create(top: &TopLevel, name: &str, kind: &Kind) -> Result<()> {
+    match kind {
+        Kind::Directory => {
+            mkdirat(top.fd(), name, Mode::S_IRWXU).with_context(|| format!("creating {name}"))
+        }
+        Kind::Subvolume => btrfs::create_subvolume(top.fd(), OsStr::new(name)),
+        Kind::Blank => {
+            let temp = format!("{name}.rasa-new");
+            if top.is_subvolume(OsStr::new(&temp))? {
+                // Left by an interrupted setup; it was never renamed into use.
+                btrfs::delete_subvolume_tree(top.fd(), top.fd(), OsStr::new(&temp), &[], || {})?;
+            }
+            btrfs::create_subvolume(top.fd(), OsStr::new(&temp))?;
+            let fd = btrfs::open_dir_at(top.fd(), OsStr::new(&temp))?;
+            btrfs::set_readonly(fd.as_fd(), true)?;
+            drop(fd);
+            renameat2(
+                top.fd(),
+                temp.as_str(),
+                top.fd(),
+                name,
+                RenameFlags::RENAME_NOREPLACE,
+            )
+            .with_context(|| format!("renaming {temp} to {name}"))
+        }
+    }
+}
+
+fn filesystems_snippet(
+    device: &Path,
+    storage_root: &Path,
+    persist: &str,
+    log: Option<&str>,
+) -> String {
+    let entry = |mount_point: &str, subvol: &str| {
+        format!(
+            "  fileSystems.\"{mount_point}\" = {{\n    device = \"{}\";\n    fsType = \"btrfs\";\n    options = [ \"subvol={subvol}\" \"compress=zstd\" \"noatime\" ];\n    neededForBoot = true;\n  }};\n",
+            device.display()
+        )
+    };
+    let mut nix = String::from("{\n");
+    nix += &entry(&storage_root.display().to_string(), persist);
+    if let Some(log) = log {
+        nix += &entry("/var/log", log);
+    }
+    nix + "}\n"
+}
+
+fn print_report(report: &Report) {
+    let verb = if report.applied { "" } else { "dry run: " };
+    println!(
+        "{verb}rasa setup on {} (root subvolume {:?}):",
+        report.device, report.root
+    );
+    for step in &report.steps {
+        let (mark, text) = match step.action {
+            Action::Exists => ("=", "exists"),
+            Action::Create => ("+", "would create"),
+            Action::Created => ("+", "created"),
+        };
+        print!("  {mark} {:<12} {} ({})", step.name, text, step.what);
+        match &step.note {
+            Some(note) => println!(": {note}"),
+            None => println!(),
+        }
+    }
+    if !report.applied && report.steps.iter().any(|s| s.action == Action::Create) {
+        println!("run again with --apply to create what is missing.");
+    }
+    println!(
+        "\nAdd to your NixOS configuration (the mounts must be there in the initrd):\n\n{}",
+        report.nix
+    );
+}
