@@ -423,8 +423,8 @@ pub fn run_old_roots(command: OldRootsCommand) -> Result<u8> {
         return Ok(crate::error::exit::OK);
     }
     println!(
-        "{:<18} {:>10} {:>7}  {}",
-        "NAME", "RETIRED", "NESTED", "RETENTION"
+        "{:<18} {:>10} {:>7}  RETENTION",
+        "NAME", "RETIRED", "NESTED"
     );
     for root in &listed {
         let verdict = match root.verdict {

@@ -206,7 +206,7 @@ fn inspect(top: &TopLevel, name: &str, kind: &Kind, what: &'static str) -> Resul
     match kind {
         Kind::Directory if is_subvol => collision(
             "a subvolume",
-            format!("rename it, or pass another name with --old-roots (old roots must sit in a plain directory)"),
+            "rename it, or pass another name with --old-roots (old roots must sit in a plain directory)".to_owned(),
         ),
         Kind::Directory if !is_dir => collision("not a directory", "move it away, or pass another name with --old-roots".into()),
         Kind::Directory => Ok(Step { name: name.into(), what, action: Action::Exists, note: None }),
