@@ -1,13 +1,273 @@
-//! Checks of the Nix side that run here. (Filled in by the Nix issue.)
+//! Checks of the Nix side that run on this machine, where nothing can be built (no nixpkgs):
+//! every tracked .nix file parses, deadnix finds nothing unused, the flake's formatter
+//! (nixpkgs-fmt) would change nothing, and the module evaluation tests in tests/nix pass.
+//! The module tests need the real nixpkgs `lib` and impermanence from local checkouts named by
+//! RASA_NIXPKGS_LIB and RASA_IMPERMANENCE; without them they are reported as SKIPPED.
+//! `nix flake check` (VM tests, the package build) runs in the GitHub workflow.
 
-use anyhow::Result;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::{deps, project_root};
+
+/// The formatter the flake declares (`formatter = pkgs.nixpkgs-fmt`). alejandra's crate is a
+/// library only, so nixpkgs-fmt is the one that installs with cargo.
+const FORMATTER: (&str, &str, &str) = ("nixpkgs-fmt", "nixpkgs-fmt", "1.3.0");
+const DEADNIX: (&str, &str, &str) = ("deadnix", "deadnix", "1.3.1");
 
 pub fn install_tools() -> Result<()> {
+    deps::apt(deps::NIX_PACKAGES)?;
+    for (binary, krate, version) in [FORMATTER, DEADNIX] {
+        // nixpkgs-fmt --version exits 1, which cargo_tool would take for "missing".
+        if !on_path(binary) {
+            deps::cargo_tool(binary, krate, version)?;
+        }
+    }
     Ok(())
+}
+
+fn on_path(binary: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(binary).is_file()))
+}
+
+#[derive(Default)]
+struct Tally {
+    passed: usize,
+    failed: usize,
+    skipped: usize,
+}
+
+impl Tally {
+    fn record(&mut self, name: &str, outcome: Outcome) {
+        match outcome {
+            Outcome::Pass => {
+                self.passed += 1;
+                println!("nix-checks: PASS {name}");
+            }
+            Outcome::Fail(why) => {
+                self.failed += 1;
+                println!("nix-checks: FAIL {name}\n{}", indent(&why));
+            }
+            Outcome::Skip(why) => {
+                self.skipped += 1;
+                println!("nix-checks: SKIPPED {name}: {why}");
+            }
+        }
+    }
+}
+
+enum Outcome {
+    Pass,
+    Fail(String),
+    Skip(String),
+}
+
+fn indent(text: &str) -> String {
+    text.trim_end()
+        .lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Returns (passed, failed, skipped) counts.
 pub fn run(_args: &[String]) -> Result<(usize, usize, usize)> {
-    println!("nix-checks: SKIPPED: there are no Nix files yet");
-    Ok((0, 0, 1))
+    install_tools()?;
+    let root = project_root();
+    let files = tracked_nix_files(&root)?;
+    if files.is_empty() {
+        bail!("no tracked .nix files found under {}", root.display());
+    }
+    let mut tally = Tally::default();
+
+    for file in &files {
+        tally.record(&format!("parse {file}"), parse(&root, file));
+    }
+    tally.record("deadnix", deadnix(&root, &files));
+    tally.record(
+        &format!("{} --check", FORMATTER.0),
+        format_check(&root, &files),
+    );
+    for (name, outcome) in module_tests(&root) {
+        tally.record(&name, outcome);
+    }
+
+    println!(
+        "nix-checks: {} passed, {} failed, {} skipped",
+        tally.passed, tally.failed, tally.skipped
+    );
+    Ok((tally.passed, tally.failed, tally.skipped))
+}
+
+/// Tracked and new-but-not-ignored .nix files, so a file cannot dodge the checks by not being
+/// committed yet.
+fn tracked_nix_files(root: &Path) -> Result<Vec<String>> {
+    let out = Command::new("git")
+        .args([
+            "ls-files",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+            "--",
+            "*.nix",
+        ])
+        .current_dir(root)
+        .output()
+        .context("running git ls-files")?;
+    if !out.status.success() {
+        bail!(
+            "git ls-files failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut files: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|f| root.join(f).is_file())
+        .map(str::to_owned)
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+fn run_captured(cmd: &mut Command) -> Result<(bool, String)> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
+}
+
+fn outcome(result: Result<(bool, String)>) -> Outcome {
+    match result {
+        Ok((true, _)) => Outcome::Pass,
+        Ok((false, text)) => Outcome::Fail(text),
+        Err(e) => Outcome::Fail(format!("{e:#}")),
+    }
+}
+
+fn parse(root: &Path, file: &str) -> Outcome {
+    outcome(run_captured(
+        Command::new("nix-instantiate")
+            .args(["--parse", file])
+            .current_dir(root),
+    ))
+}
+
+fn deadnix(root: &Path, files: &[String]) -> Outcome {
+    // --fail makes findings an error; the output names each unused binding and where.
+    outcome(run_captured(
+        Command::new(DEADNIX.0)
+            .args(["--fail", "--"])
+            .args(files)
+            .current_dir(root),
+    ))
+}
+
+fn format_check(root: &Path, files: &[String]) -> Outcome {
+    match run_captured(
+        Command::new(FORMATTER.0)
+            .arg("--check")
+            .args(files)
+            .current_dir(root),
+    ) {
+        Ok((true, _)) => Outcome::Pass,
+        Ok((false, text)) => Outcome::Fail(format!(
+            "{text}\nrun `{} {}` to format them",
+            FORMATTER.0,
+            files.join(" ")
+        )),
+        Err(e) => Outcome::Fail(format!("{e:#}")),
+    }
+}
+
+/// A local checkout named by an environment variable, or why it cannot be used.
+fn checkout(var: &str, must_contain: &str) -> std::result::Result<PathBuf, String> {
+    let Some(dir) = std::env::var_os(var) else {
+        return Err(format!("{var} is not set"));
+    };
+    let dir = PathBuf::from(dir);
+    if dir.join(must_contain).exists() {
+        Ok(dir)
+    } else {
+        Err(format!("{var}={} has no {must_contain}", dir.display()))
+    }
+}
+
+/// The module evaluation tests (tests/nix/run.nix), each reported on its own.
+fn module_tests(root: &Path) -> Vec<(String, Outcome)> {
+    let name = "module evaluation tests (tests/nix)";
+    let lib = checkout("RASA_NIXPKGS_LIB", "lib/default.nix");
+    let impermanence = checkout("RASA_IMPERMANENCE", "nixos.nix");
+    let tool = root.join("../shared/tools/nixos-eval/default.nix");
+    let (lib, impermanence) = match (lib, impermanence) {
+        (Ok(lib), Ok(imp)) => (lib, imp),
+        (lib, imp) => {
+            let mut why: Vec<String> = [lib.err(), imp.err()].into_iter().flatten().collect();
+            why.push(
+                "set RASA_NIXPKGS_LIB to a checkout of nix-community/nixpkgs.lib and \
+                 RASA_IMPERMANENCE to one of nix-community/impermanence (in CI these run in \
+                 `nix flake check` instead)"
+                    .into(),
+            );
+            return vec![(name.into(), Outcome::Skip(why.join("; ")))];
+        }
+    };
+    if !tool.is_file() {
+        return vec![(
+            name.into(),
+            Outcome::Skip(format!("{} is missing", tool.display())),
+        )];
+    }
+    let result = run_captured(
+        Command::new("nix-instantiate")
+            .args(["--eval", "--strict", "--json", "tests/nix/run.nix"])
+            .arg("--arg")
+            .arg("nixpkgsLib")
+            .arg(lib.join("lib"))
+            .arg("--arg")
+            .arg("impermanence")
+            .arg(&impermanence)
+            .arg("--arg")
+            .arg("nixosEval")
+            .arg(tool.parent().unwrap())
+            .current_dir(root),
+    );
+    let text = match result {
+        Ok((true, text)) => text,
+        Ok((false, text)) => return vec![(name.into(), Outcome::Fail(text))],
+        Err(e) => return vec![(name.into(), Outcome::Fail(format!("{e:#}")))],
+    };
+    // stderr may carry evaluation warnings before the JSON on the last line.
+    let json = text.lines().last().unwrap_or_default();
+    match parse_results(json) {
+        Ok(results) => results,
+        Err(e) => vec![(name.into(), Outcome::Fail(format!("{e:#}\n{text}")))],
+    }
+}
+
+/// tests/nix/run.nix prints a JSON list of `{name, status, detail}`.
+fn parse_results(json: &str) -> Result<Vec<(String, Outcome)>> {
+    let value: serde_json::Value = serde_json::from_str(json).context("reading the results")?;
+    let items = value.as_array().context("the results are not a list")?;
+    items
+        .iter()
+        .map(|item| {
+            let field = |key: &str| item.get(key).and_then(|v| v.as_str()).unwrap_or_default();
+            let name = format!("module: {}", field("name"));
+            let detail = field("detail").to_owned();
+            let outcome = match field("status") {
+                "pass" => Outcome::Pass,
+                "skip" => Outcome::Skip(detail),
+                "fail" => Outcome::Fail(detail),
+                other => bail!("unknown status {other:?} for {name}"),
+            };
+            Ok((name, outcome))
+        })
+        .collect()
 }
