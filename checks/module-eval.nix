@@ -5,19 +5,21 @@ let
   inherit (pkgs) lib;
   rasa = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
   unitPath = ../tests/vm/rollback.service;
+  evalWith = module: modules:
+    (self.inputs.nixpkgs.lib.nixosSystem {
+      modules = [
+        module
+        {
+          nixpkgs.pkgs = pkgs;
+          boot.loader.grub.enable = false;
+          system.stateVersion = "26.05";
+        }
+      ] ++ modules;
+    }).config;
   results = import ../tests/nix/cases.nix {
     inherit lib rasa;
-    eval = modules:
-      (self.inputs.nixpkgs.lib.nixosSystem {
-        modules = [
-          self.nixosModules.default
-          {
-            nixpkgs.pkgs = pkgs;
-            boot.loader.grub.enable = false;
-            system.stateVersion = "26.05";
-          }
-        ] ++ modules;
-      }).config;
+    eval = evalWith self.nixosModules.default;
+    evalWithoutImpermanence = evalWith self.nixosModules.rasa;
     unitFile = if builtins.pathExists unitPath then builtins.readFile unitPath else null;
   };
   line = r: "${lib.toUpper r.status} ${r.name}${lib.optionalString (r.detail != "") "\n    ${r.detail}"}";

@@ -2,10 +2,11 @@
 #   - tests/nix/run.nix: here, with the real nixpkgs lib and impermanence over the nixos-eval stubs;
 #   - checks/module-eval.nix: in `nix flake check`, with a full NixOS evaluation.
 # `eval` takes a list of modules (rasa and impermanence already imported) and returns `config`;
+# `evalWithoutImpermanence` the same with rasa alone (nixosModules.rasa);
 # `rasa` is the package the configurations use; `unitFile` is the VM harness's committed
 # tests/vm/rollback.service, or null when it does not exist.
 # Returns a list of { name; status = "pass" | "fail" | "skip"; detail; }.
-{ lib, eval, rasa, unitFile }:
+{ lib, eval, evalWithoutImpermanence, rasa, unitFile }:
 let
   exe = "${rasa}/bin/rasa";
 
@@ -169,6 +170,9 @@ in
     (lib.filter (m: lib.hasPrefix "rasa:" m || lib.hasInfix "environment.persistence" m) (failed (eval [ encrypted ])))
     [ ])
 
+  (expect "assertion: nixosModules.rasa without impermanence" (ours (evalWithoutImpermanence [ encrypted ])) [
+    "rasa: impermanence's module is not imported, and rasa keeps state through environment.persistence; import rasa's nixosModules.default (which bundles it), or add inputs.impermanence.nixosModules.impermanence to your imports."
+  ])
   (mustFail "scripted initrd" [ encrypted { boot.initrd.systemd.enable = lib.mkForce false; } ] [
     "rasa: the rollback runs as a unit in a systemd initrd; set boot.initrd.systemd.enable = true;"
   ])

@@ -6,11 +6,13 @@
 { nixpkgsLib, impermanence, nixosEval }:
 let
   tool = import nixosEval { inherit nixpkgsLib impermanence; };
+  bare = import nixosEval { inherit nixpkgsLib; };
   unitPath = ../vm/rollback.service;
   cases = import ./cases.nix {
     inherit (tool) lib;
     rasa = tool.pkgs.rasa;
     eval = modules: (tool.eval ([ ../../modules/rasa.nix ] ++ modules)).config;
+    evalWithoutImpermanence = modules: (bare.eval ([ ../../modules/rasa.nix ] ++ modules)).config;
     unitFile = if builtins.pathExists unitPath then builtins.readFile unitPath else null;
   };
   # One case that cannot evaluate is reported as failed instead of hiding the others.
