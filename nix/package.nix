@@ -27,7 +27,9 @@ rustPlatform.buildRustPackage {
   cargoBuildFlags = [ "-p" "rasa" ];
   # The tests in tests/ need root and loop devices; in the build sandbox they print
   # "SKIPPED <test>: needs root ..." and pass, so the unit tests still run here.
+  # --show-output puts those lines in the build log instead of swallowing them.
   cargoTestFlags = [ "-p" "rasa" ];
+  checkFlags = [ "--show-output" ];
 
   nativeBuildInputs = [ installShellFiles ];
 
