@@ -64,6 +64,8 @@ in
         check_kept()
 
     with subtest("boot 2: the previous root is kept, older ones pruned"):
+        # Done when it has exited once this boot (its Result is "success" before it starts, too).
+        machine.wait_until_succeeds("test $(systemctl show -p ExecMainExitTimestampMonotonic --value rasa-prune.service) != 0")
         result = machine.succeed("systemctl show -p Result --value rasa-prune.service").strip()
         assert result == "success", f"rasa-prune.service: {result}"
         machine.succeed("mount -o subvolid=5 /dev/mapper/cryptroot /mnt")

@@ -218,7 +218,7 @@ in
       config = eval [
         encrypted
         {
-          users.users.alice = { group = "users"; };
+          users.users.alice = { isNormalUser = true; home = "/home/alice"; group = "users"; };
           rasa.directories = [ "/var/lib/libvirt" { directory = "/var/lib/private/secret"; mode = "u=rwx,g=,o="; } ];
           rasa.files = [ "/etc/nix/id_rsa" ];
           rasa.users.alice.directories = [{ directory = ".ssh"; mode = "0700"; }];
