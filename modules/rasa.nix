@@ -190,7 +190,7 @@ in
       oldRoots = mkOption {
         type = types.str;
         default = "old_roots";
-        example = "snapshots/old_roots";
+        example = "previous-roots";
         description = "The directory at the top level where previous roots are kept for recovery, one per boot.";
       };
       persist = mkOption {
