@@ -91,6 +91,11 @@ pub fn run(_args: &[String]) -> Result<(usize, usize, usize)> {
         &format!("{} --check", FORMATTER.0),
         format_check(&root, &files),
     );
+    tally.record("flake.lock matches flake.nix", lock_matches_inputs(&root));
+    tally.record(
+        "flake.lock pins impermanence's narHash",
+        impermanence_nar_hash(&root),
+    );
     for (name, outcome) in module_tests(&root) {
         tally.record(&name, outcome);
     }
@@ -182,6 +187,173 @@ fn format_check(root: &Path, files: &[String]) -> Outcome {
             FORMATTER.0,
             files.join(" ")
         )),
+        Err(e) => Outcome::Fail(format!("{e:#}")),
+    }
+}
+
+fn read_json(root: &Path, file: &str) -> Result<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(root.join(file)).with_context(|| format!("reading {file}"))?;
+    serde_json::from_str(&text).with_context(|| format!("{file} is not JSON"))
+}
+
+/// flake.lock was written by hand (Nix cannot fetch here), so check what `nix flake lock` would
+/// produce: version 7, a node per input whose `original` is what flake.nix says, complete
+/// `locked` pins, the declared `follows`, and follows paths that lead to nodes.
+fn lock_matches_inputs(root: &Path) -> Outcome {
+    match check_lock(root) {
+        Ok(problems) if problems.is_empty() => Outcome::Pass,
+        Ok(problems) => Outcome::Fail(problems.join("\n")),
+        Err(e) => Outcome::Fail(format!("{e:#}")),
+    }
+}
+
+fn check_lock(root: &Path) -> Result<Vec<String>> {
+    use serde_json::Value;
+    let lock = read_json(root, "flake.lock")?;
+    let (ok, text) = run_captured(
+        Command::new("nix-instantiate")
+            .args([
+                "--eval",
+                "--strict",
+                "--json",
+                "-E",
+                "(import ./flake.nix).inputs",
+            ])
+            .current_dir(root),
+    )?;
+    if !ok {
+        bail!("reading the inputs of flake.nix: {text}");
+    }
+    let inputs: Value = serde_json::from_str(text.lines().last().unwrap_or_default())?;
+    let nodes = &lock["nodes"];
+    let mut problems = Vec::new();
+    if lock["version"] != 7 || lock["root"] != "root" {
+        problems.push("expected \"version\": 7 and \"root\": \"root\"".to_owned());
+    }
+    let keys = |v: &Value| -> Vec<String> {
+        v.as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    if keys(&inputs) != keys(&nodes["root"]["inputs"]) {
+        problems.push(format!(
+            "flake.nix declares inputs {:?}, the lock's root has {:?}",
+            keys(&inputs),
+            keys(&nodes["root"]["inputs"])
+        ));
+    }
+    for (name, input) in inputs.as_object().into_iter().flatten() {
+        let Some(node) = resolve(nodes, &nodes["root"]["inputs"][name]) else {
+            problems.push(format!("input {name} has no node in the lock"));
+            continue;
+        };
+        let url = input["url"].as_str().unwrap_or_default();
+        let parts: Vec<&str> = url.trim_start_matches("github:").split('/').collect();
+        let original = &nodes[&node]["original"];
+        let spelled = (
+            original["owner"].as_str(),
+            original["repo"].as_str(),
+            original["ref"].as_str(),
+        );
+        let wanted = (
+            parts.first().copied(),
+            parts.get(1).copied(),
+            parts.get(2).copied(),
+        );
+        if !url.starts_with("github:") || original["type"] != "github" || spelled != wanted {
+            problems.push(format!(
+                "input {name}: flake.nix says {url}, the lock's original is {original}"
+            ));
+        }
+        for (sub, spec) in input["inputs"].as_object().into_iter().flatten() {
+            let follows = spec["follows"].as_str().unwrap_or_default();
+            if nodes[&node]["inputs"][sub] != Value::from(vec![follows]) {
+                problems.push(format!(
+                    "{name}.inputs.{sub}.follows = \"{follows}\", but the lock has {}",
+                    nodes[&node]["inputs"][sub]
+                ));
+            }
+        }
+    }
+    for (name, node) in nodes.as_object().into_iter().flatten() {
+        for (input, target) in node["inputs"].as_object().into_iter().flatten() {
+            if resolve(nodes, target).is_none() {
+                problems.push(format!("{name}.inputs.{input} = {target} leads to no node"));
+            }
+        }
+        if name == "root" {
+            continue;
+        }
+        let locked = &node["locked"];
+        let rev_ok = locked["rev"]
+            .as_str()
+            .is_some_and(|r| r.len() == 40 && r.bytes().all(|b| b.is_ascii_hexdigit()));
+        let hash_ok = locked["narHash"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("sha256-") && h.len() == 51);
+        if !rev_ok || !hash_ok || !locked["lastModified"].is_u64() || locked["type"] != "github" {
+            problems.push(format!("node {name}: incomplete pin {locked}"));
+        }
+    }
+    Ok(problems)
+}
+
+/// The node an input points at: a node name, or a follows path of input names from the root.
+fn resolve(nodes: &serde_json::Value, target: &serde_json::Value) -> Option<String> {
+    let name = match target {
+        serde_json::Value::String(name) => name.clone(),
+        serde_json::Value::Array(steps) => {
+            let mut node = "root".to_owned();
+            for step in steps {
+                node = resolve(nodes, &nodes[&node]["inputs"][step.as_str()?])?;
+            }
+            node
+        }
+        _ => return None,
+    };
+    nodes.get(&name).map(|_| name)
+}
+
+/// The lock's impermanence narHash against `nix hash path` of the RASA_IMPERMANENCE checkout.
+fn impermanence_nar_hash(root: &Path) -> Outcome {
+    let dir = match checkout("RASA_IMPERMANENCE", "nixos.nix") {
+        Ok(dir) => dir,
+        Err(why) => return Outcome::Skip(why),
+    };
+    let lock = match read_json(root, "flake.lock") {
+        Ok(lock) => lock,
+        Err(e) => return Outcome::Fail(format!("{e:#}")),
+    };
+    let pinned = &lock["nodes"]["impermanence"]["locked"];
+    let (Some(want), Some(rev)) = (pinned["narHash"].as_str(), pinned["rev"].as_str()) else {
+        return Outcome::Fail("flake.lock has no impermanence narHash and rev".into());
+    };
+    let hashed = run_captured(
+        Command::new("nix")
+            .args([
+                "--extra-experimental-features",
+                "nix-command",
+                "hash",
+                "path",
+            ])
+            .arg(&dir),
+    );
+    match hashed {
+        Ok((true, text)) => {
+            let got = text.lines().last().unwrap_or_default().trim();
+            if got == want {
+                Outcome::Pass
+            } else {
+                // A checkout of another revision hashes differently, which proves nothing.
+                Outcome::Skip(format!(
+                    "{} hashes to {got}, the lock pins {want} for rev {rev}: \
+                     point RASA_IMPERMANENCE at a tree of that revision (git archive {rev})",
+                    dir.display()
+                ))
+            }
+        }
+        Ok((false, text)) => Outcome::Fail(text),
         Err(e) => Outcome::Fail(format!("{e:#}")),
     }
 }
