@@ -51,6 +51,20 @@ let
       Type RemainAfterExit StandardOutput StandardError ExecStart;
   };
   rollbackArgs = "--device /dev/mapper/cryptroot --root root --blank root-blank --old-roots old_roots --persist persist --keep 5 --keep-days 7";
+  # The agreed rollback unit (docs/nixos.md) with default settings. `after` is spelled out in full;
+  # its first unit is the device unit, which the rollback also requires.
+  expectedUnit = { device, after }: {
+    inherit after;
+    before = [ "sysroot.mount" ];
+    requires = [ (lib.head after) ];
+    wantedBy = [ "initrd.target" ];
+    DefaultDependencies = false;
+    Type = "oneshot";
+    RemainAfterExit = true;
+    StandardOutput = "journal+console";
+    StandardError = "journal+console";
+    ExecStart = "${exe} rollback --device ${device} --root root --blank root-blank --old-roots old_roots --persist persist --keep 5 --keep-days 7";
+  };
 
   # [Unit]/[Install] dependency keys and the ExecStart arguments of a unit file.
   parseUnitFile = text:
@@ -84,31 +98,15 @@ let
   entry = storageRoot: path: kind: user: group: mode: { inherit storageRoot path kind user group mode; };
 in
 [
-  (expect "rollback unit: encrypted" (unitOf (eval [ encrypted ])) {
+  (expect "rollback unit: encrypted" (unitOf (eval [ encrypted ])) (expectedUnit {
+    device = "/dev/mapper/cryptroot";
     after = [ "dev-mapper-cryptroot.device" "systemd-cryptsetup@cryptroot.service" "local-fs-pre.target" ];
-    before = [ "sysroot.mount" ];
-    requires = [ "dev-mapper-cryptroot.device" ];
-    wantedBy = [ "initrd.target" ];
-    DefaultDependencies = false;
-    Type = "oneshot";
-    RemainAfterExit = true;
-    StandardOutput = "journal+console";
-    StandardError = "journal+console";
-    ExecStart = "${exe} rollback ${rollbackArgs}";
-  })
+  }))
 
-  (expect "rollback unit: unencrypted" (unitOf (eval [ unencrypted ])) {
+  (expect "rollback unit: unencrypted" (unitOf (eval [ unencrypted ])) (expectedUnit {
+    device = "/dev/vda2";
     after = [ "dev-vda2.device" "local-fs-pre.target" ];
-    before = [ "sysroot.mount" ];
-    requires = [ "dev-vda2.device" ];
-    wantedBy = [ "initrd.target" ];
-    DefaultDependencies = false;
-    Type = "oneshot";
-    RemainAfterExit = true;
-    StandardOutput = "journal+console";
-    StandardError = "journal+console";
-    ExecStart = "${exe} rollback --device /dev/vda2 --root root --blank root-blank --old-roots old_roots --persist persist --keep 5 --keep-days 7";
-  })
+  }))
 
   (
     let
