@@ -1,0 +1,324 @@
+# rasa module evaluation tests, shared by two harnesses:
+#   - tests/nix/run.nix: here, with the real nixpkgs lib and impermanence over the nixos-eval stubs;
+#   - checks/module-eval.nix: in `nix flake check`, with a full NixOS evaluation.
+# `eval` takes a list of modules (rasa and impermanence already imported) and returns `config`;
+# `evalWithoutImpermanence` the same with rasa alone (nixosModules.rasa);
+# `rasa` is the package the configurations use; `unitFile` is the VM harness's committed
+# tests/vm/rollback.service, or null when it does not exist.
+# Returns a list of { name; status = "pass" | "fail" | "skip"; detail; }.
+{ lib, eval, evalWithoutImpermanence, rasa, unitFile }:
+let
+  exe = "${rasa}/bin/rasa";
+
+  # An encrypted machine laid out as the guide does it.
+  encrypted = {
+    boot.initrd.systemd.enable = true;
+    boot.initrd.luks.devices.cryptroot.device = "/dev/vda2";
+    fileSystems = {
+      "/" = { device = "/dev/mapper/cryptroot"; fsType = "btrfs"; options = [ "subvol=root" "compress=zstd" ]; };
+      "/nix" = { device = "/dev/mapper/cryptroot"; fsType = "btrfs"; options = [ "subvol=nix" ]; };
+      "/persist" = { device = "/dev/mapper/cryptroot"; fsType = "btrfs"; options = [ "subvol=persist" ]; neededForBoot = true; };
+      "/var/log" = { device = "/dev/mapper/cryptroot"; fsType = "btrfs"; options = [ "subvol=log" ]; neededForBoot = true; };
+    };
+    rasa = { enable = true; package = rasa; };
+  };
+  unencrypted = {
+    boot.initrd.systemd.enable = true;
+    fileSystems = {
+      "/" = { device = "/dev/vda2"; fsType = "btrfs"; options = [ "subvol=root" ]; };
+      "/persist" = { device = "/dev/vda2"; fsType = "btrfs"; options = [ "subvol=persist" ]; neededForBoot = true; };
+    };
+    rasa = { enable = true; package = rasa; };
+  };
+
+  failed = config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
+  ours = config: lib.filter (lib.hasPrefix "rasa:") (failed config);
+  show = v: builtins.toJSON v;
+
+  # A case passes when `got` equals `want`; the detail shows both.
+  expect = name: got: want: {
+    inherit name;
+    status = if got == want then "pass" else "fail";
+    detail = if got == want then "" else "expected ${show want}\n got      ${show got}";
+  };
+  # A configuration that must fail with exactly these messages of rasa's.
+  mustFail = name: modules: messages: expect "assertion: ${name}" (ours (eval modules)) messages;
+
+  unitOf = config: {
+    inherit (config.boot.initrd.systemd.services.rollback) after before requires wantedBy;
+    inherit (config.boot.initrd.systemd.services.rollback.unitConfig) DefaultDependencies;
+    inherit (config.boot.initrd.systemd.services.rollback.serviceConfig)
+      Type RemainAfterExit StandardOutput StandardError ExecStart;
+  };
+  rollbackArgs = "--device /dev/mapper/cryptroot --root root --blank root-blank --old-roots old_roots --persist persist --keep 5 --keep-days 7";
+  # The agreed rollback unit (docs/nixos.md) with default settings. `after` is spelled out in full;
+  # its first unit is the device unit, which the rollback also requires.
+  expectedUnit = { device, after }: {
+    inherit after;
+    before = [ "sysroot.mount" ];
+    requires = [ (lib.head after) ];
+    wantedBy = [ "initrd.target" ];
+    DefaultDependencies = false;
+    Type = "oneshot";
+    RemainAfterExit = true;
+    StandardOutput = "journal+console";
+    StandardError = "journal+console";
+    ExecStart = "${exe} rollback --device ${device} --root root --blank root-blank --old-roots old_roots --persist persist --keep 5 --keep-days 7";
+  };
+
+  # [Unit]/[Install] dependency keys and the ExecStart arguments of a unit file.
+  parseUnitFile = text:
+    let
+      step = acc: line:
+        let
+          l = lib.trim line;
+          section = builtins.match "\\[(.*)]" l;
+          kv = builtins.match "([A-Za-z]+)=(.*)" l;
+        in
+        if section != null then acc // { section = lib.head section; }
+        else if kv != null then
+          let key = "${acc.section}.${lib.head kv}"; in
+          acc // { values = acc.values // { ${key} = (acc.values.${key} or [ ]) ++ words (lib.elemAt kv 1); }; }
+        else acc;
+      words = s: lib.filter (w: w != "") (lib.splitString " " s);
+      values = (lib.foldl' step { section = ""; values = { }; } (lib.splitString "\n" text)).values;
+      get = key: values.${key} or [ ];
+    in
+    {
+      requires = get "Unit.Requires";
+      after = get "Unit.After";
+      before = get "Unit.Before";
+      wantedBy = get "Install.WantedBy";
+      defaultDependencies = map (v: if lib.elem v [ "no" "false" "0" ] then false else true) (get "Unit.DefaultDependencies");
+      execArgs = lib.drop 1 (get "Service.ExecStart");
+    };
+
+  manifestOf = config: builtins.fromJSON config.system.build.rasaManifest.text;
+  checkedManifest = config: config.environment.etc."rasa/manifest.json".source;
+  entry = storageRoot: path: kind: user: group: mode: { inherit storageRoot path kind user group mode; };
+in
+[
+  (expect "rollback unit: encrypted" (unitOf (eval [ encrypted ])) (expectedUnit {
+    device = "/dev/mapper/cryptroot";
+    after = [ "dev-mapper-cryptroot.device" "systemd-cryptsetup@cryptroot.service" "local-fs-pre.target" ];
+  }))
+
+  (expect "rollback unit: unencrypted" (unitOf (eval [ unencrypted ])) (expectedUnit {
+    device = "/dev/vda2";
+    after = [ "dev-vda2.device" "local-fs-pre.target" ];
+  }))
+
+  (
+    let
+      byUuid = "/dev/disk/by-uuid/0b4e6f2a-7d3c-4a53-9d0c-1f2e3d4c5b6a";
+      config = eval [
+        encrypted
+        {
+          boot.initrd.luks.devices.cryptswap.device = "/dev/vda3";
+          fileSystems."/".device = lib.mkForce byUuid;
+          fileSystems."/persist".device = lib.mkForce byUuid;
+        }
+      ];
+    in
+    expect "rollback unit: a by-uuid device on LUKS waits for every unlock"
+      { inherit (config.boot.initrd.systemd.services.rollback) after requires; }
+      {
+        after = [
+          "dev-disk-by\\x2duuid-0b4e6f2a\\x2d7d3c\\x2d4a53\\x2d9d0c\\x2d1f2e3d4c5b6a.device"
+          "systemd-cryptsetup@cryptroot.service"
+          "systemd-cryptsetup@cryptswap.service"
+          "local-fs-pre.target"
+        ];
+        requires = [ "dev-disk-by\\x2duuid-0b4e6f2a\\x2d7d3c\\x2d4a53\\x2d9d0c\\x2d1f2e3d4c5b6a.device" ];
+      }
+  )
+
+  (
+    let
+      config = eval [ encrypted { rasa.subvolumes.blank = null; rasa.retention = { keep = 2; keepDays = 30; }; } ];
+    in
+    expect "empty mode and retention reach rollback and prune"
+      {
+        rollback = config.boot.initrd.systemd.services.rollback.serviceConfig.ExecStart;
+        prune = config.systemd.services.rasa-prune.serviceConfig.ExecStart;
+        blank = (manifestOf config).rollback.blank;
+      }
+      {
+        rollback = "${exe} rollback --device /dev/mapper/cryptroot --root root --empty --old-roots old_roots --persist persist --keep 2 --keep-days 30";
+        prune = "${exe} prune --device /dev/mapper/cryptroot --root root --empty --old-roots old_roots --persist persist --keep 2 --keep-days 30";
+        blank = null;
+      }
+  )
+
+  (
+    let service = (eval [ encrypted ]).systemd.services.rasa-prune; in
+    expect "prune service: stage 2, idle, same layout as the rollback"
+      { inherit (service) wantedBy after; inherit (service.serviceConfig) Type Nice IOSchedulingClass ExecStart; }
+      {
+        wantedBy = [ "multi-user.target" ];
+        after = [ "local-fs.target" ];
+        Type = "oneshot";
+        Nice = 19;
+        IOSchedulingClass = "idle";
+        ExecStart = "${exe} prune ${rollbackArgs}";
+      }
+  )
+
+  (expect "a good configuration fails no assertion (rasa's or impermanence's)"
+    (lib.filter (m: lib.hasPrefix "rasa:" m || lib.hasInfix "environment.persistence" m) (failed (eval [ encrypted ])))
+    [ ])
+
+  (expect "assertion: nixosModules.rasa without impermanence" (ours (evalWithoutImpermanence [ encrypted ])) [
+    "rasa: impermanence's module is not imported, and rasa keeps state through environment.persistence; import rasa's nixosModules.default (which bundles it), or add inputs.impermanence.nixosModules.impermanence to your imports."
+  ])
+  (mustFail "scripted initrd" [ encrypted { boot.initrd.systemd.enable = lib.mkForce false; } ] [
+    "rasa: the rollback runs as a unit in a systemd initrd; set boot.initrd.systemd.enable = true;"
+  ])
+  (mustFail "/ is not btrfs" [ encrypted { fileSystems."/".fsType = lib.mkForce "ext4"; } ] [
+    ''rasa: / must be a btrfs subvolume that rasa resets, but fileSystems."/" has fsType = "ext4"; set fileSystems."/" = { device = "/dev/mapper/cryptroot"; fsType = "btrfs"; options = [ "subvol=root" ]; neededForBoot = true; };''
+  ])
+  (mustFail "/ is not the root subvolume" [ encrypted { fileSystems."/".options = lib.mkForce [ "subvol=@" ]; } ] [
+    ''rasa: / must be mounted from the subvolume rasa resets, "root": add "subvol=root" to fileSystems."/".options, or set rasa.subvolumes.root to the subvolume / is mounted from.''
+  ])
+  (mustFail "/ is on another device" [ encrypted { rasa.device = "/dev/mapper/other"; } ] [
+    ''rasa: rasa.device is "/dev/mapper/other" but / is mounted from fileSystems."/".device = "/dev/mapper/cryptroot"; they must name the same device: set rasa.device = "/dev/mapper/cryptroot"; (or leave rasa.device at its default).''
+  ])
+  (mustFail "storage root mounted from another subvolume" [ encrypted { fileSystems."/persist".options = lib.mkForce [ "subvol=state" ]; } ] [
+    ''rasa: /persist is mounted from rasa's device but not from the subvolume rasa.subvolumes.persist = "persist", so rasa cannot tell the persistent subvolume from the ones it may reset: add "subvol=persist" to fileSystems."/persist".options, or set rasa.subvolumes.persist to the subvolume mounted there.''
+  ])
+  (mustFail "storage root not neededForBoot" [ encrypted { fileSystems."/persist".neededForBoot = lib.mkForce false; } ] [
+    ''rasa: the filesystem of the storage root /persist must be mounted in the initrd, before the persisted paths are bind-mounted: set fileSystems."/persist".neededForBoot = true;''
+  ])
+  (mustFail "storage root on the wiped root" [ encrypted { rasa.storageRoot = "/state"; } ] [
+    ''rasa: the storage root /state is on the root filesystem, which rasa wipes on every boot; mount the persistent subvolume there: fileSystems."/state" = { device = "/dev/mapper/cryptroot"; fsType = "btrfs"; options = [ "subvol=persist" ]; neededForBoot = true; };''
+  ])
+  (mustFail "root and persist are the same" [ encrypted { rasa.subvolumes.persist = "root"; fileSystems."/persist".options = lib.mkForce [ "subvol=root" ]; } ] [
+    ''rasa: rasa.subvolumes.root and rasa.subvolumes.persist are both "root"; the root, the blank, the old roots and the persistent subvolume must be different: give rasa.subvolumes.persist another name.''
+  ])
+  (mustFail "blank and old roots are the same" [ encrypted { rasa.subvolumes.oldRoots = "root-blank"; } ] [
+    ''rasa: rasa.subvolumes.oldRoots and rasa.subvolumes.blank are both "root-blank"; the root, the blank, the old roots and the persistent subvolume must be different: give rasa.subvolumes.blank another name.''
+  ])
+  (mustFail "a subvolume name with a slash" [ encrypted { rasa.subvolumes.oldRoots = "snapshots/old"; } ] [
+    ''rasa: rasa.subvolumes.oldRoots = "snapshots/old" is not a plain subvolume name; give the name of a subvolume at the top level of the filesystem, without "/".''
+  ])
+  (mustFail "negative retention" [ encrypted { rasa.retention.keep = -1; } ] [
+    "rasa: rasa.retention.keep = -1 is not a valid count; set it to a whole number from 0 (keep none by count) to 4294967295, for example 5."
+  ])
+  (mustFail "retention beyond what rasa reads" [ encrypted { rasa.retention.keepDays = 4294967296; } ] [
+    "rasa: rasa.retention.keepDays = 4294967296 is not a valid number of days; set it to a whole number from 0 (keep none by age) to 4294967295, for example 7."
+  ])
+  (mustFail "a mode the manifest cannot hold" [ encrypted { rasa.directories = [{ directory = "/var/lib/odd"; mode = "u+rwx"; }]; } ] [
+    ''rasa: /var/lib/odd (in /persist) has a mode that cannot be written as an octal mode for rasa's manifest; give its mode in octal, for example mode = "0700";''
+  ])
+
+  (
+    let
+      config = eval [
+        encrypted
+        {
+          users.users.alice = { isNormalUser = true; home = "/home/alice"; group = "users"; };
+          rasa.directories = [ "/var/lib/libvirt" { directory = "/var/lib/private/secret"; mode = "u=rwx,g=,o="; } ];
+          rasa.files = [ "/etc/nix/id_rsa" ];
+          rasa.users.alice.directories = [{ directory = ".ssh"; mode = "0700"; }];
+          rasa.diffIgnore = [ "/var/cache/**" ];
+          # Straight into impermanence, as an existing configuration would.
+          environment.persistence."/persist".directories = [ "/var/lib/tailscale" ];
+          environment.persistence."/persist".users.alice.files = [ ".bash_history" ];
+        }
+      ];
+    in
+    expect "manifest: rasa's options, presets, direct environment.persistence and a user" (manifestOf config) {
+      version = 1;
+      rollback = {
+        device = "/dev/mapper/cryptroot";
+        root = "root";
+        blank = "root-blank";
+        oldRoots = "old_roots";
+        persist = "persist";
+        keep = 5;
+        keepDays = 7;
+      };
+      entries = [
+        (entry "/persist" "/etc/machine-id" "file" "root" "root" "0755")
+        (entry "/persist" "/etc/nix/id_rsa" "file" "root" "root" "0755")
+        (entry "/persist" "/home/alice/.bash_history" "file" "alice" "users" "0755")
+        (entry "/persist" "/home/alice/.ssh" "directory" "alice" "users" "0700")
+        (entry "/persist" "/var/db/sudo/lectured" "directory" "root" "root" "0700")
+        (entry "/persist" "/var/lib/libvirt" "directory" "root" "root" "0755")
+        (entry "/persist" "/var/lib/nixos" "directory" "root" "root" "0755")
+        (entry "/persist" "/var/lib/private/secret" "directory" "root" "root" "0700")
+        (entry "/persist" "/var/lib/systemd" "directory" "root" "root" "0755")
+        (entry "/persist" "/var/lib/tailscale" "directory" "root" "root" "0755")
+      ];
+      diffIgnore = [ "/var/cache/**" ];
+    }
+  )
+
+  (
+    let
+      config = eval [ unencrypted ];
+      source = checkedManifest config;
+      script = source.cmd or source.buildCommand or "";
+    in
+    expect "manifest: /var/log kept when it is no filesystem of its own, and checked at build time"
+      {
+        varLog = lib.any (e: e.path == "/var/log") (manifestOf config).entries;
+        checked = lib.hasInfix "rasa check manifest ${config.system.build.rasaManifest}" script;
+      }
+      { varLog = true; checked = true; }
+  )
+
+  (
+    let
+      config = eval [
+        encrypted
+        {
+          networking.networkmanager.enable = true;
+          services.openssh.enable = true;
+          virtualisation.docker.enable = true;
+          hardware.bluetooth.enable = true;
+        }
+      ];
+      persistence = config.environment.persistence."/persist";
+      paths = map (e: e.path) (manifestOf config).entries;
+    in
+    expect "presets follow the services they keep"
+      {
+        hostKeys = map (k: k.path) config.services.openssh.hostKeys;
+        nmFiles = map (f: { inherit (f) filePath method; }) (lib.filter (f: lib.hasPrefix "/var/lib/NetworkManager/" f.filePath) persistence.files);
+        manifestHas = map (p: lib.elem p paths) [
+          "/etc/NetworkManager/system-connections"
+          "/etc/ssh/ssh_host_ed25519_key"
+          "/etc/ssh/ssh_host_ed25519_key.pub"
+          "/var/lib/docker"
+          "/var/lib/bluetooth"
+        ];
+      }
+      {
+        hostKeys = [ "/persist/etc/ssh/ssh_host_ed25519_key" "/persist/etc/ssh/ssh_host_rsa_key" ];
+        nmFiles = [
+          { filePath = "/var/lib/NetworkManager/secret_key"; method = "symlink"; }
+          { filePath = "/var/lib/NetworkManager/seen-bssids"; method = "symlink"; }
+          { filePath = "/var/lib/NetworkManager/timestamps"; method = "symlink"; }
+        ];
+        manifestHas = [ true true true true true ];
+      }
+  )
+
+  (
+    if unitFile == null then {
+      name = "rollback unit matches tests/vm/rollback.service";
+      status = "skip";
+      detail = "tests/vm/rollback.service does not exist (yet): the VM harness commits it";
+    } else
+      let
+        module = unitOf (eval [ encrypted ]);
+        words = lib.filter (w: w != "") (lib.splitString " " module.ExecStart);
+      in
+      expect "rollback unit matches tests/vm/rollback.service" (parseUnitFile unitFile) {
+        inherit (module) requires after before wantedBy;
+        defaultDependencies = [ module.DefaultDependencies ];
+        execArgs = lib.drop 1 words;
+      }
+  )
+]
