@@ -88,7 +88,7 @@ let
   file = pkgs.writeText "rasa-manifest.json" text;
 in
 {
-  inherit file;
+  inherit file entries;
 
   # A wrong manifest fails nixos-rebuild here, not the next boot or a migration.
   checked = pkgs.runCommand "rasa-manifest-checked.json" { nativeBuildInputs = [ rasa ]; } ''

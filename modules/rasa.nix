@@ -77,6 +77,8 @@ let
     (i: a: map (b: { inherit a b; }) (lib.filter (b: b.value == a.value) (lib.drop (i + 1) namedSubvolumes)))
     namedSubvolumes);
 
+  shadowPersisted = lib.any (e: e.path == "/etc/shadow" || e.path == "/etc" || (e.kind == "directory" && lib.hasPrefix "${e.path}/" "/etc/shadow")) manifest.entries;
+
   fsExample = mountPoint: subvol: ''fileSystems."${mountPoint}" = { device = "${toString cfg.device}"; fsType = "btrfs"; options = [ "subvol=${subvol}" ]; neededForBoot = true; };'';
   retentionValid = n: n >= 0 && n <= 4294967295;
 
@@ -281,8 +283,11 @@ in
   config = lib.mkIf cfg.enable (lib.mkMerge [
     {
       inherit assertions;
-      warnings = lib.optional (cfg.retention.keep == 0 && cfg.retention.keepDays == 0)
-        "rasa: rasa.retention keeps no old roots (keep = 0, keepDays = 0), so a file lost by the wipe cannot be recovered; keep at least one, e.g. rasa.retention.keep = 1.";
+      warnings =
+        lib.optional (cfg.retention.keep == 0 && cfg.retention.keepDays == 0)
+          "rasa: rasa.retention keeps no old roots (keep = 0, keepDays = 0), so a file lost by the wipe cannot be recovered; keep at least one, e.g. rasa.retention.keep = 1."
+        ++ lib.optional (config.users.mutableUsers && !shadowPersisted)
+          "rasa: users.mutableUsers is true but /etc/shadow is not persisted, so every password set with passwd is lost at the next boot; set users.mutableUsers = false with users.users.<name>.hashedPasswordFile under ${cfg.storageRoot} (docs/guide.md, \"Passwords and users\").";
 
       boot.initrd.systemd.services.rollback = {
         description = "Reset the btrfs root subvolume to a blank state (rasa)";
@@ -292,7 +297,12 @@ in
         # change the filesystem under the hibernated kernel.
         after = [ deviceUnit ] ++ cryptsetupUnits ++ [ "local-fs-pre.target" ];
         before = [ "sysroot.mount" ];
-        unitConfig.DefaultDependencies = false;
+        unitConfig = {
+          DefaultDependencies = false;
+          # The escape hatch: add rasa.skip-rollback to the kernel command line at the boot menu
+          # to boot once on the previous root, un-wiped.
+          ConditionKernelCommandLine = "!rasa.skip-rollback";
+        };
         serviceConfig = {
           Type = "oneshot";
           RemainAfterExit = true;

@@ -46,7 +46,7 @@ let
 
   unitOf = config: {
     inherit (config.boot.initrd.systemd.services.rollback) after before requires wantedBy;
-    inherit (config.boot.initrd.systemd.services.rollback.unitConfig) DefaultDependencies;
+    inherit (config.boot.initrd.systemd.services.rollback.unitConfig) DefaultDependencies ConditionKernelCommandLine;
     inherit (config.boot.initrd.systemd.services.rollback.serviceConfig)
       Type RemainAfterExit StandardOutput StandardError ExecStart;
   };
@@ -59,6 +59,7 @@ let
     requires = [ (lib.head after) ];
     wantedBy = [ "initrd.target" ];
     DefaultDependencies = false;
+    ConditionKernelCommandLine = "!rasa.skip-rollback";
     Type = "oneshot";
     RemainAfterExit = true;
     StandardOutput = "journal+console";
@@ -90,6 +91,7 @@ let
       before = get "Unit.Before";
       wantedBy = get "Install.WantedBy";
       defaultDependencies = map (v: if lib.elem v [ "no" "false" "0" ] then false else true) (get "Unit.DefaultDependencies");
+      conditionKernelCommandLine = get "Unit.ConditionKernelCommandLine";
       execArgs = lib.drop 1 (get "Service.ExecStart");
     };
 
@@ -306,6 +308,19 @@ in
   )
 
   (
+    let
+      shadowWarnings = config: lib.filter (lib.hasInfix "/etc/shadow") config.warnings;
+    in
+    expect "warning: mutable users on a wiped root, and not with declarative users"
+      (map (modules: lib.length (shadowWarnings (eval modules))) [
+        [ encrypted ]
+        [ encrypted { users.mutableUsers = false; } ]
+        [ encrypted { rasa.files = [ "/etc/shadow" ]; } ]
+      ])
+      [ 1 0 0 ]
+  )
+
+  (
     if unitFile == null then {
       name = "rollback unit matches tests/vm/rollback.service";
       status = "skip";
@@ -318,6 +333,7 @@ in
       expect "rollback unit matches tests/vm/rollback.service" (parseUnitFile unitFile) {
         inherit (module) requires after before wantedBy;
         defaultDependencies = [ module.DefaultDependencies ];
+        conditionKernelCommandLine = [ module.ConditionKernelCommandLine ];
         execArgs = lib.drop 1 words;
       }
   )
