@@ -34,6 +34,26 @@ const FS_NOCOW_FL: libc::c_long = 0x0080_0000;
 const FS_COMPR_FL: libc::c_long = 0x0000_0004;
 const FS_NOCOMP_FL: libc::c_long = 0x0000_0400;
 const EARLY_FLAGS: libc::c_long = FS_NOCOW_FL | FS_COMPR_FL | FS_NOCOMP_FL;
+/// The `chattr` flags a user sets and a copy should carry: s u c S i a d A m j D T C P. Flags
+/// a filesystem manages itself (ext4's extents 'e', inline data, encryption, verity, casefold)
+/// describe how the source stores the file and are left to the destination.
+const COPYABLE_FLAGS: libc::c_long = 0x1
+    | 0x2
+    | FS_COMPR_FL
+    | 0x8
+    | FS_IMMUTABLE_FL
+    | FS_APPEND_FL
+    | 0x40
+    | 0x80
+    | FS_NOCOMP_FL
+    | 0x4000
+    | 0x1_0000
+    | 0x2_0000
+    | FS_NOCOW_FL
+    | 0x2000_0000;
+/// Of those, the ones every Linux filesystem with flags supports (i a d A S D); a destination
+/// that refuses the rest still gets these, immutable and append-only above all.
+const CORE_FLAGS: libc::c_long = FS_IMMUTABLE_FL | FS_APPEND_FL | 0x40 | 0x80 | 0x8 | 0x1_0000;
 
 fn cstr(name: &OsStr) -> CString {
     // Names read from a directory or a path never contain NUL.
@@ -481,7 +501,7 @@ impl<'p> Copier<'p> {
             || "creating the directory".into(),
         )?;
         let dst = open_dir(dst_dir, dst_name)?;
-        let flags = get_flags(src.as_fd());
+        let flags = get_flags(src.as_fd()) & COPYABLE_FLAGS;
         // Inherited by the children created below, as on the source.
         self.set_early_flags(dst.as_fd(), flags, rel)?;
         self.stats.directories += 1;
@@ -495,7 +515,11 @@ impl<'p> Copier<'p> {
                 rel.join(&name),
             )?;
         }
-        finish_fd(src.as_fd(), st, dst.as_fd(), flags)
+        if finish_fd(src.as_fd(), st, dst.as_fd(), flags)? {
+            let shown = self.shown(rel);
+            self.stats.flags_not_kept.push(shown);
+        }
+        Ok(())
     }
 
     fn copy_file(
@@ -522,7 +546,7 @@ impl<'p> Copier<'p> {
         check(fd, || "creating the file".into())?;
         // SAFETY: fresh descriptor.
         let dst = unsafe { OwnedFd::from_raw_fd(fd) };
-        let flags = get_flags(src.as_fd());
+        let flags = get_flags(src.as_fd()) & COPYABLE_FLAGS;
         self.set_early_flags(dst.as_fd(), flags, rel)?;
         let size = st.st_size as u64;
         let mut cloned = false;
@@ -541,7 +565,10 @@ impl<'p> Copier<'p> {
         self.stats.files += 1;
         self.stats.bytes += size;
         (self.progress)(size);
-        finish_fd(src.as_fd(), st, dst.as_fd(), flags)?;
+        if finish_fd(src.as_fd(), st, dst.as_fd(), flags)? {
+            let shown = self.shown(rel);
+            self.stats.flags_not_kept.push(shown);
+        }
         (self.after_file)();
         Ok(())
     }
@@ -723,13 +750,13 @@ fn timespecs(st: &libc::stat) -> [libc::timespec; 2] {
 }
 
 /// Owner, mode, xattrs, times and flags of an open regular file or directory, in the order that
-/// keeps each of them (see the module comment).
+/// keeps each of them (see the module comment). True when the destination refused some flags.
 fn finish_fd(
     src: BorrowedFd<'_>,
     st: &libc::stat,
     dst: BorrowedFd<'_>,
     flags: libc::c_long,
-) -> Result<()> {
+) -> Result<bool> {
     let raw = dst.as_raw_fd();
     // SAFETY: valid fds throughout.
     check(unsafe { libc::fchown(raw, st.st_uid, st.st_gid) }, || {
@@ -745,14 +772,17 @@ fn finish_fd(
     check(unsafe { libc::futimens(raw, times.as_ptr()) }, || {
         "setting the times".into()
     })?;
-    if flags & !EARLY_FLAGS != 0 {
-        // Keep what the destination accepts of the early flags (reported when set_early_flags
-        // failed); the others, such as immutable, it must take.
-        if set_flags(dst, flags).is_err() {
-            set_flags(dst, flags & !EARLY_FLAGS)?;
-        }
+    let late = flags & !EARLY_FLAGS;
+    if late == 0 {
+        return Ok(false);
     }
-    Ok(())
+    // Keep the flags the destination manages (ext4's extents) and the early ones it accepted.
+    let current = get_flags(dst);
+    if set_flags(dst, current | late).is_ok() {
+        return Ok(false);
+    }
+    set_flags(dst, current | (late & CORE_FLAGS))?;
+    Ok(late & !CORE_FLAGS != 0)
 }
 
 /// The same for a symlink, fifo or device node, addressed by name in its (private, owner-only)
