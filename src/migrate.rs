@@ -30,7 +30,8 @@ Examples:
   rasa migrate --apply                           # copy what the plan says
   rasa migrate --manifest ./manifest.json --json # the plan for machines
   rasa migrate --apply --on-conflict keep-storage
-  rasa migrate --live-root /mnt --apply          # from an installer, with the system at /mnt
+  rasa migrate --live-root /mnt --manifest /mnt/etc/rasa/manifest.json --apply
+                                                 # from an installer, system at /mnt
 
 Run it after `nixos-rebuild boot` and before rebooting into the wiping configuration.
 Exit codes: 0 done (or nothing to do), 3 refused (nothing changed), 4 conflicts left alone,
