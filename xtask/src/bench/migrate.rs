@@ -6,7 +6,7 @@
 //! by later runs (delete that directory to regenerate). Every timed run includes a final `sync`,
 //! because rasa syncs each entry before publishing it and `cp`/`rsync` would otherwise be timed
 //! without writing anything back. The source is read once before timing, so every tool starts
-//! from the same warm page cache. Each tool runs `--rounds` times (default 3), interleaved, and
+//! from the same warm page cache. Each tool runs `--rounds` times (default 5), interleaved, and
 //! the median is reported.
 
 use std::path::{Path, PathBuf};
@@ -145,7 +145,7 @@ pub fn run(args: &[String]) -> Result<()> {
             .get(i + 1)
             .context("--rounds needs a number")?
             .parse()?,
-        None => 3,
+        None => 5,
     };
     if !crate::deps::nix_is_root() {
         bail!("the migrate benchmark needs root (loop devices, mount)");
