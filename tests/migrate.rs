@@ -743,3 +743,84 @@ fn unknown_user_is_refused() {
     "#]]
     .assert_eq(&err);
 }
+
+/// Stop the copy right after its first file and look at what is on disk: nothing may carry a
+/// permission bit its source does not have, and the copy's top directory must still be
+/// root-only, so nothing inside is reachable by anyone else before it is complete.
+#[test]
+fn permissions_are_never_wider_than_the_source_mid_copy() {
+    use std::io::BufRead;
+    const TEST: &str = "permissions_are_never_wider_than_the_source_mid_copy";
+    if !cfg!(feature = "failpoints") {
+        common::skip::<()>(TEST, "needs --features failpoints");
+        return;
+    }
+    let Some(fx) = Fixture::new(TEST, false) else {
+        return;
+    };
+    build_live_tree(&fx.live);
+    let manifest = fx.manifest(ENTRIES);
+    let mut child = Command::new(RASA)
+        .args(["migrate", "--apply", "--manifest"])
+        .arg(&manifest)
+        .arg("--live-root")
+        .arg(&fx.live)
+        .env("RASA_FAILPOINT", "migrate-copied-file")
+        .env("RASA_FAILPOINT_ACTION", "pause")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut reader = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("RASA-FAILPOINT-REACHED") {
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "rasa exited before the failpoint"
+        );
+    }
+    let temp = fx.live.join("persist/srv/.data.rasa-migrate");
+    let top = std::fs::symlink_metadata(&temp).unwrap();
+    assert_eq!(top.uid(), 0);
+    assert_eq!(
+        top.mode() & 0o077,
+        0,
+        "the copy in progress is root-only: {:o}",
+        top.mode()
+    );
+    let mut seen = 0;
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let copy = if rel.as_os_str().is_empty() {
+            temp.clone()
+        } else {
+            temp.join(&rel)
+        };
+        let source = fx.live.join("srv/data").join(&rel);
+        let (c, s) = (
+            std::fs::symlink_metadata(&copy).unwrap(),
+            std::fs::symlink_metadata(&source).unwrap(),
+        );
+        if !c.file_type().is_symlink() {
+            let extra = c.mode() & 0o7777 & !(s.mode() & 0o7777);
+            assert_eq!(extra, 0, "{rel:?} has bits {extra:o} its source lacks");
+        }
+        seen += 1;
+        if c.is_dir() {
+            for e in std::fs::read_dir(&copy).unwrap() {
+                stack.push(rel.join(e.unwrap().file_name()));
+            }
+        }
+    }
+    assert!(seen >= 2, "the copy had started");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // And the interrupted copy is finished by a rerun.
+    let rerun = fx.migrate(&manifest, &["--apply"]);
+    assert_eq!(rerun.status.code(), Some(0), "{}", stderr(&rerun));
+    assert_faithful(
+        &fx.live.join("home/nobody"),
+        &fx.live.join("persist/home/nobody"),
+    );
+}
