@@ -182,7 +182,7 @@ impl Drop for Machine {
     fn drop(&mut self) {
         let _ = Command::new("umount")
             .arg(self.live.join("persist"))
-            .status();
+            .output();
     }
 }
 
@@ -232,6 +232,17 @@ fn check_system_finds_a_bad_blank_and_an_unmounted_storage_root() {
     ));
     std::fs::write(m.fs.path("root-blank/leftover"), b"x").unwrap();
     sh(&format!("umount {}", m.live.join("persist").display()));
+    // users.mutableUsers = true, as NixOS's activation script hands it to update-users-groups.
+    let store = m.live.join("nix/store");
+    std::fs::create_dir_all(&store).unwrap();
+    std::fs::write(store.join("abc-users-groups.json"), r#"{"mutableUsers": true, "users": []}"#).unwrap();
+    let profile = m.live.join("nix/var/nix/profiles/system");
+    std::fs::create_dir_all(&profile).unwrap();
+    std::fs::write(
+        profile.join("activate"),
+        "#!/bin/sh\nperl update-users-groups.pl /nix/store/abc-users-groups.json\n",
+    )
+    .unwrap();
     let out = m.check(&[]);
     assert_eq!(out.status.code(), Some(4));
     insta::assert_snapshot!("system_bad_blank_unmounted_storage", m.report(&out));

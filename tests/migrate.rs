@@ -96,12 +96,12 @@ impl Fixture {
 impl Drop for Fixture {
     fn drop(&mut self) {
         if let Some((dev, mnt)) = &self.ext4 {
-            let _ = Command::new("umount").arg(mnt).status();
+            let _ = Command::new("umount").arg(mnt).output();
             let _ = Command::new("losetup").arg("-d").arg(dev).status();
         }
         let _ = Command::new("umount")
             .arg(self.live.join("persist"))
-            .status();
+            .output();
     }
 }
 

@@ -133,10 +133,11 @@ pub fn render(items: &[Item], colour: bool) -> String {
     }
     let count = |s: Status| items.iter().filter(|i| i.status == s).count();
     out.push_str(&format!(
-        "{} passed, {} failed, {} warnings\n",
+        "{} passed, {} failed, {} warning{}\n",
         count(Status::Ok),
         count(Status::Fail),
-        count(Status::Warn)
+        count(Status::Warn),
+        if count(Status::Warn) == 1 { "" } else { "s" }
     ));
     out
 }
