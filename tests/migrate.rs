@@ -606,6 +606,29 @@ fn conflict_stops_unless_a_policy_is_given() {
         return;
     };
     let stored = || std::fs::read_to_string(fx.live.join("persist/var/lib/app/state")).unwrap();
+    let plan = fx.migrate(&manifest, &["--json"]);
+    assert_eq!(plan.status.code(), Some(4));
+    let mut json: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    json["manifest"] = "[TMP]/manifest.json".into();
+    insta::assert_snapshot!(serde_json::to_string_pretty(&json).unwrap(), @r#"
+    {
+      "applied": false,
+      "entries": [
+        {
+          "action": "conflict",
+          "bytes": 12,
+          "items": 2,
+          "kind": "directory",
+          "path": "/var/lib/app",
+          "reason": "app/state: size differs",
+          "resolution": "stop",
+          "storagePath": "/persist/var/lib/app"
+        }
+      ],
+      "manifest": "[TMP]/manifest.json",
+      "manifestSource": "--manifest"
+    }
+    "#);
     let out = fx.migrate(&manifest, &["--apply"]);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     insta::assert_snapshot!(stdout(&out), @r"
