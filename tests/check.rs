@@ -235,7 +235,11 @@ fn check_system_finds_a_bad_blank_and_an_unmounted_storage_root() {
     // users.mutableUsers = true, as NixOS's activation script hands it to update-users-groups.
     let store = m.live.join("nix/store");
     std::fs::create_dir_all(&store).unwrap();
-    std::fs::write(store.join("abc-users-groups.json"), r#"{"mutableUsers": true, "users": []}"#).unwrap();
+    std::fs::write(
+        store.join("abc-users-groups.json"),
+        r#"{"mutableUsers": true, "users": []}"#,
+    )
+    .unwrap();
     let profile = m.live.join("nix/var/nix/profiles/system");
     std::fs::create_dir_all(&profile).unwrap();
     std::fs::write(
