@@ -2,6 +2,7 @@
 
 mod btrfs;
 mod check;
+mod copy;
 mod diff;
 mod error;
 mod failpoint;

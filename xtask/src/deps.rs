@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 pub const TEST_PACKAGES: &[&str] = &[
     "btrfs-progs",
     "attr",
+    "libcap2-bin",
     "acl",
     "rsync",
     "e2fsprogs",

@@ -1,0 +1,541 @@
+//! `rasa check system`: is this machine ready to lose `/` at every boot?
+//!
+//! Each check is independent and reports ✓ or ✗ (with the fix), or ! for a warning that does
+//! not fail the check, or · for plain information. The filesystem is inspected through a
+//! read-only mount of its top level in a private mount namespace (see toplevel.rs), so the
+//! check itself can change nothing.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use nix::libc;
+use serde::Serialize;
+
+use crate::btrfs;
+use crate::copy;
+use crate::error::exit;
+use crate::layout::LayoutArgs;
+use crate::log;
+use crate::manifest::{self, Manifest};
+use crate::migrate;
+use crate::old_roots;
+use crate::toplevel::{self, TopLevel};
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "\
+Examples:
+  rasa check system
+  rasa check system --device /dev/mapper/cryptroot --json
+  rasa check system --live-root /mnt              # a system mounted by an installer")]
+pub struct Args {
+    #[command(flatten)]
+    pub layout: LayoutArgs,
+
+    /// The manifest to check against [default: as for `rasa migrate`].
+    #[arg(long, value_name = "PATH")]
+    pub manifest: Option<PathBuf>,
+
+    /// The root the manifest's paths are resolved under (for installers, chroots and tests).
+    #[arg(long, value_name = "PATH", default_value = "/")]
+    pub live_root: PathBuf,
+
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    Fail,
+    Warn,
+    Info,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Item {
+    pub status: Status,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+#[derive(Default)]
+struct Report {
+    items: Vec<Item>,
+}
+
+impl Report {
+    fn ok(&mut self, message: impl Into<String>) {
+        self.push(Status::Ok, message.into(), None);
+    }
+    fn fail(&mut self, message: impl Into<String>, fix: impl Into<String>) {
+        self.push(Status::Fail, message.into(), Some(fix.into()));
+    }
+    fn warn(&mut self, message: impl Into<String>, fix: impl Into<String>) {
+        self.push(Status::Warn, message.into(), Some(fix.into()));
+    }
+    fn info(&mut self, message: impl Into<String>) {
+        self.push(Status::Info, message.into(), None);
+    }
+    fn push(&mut self, status: Status, message: String, fix: Option<String>) {
+        self.items.push(Item {
+            status,
+            message,
+            fix,
+        });
+    }
+}
+
+pub fn run(args: Args) -> Result<u8> {
+    let mut report = Report::default();
+    inspect(&args, &mut report);
+    let failed = report.items.iter().any(|i| i.status == Status::Fail);
+    if args.json {
+        #[derive(Serialize)]
+        struct Json<'a> {
+            ok: bool,
+            checks: &'a [Item],
+        }
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&Json {
+                ok: !failed,
+                checks: &report.items
+            })?
+        );
+    } else {
+        print!("{}", render(&report.items, log::stdout_colour()));
+    }
+    Ok(if failed { exit::PROBLEMS } else { exit::OK })
+}
+
+pub fn render(items: &[Item], colour: bool) -> String {
+    let mut out = String::new();
+    for item in items {
+        let (mark, code) = match item.status {
+            Status::Ok => ("✓", "32"),
+            Status::Fail => ("✗", "31"),
+            Status::Warn => ("!", "33"),
+            Status::Info => ("·", "0"),
+        };
+        if colour {
+            out.push_str(&format!("\x1b[1;{code}m{mark}\x1b[0m {}\n", item.message));
+        } else {
+            out.push_str(&format!("{mark} {}\n", item.message));
+        }
+        if let Some(fix) = &item.fix {
+            out.push_str(&format!("    fix: {fix}\n"));
+        }
+    }
+    let count = |s: Status| items.iter().filter(|i| i.status == s).count();
+    out.push_str(&format!(
+        "{} passed, {} failed, {} warning{}\n",
+        count(Status::Ok),
+        count(Status::Fail),
+        count(Status::Warn),
+        if count(Status::Warn) == 1 { "" } else { "s" }
+    ));
+    out
+}
+
+fn inspect(args: &Args, report: &mut Report) {
+    let manifest = match manifest::locate(args.manifest.as_deref()) {
+        Ok((path, source)) => match manifest::load(&path) {
+            Ok(m) => {
+                let problems = super::manifest::problems(&m);
+                if problems.is_empty() {
+                    report.ok(format!("manifest {} is valid ({source})", path.display()));
+                } else {
+                    report.fail(
+                        format!(
+                            "manifest {} has problems: {}",
+                            path.display(),
+                            problems.join("; ")
+                        ),
+                        format!(
+                            "run `rasa check manifest {}` and fix the configuration",
+                            path.display()
+                        ),
+                    );
+                }
+                Some(m)
+            }
+            Err(e) => {
+                report.fail(
+                    format!("manifest {}: {}", path.display(), first_line(&e)),
+                    "regenerate it with nixos-rebuild, or pass --manifest PATH",
+                );
+                None
+            }
+        },
+        Err(_) => {
+            report.warn(
+                "no manifest found (looked in the next boot's system and /etc/rasa)",
+                "enable the rasa NixOS module and run `nixos-rebuild boot`, or pass --manifest PATH",
+            );
+            None
+        }
+    };
+
+    let layout = match args.layout.validate() {
+        Ok(layout) => layout,
+        Err(e) => {
+            report.fail(
+                first_line(&e),
+                "pass --device (and the subvolume names if not the defaults)",
+            );
+            return;
+        }
+    };
+    let device = layout.device.display().to_string();
+    if let Err(e) = toplevel::check_device(&layout.device) {
+        report.fail(
+            first_line(&e),
+            "pass the unlocked btrfs device with --device (for LUKS: /dev/mapper/<name>)",
+        );
+        return;
+    }
+    report.ok(format!("{device} holds a btrfs filesystem"));
+
+    if !nix::unistd::geteuid().is_root() {
+        report.fail(
+            "cannot inspect the subvolumes without root",
+            "run `sudo rasa check system`",
+        );
+        return;
+    }
+    let top = match TopLevel::mount(&layout.device, true) {
+        Ok(top) => top,
+        Err(e) => {
+            report.fail(first_line(&e), "see `dmesg` for the kernel's reason");
+            return;
+        }
+    };
+
+    let mut missing = Vec::new();
+    let mut names = vec![layout.root.as_str(), layout.persist.as_str()];
+    if let Some(blank) = &layout.blank {
+        names.push(blank);
+    }
+    for name in &names {
+        if !top.is_subvolume(OsStr::new(name)).unwrap_or(false) {
+            missing.push(*name);
+        }
+    }
+    if missing.is_empty() {
+        report.ok(format!("subvolumes {} exist", names.join(", ")));
+    } else {
+        report.fail(
+            format!(
+                "subvolume{} {} missing",
+                if missing.len() == 1 { " is" } else { "s are" },
+                missing.join(", ")
+            ),
+            format!(
+                "create {} at the top level (mount -o subvolid=5 {device} /mnt; btrfs subvolume \
+                 create /mnt/<name>; for the blank: btrfs subvolume snapshot -r /mnt/{} /mnt/{})",
+                missing.join(", "),
+                layout.root,
+                layout.blank.as_deref().unwrap_or("root-blank")
+            ),
+        );
+    }
+
+    match &layout.blank {
+        Some(blank) if !missing.contains(&blank.as_str()) => check_blank(&top, blank, report),
+        Some(_) => {}
+        None => report.info("empty mode: each boot starts from a new empty subvolume (no blank)"),
+    }
+
+    let persist_id = btrfs::open_dir_at(top.fd(), OsStr::new(&layout.persist))
+        .ok()
+        .and_then(|fd| btrfs::subvol_info(fd.as_fd()).ok())
+        .map(|info| info.id);
+
+    let live = match std::fs::File::open(&args.live_root) {
+        Ok(f) => Some(OwnedFd::from(f)),
+        Err(e) => {
+            report.fail(
+                format!("cannot open --live-root {}: {e}", args.live_root.display()),
+                "pass an existing directory with --live-root",
+            );
+            None
+        }
+    };
+    if let (Some(live), Some(manifest)) = (&live, &manifest) {
+        check_storage(live, manifest, &layout.persist, persist_id, report);
+        check_entries(live, manifest, report);
+        check_records(live, manifest, report);
+        check_mutable_users(live, manifest, &args.live_root, report);
+    }
+
+    match old_roots::scan(top.fd(), &layout.old_roots) {
+        Ok(roots) if roots.is_empty() => report.info(format!(
+            "no old roots kept yet in {} (one is kept per boot)",
+            layout.old_roots
+        )),
+        Ok(roots) => report.info(format!(
+            "{} old root{} kept in {} (oldest {}, newest {})",
+            roots.len(),
+            if roots.len() == 1 { "" } else { "s" },
+            layout.old_roots,
+            roots.first().map(|r| r.name.as_str()).unwrap_or(""),
+            roots.last().map(|r| r.name.as_str()).unwrap_or("")
+        )),
+        Err(e) => report.fail(
+            format!(
+                "cannot read the old roots in {}: {}",
+                layout.old_roots,
+                first_line(&e)
+            ),
+            format!(
+                "check that {} at the top level is a directory",
+                layout.old_roots
+            ),
+        ),
+    }
+    let _ = top.unmount();
+}
+
+fn first_line(e: &anyhow::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_owned()
+}
+
+fn check_blank(top: &TopLevel, blank: &str, report: &mut Report) {
+    let fd = match btrfs::open_dir_at(top.fd(), OsStr::new(blank)) {
+        Ok(fd) => fd,
+        Err(e) => {
+            report.fail(format!("cannot open the blank {blank}: {e}"), "recreate it");
+            return;
+        }
+    };
+    let fix_recreate = format!(
+        "recreate it empty and read-only: btrfs subvolume delete /mnt/{blank}; btrfs subvolume \
+         create /mnt/blank-tmp; btrfs subvolume snapshot -r /mnt/blank-tmp /mnt/{blank}; btrfs \
+         subvolume delete /mnt/blank-tmp (with the top level mounted at /mnt)"
+    );
+    match btrfs::is_readonly(fd.as_fd()) {
+        Ok(true) => {}
+        Ok(false) => {
+            report.fail(
+                format!("the blank {blank} is writable: anything written to it would come back at every boot"),
+                format!("btrfs property set -ts /mnt/{blank} ro true (with the top level mounted at /mnt)"),
+            );
+            return;
+        }
+        Err(e) => {
+            report.fail(
+                format!("cannot read the flags of {blank}: {e:#}"),
+                fix_recreate,
+            );
+            return;
+        }
+    }
+    match copy::read_dir_names(fd.as_fd()) {
+        Ok(names) if names.is_empty() => {
+            report.ok(format!("the blank {blank} is read-only and empty"))
+        }
+        Ok(names) => report.fail(
+            format!(
+                "the blank {blank} is read-only but not empty ({} entr{}, e.g. {}): every boot \
+                 would start with them",
+                names.len(),
+                if names.len() == 1 { "y" } else { "ies" },
+                Path::new(&names[0]).display()
+            ),
+            fix_recreate,
+        ),
+        Err(e) => report.fail(
+            format!("cannot list the blank {blank}: {e:#}"),
+            fix_recreate,
+        ),
+    }
+}
+
+fn storage_roots(manifest: &Manifest) -> Vec<String> {
+    let mut roots: Vec<String> = manifest
+        .entries
+        .iter()
+        .map(|e| e.storage_root.clone())
+        .collect();
+    roots.sort();
+    roots.dedup();
+    roots
+}
+
+fn open_under(live: &OwnedFd, path: &str) -> Result<Option<OwnedFd>> {
+    let mut current = live.try_clone()?;
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        match copy::lstat_at(current.as_fd(), OsStr::new(part))? {
+            Some(st) if copy::is_type(&st, libc::S_IFDIR) => {
+                current = copy::open_dir(current.as_fd(), OsStr::new(part))?;
+            }
+            _ => return Ok(None),
+        }
+    }
+    Ok(Some(current))
+}
+
+fn check_storage(
+    live: &OwnedFd,
+    manifest: &Manifest,
+    persist: &str,
+    persist_id: Option<u64>,
+    report: &mut Report,
+) {
+    for root in storage_roots(manifest) {
+        let fix = format!(
+            "mount the {persist} subvolume there at boot: fileSystems.\"{root}\" = {{ device = \
+             ...; fsType = \"btrfs\"; options = [ \"subvol={persist}\" ]; neededForBoot = true; }}"
+        );
+        match open_under(live, &root) {
+            Ok(Some(fd)) => {
+                let info = btrfs::subvol_info(fd.as_fd()).ok();
+                let top_of_subvolume = copy::lstat_at(fd.as_fd(), OsStr::new("."))
+                    .ok()
+                    .flatten()
+                    .is_some_and(|st| st.st_ino == btrfs::FIRST_FREE_OBJECTID);
+                match (info, persist_id) {
+                    (Some(info), Some(id)) if info.id == id && top_of_subvolume => {
+                        report.ok(format!("storage root {root} is the {persist} subvolume"))
+                    }
+                    _ => report.fail(
+                        format!(
+                            "storage root {root} is not the {persist} subvolume: what is written \
+                             there lives on the root and is wiped at the next boot"
+                        ),
+                        fix,
+                    ),
+                }
+            }
+            Ok(None) => report.fail(format!("storage root {root} does not exist"), fix),
+            Err(e) => report.fail(format!("cannot inspect storage root {root}: {e:#}"), fix),
+        }
+    }
+}
+
+fn check_entries(live: &OwnedFd, manifest: &Manifest, report: &mut Report) {
+    let mut absent = Vec::new();
+    let mut both_absent = 0;
+    for entry in &manifest.entries {
+        let stored = entry.storage_path();
+        let in_storage = exists_under(live, &stored.to_string_lossy());
+        if !in_storage {
+            if exists_under(live, &entry.path) {
+                absent.push(entry.path.clone());
+            } else {
+                both_absent += 1;
+            }
+        }
+    }
+    let total = manifest.entries.len();
+    if absent.is_empty() {
+        let mut message = format!(
+            "{} of {total} manifest entries exist in storage",
+            total - both_absent
+        );
+        if both_absent > 0 {
+            message.push_str(&format!(
+                " ({both_absent} exist nowhere yet; impermanence creates them empty at boot)"
+            ));
+        }
+        report.ok(message);
+    } else {
+        let shown: Vec<&str> = absent.iter().take(5).map(String::as_str).collect();
+        report.fail(
+            format!(
+                "{} manifest entr{} on / but not in storage, so the next boot erases {}: {}{}",
+                absent.len(),
+                if absent.len() == 1 { "y is" } else { "ies are" },
+                if absent.len() == 1 { "it" } else { "them" },
+                shown.join(", "),
+                if absent.len() > 5 { ", ..." } else { "" }
+            ),
+            "run `rasa migrate` to see the plan, then `rasa migrate --apply`",
+        );
+    }
+}
+
+fn exists_under(live: &OwnedFd, path: &str) -> bool {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    let Some((name, parents)) = parts.split_last() else {
+        return true;
+    };
+    match open_under(live, &parents.join("/")) {
+        Ok(Some(dir)) => matches!(copy::lstat_at(dir.as_fd(), OsStr::new(name)), Ok(Some(_))),
+        _ => false,
+    }
+}
+
+fn check_records(live: &OwnedFd, manifest: &Manifest, report: &mut Report) {
+    for root in storage_roots(manifest) {
+        let dir = open_under(live, &format!("{root}/{}", migrate::RECORD_DIR))
+            .ok()
+            .flatten();
+        let record = dir.and_then(|d| migrate::read_record(d.as_fd()).ok().flatten());
+        match record.as_ref().and_then(|r| r.runs.last()) {
+            Some(run) => {
+                let copied = run
+                    .entries
+                    .iter()
+                    .filter(|e| e.action == migrate::Action::Copy)
+                    .count();
+                report.info(format!(
+                    "last `rasa migrate --apply` into {root}: {} ({copied} entr{} copied, {} run{} recorded)",
+                    old_roots::format_timestamp(run.finished_at),
+                    if copied == 1 { "y" } else { "ies" },
+                    record.as_ref().map_or(0, |r| r.runs.len()),
+                    if record.as_ref().map_or(0, |r| r.runs.len()) == 1 { "" } else { "s" },
+                ));
+            }
+            None => report.info(format!(
+                "no record of `rasa migrate --apply` in {root}/.rasa"
+            )),
+        }
+    }
+}
+
+/// With `users.mutableUsers = true`, passwords set with `passwd` live in /etc/shadow on the
+/// root, and a wiped root forgets them. NixOS passes the setting to its activation script in a
+/// users-groups.json in the store, which is cheap to read.
+fn check_mutable_users(live: &OwnedFd, manifest: &Manifest, live_root: &Path, report: &mut Report) {
+    let persisted = manifest
+        .entries
+        .iter()
+        .any(|e| e.path == "/etc/shadow" || e.path == "/etc");
+    if persisted {
+        return;
+    }
+    let activate = [
+        "nix/var/nix/profiles/system/activate",
+        "run/current-system/activate",
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(live_root.join(p)).ok());
+    let Some(activate) = activate else { return };
+    let Some(spec) = activate
+        .split(|c: char| c.is_whitespace() || c == '\'' || c == '"')
+        .find(|w| w.starts_with("/nix/store/") && w.ends_with("-users-groups.json"))
+    else {
+        return;
+    };
+    let Ok(text) = std::fs::read_to_string(live_root.join(spec.trim_start_matches('/'))) else {
+        return;
+    };
+    let mutable = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("mutableUsers").and_then(|m| m.as_bool()));
+    let _ = live;
+    if mutable == Some(true) {
+        report.warn(
+            "users.mutableUsers is true but /etc/shadow is not persisted: passwords changed with \
+             `passwd` are lost at every boot",
+            "set users.mutableUsers = false with hashedPasswordFile (kept under the storage root), \
+             or persist /etc/shadow",
+        );
+    }
+}

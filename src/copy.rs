@@ -1,0 +1,1001 @@
+//! A faithful copy of one tree, done on file descriptors.
+//!
+//! Why by hand and not `cp -a` or a crate: the copy must never follow a symlink out of the tree
+//! (every name is opened with `openat` and `O_NOFOLLOW` relative to its already-open parent),
+//! and it must never make content readable by anyone it was not readable by, not even for a
+//! moment. Each file is therefore created with at most its owner bits (the owner at creation
+//! being root), filled, handed to its final owner with `fchown`, and only then given its final
+//! mode; a directory stays owner-only until everything inside it is done. `fchown` is done
+//! before `fchmod` because the kernel clears set-user-ID bits on a change of owner, and file
+//! capabilities are written last because both `fchown` and writing content clear them.
+//!
+//! Preserved: type, owner, group, mode (with set-id and sticky bits), atime and mtime, every
+//! xattr (file capabilities, POSIX ACLs including default ACLs), hard links inside the copied
+//! tree, holes in sparse files, the inode flags of `chattr` (No_COW is set while the file is
+//! still empty, which is the only time btrfs accepts it; immutable and append-only last),
+//! symlinks as links, fifos and device nodes. Sockets are skipped and reported: a socket is
+//! only meaningful while its server runs and is recreated by it.
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr, OsString};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use nix::libc;
+
+const FS_IMMUTABLE_FL: libc::c_long = 0x0000_0010;
+const FS_APPEND_FL: libc::c_long = 0x0000_0020;
+/// Flags that stop us writing to the copy, so they go on last.
+const LOCKING_FLAGS: libc::c_long = FS_IMMUTABLE_FL | FS_APPEND_FL;
+/// Flags btrfs only accepts on an empty file (No_COW) or that change how content is stored.
+const FS_NOCOW_FL: libc::c_long = 0x0080_0000;
+const FS_COMPR_FL: libc::c_long = 0x0000_0004;
+const FS_NOCOMP_FL: libc::c_long = 0x0000_0400;
+const EARLY_FLAGS: libc::c_long = FS_NOCOW_FL | FS_COMPR_FL | FS_NOCOMP_FL;
+/// The `chattr` flags a user sets and a copy should carry: s u c S i a d A m j D T C P. Flags
+/// a filesystem manages itself (ext4's extents 'e', inline data, encryption, verity, casefold)
+/// describe how the source stores the file and are left to the destination.
+const COPYABLE_FLAGS: libc::c_long = 0x1
+    | 0x2
+    | FS_COMPR_FL
+    | 0x8
+    | FS_IMMUTABLE_FL
+    | FS_APPEND_FL
+    | 0x40
+    | 0x80
+    | FS_NOCOMP_FL
+    | 0x4000
+    | 0x1_0000
+    | 0x2_0000
+    | FS_NOCOW_FL
+    | 0x2000_0000;
+/// Of those, the ones every Linux filesystem with flags supports (i a d A S D); a destination
+/// that refuses the rest still gets these, immutable and append-only above all.
+const CORE_FLAGS: libc::c_long = FS_IMMUTABLE_FL | FS_APPEND_FL | 0x40 | 0x80 | 0x8 | 0x1_0000;
+
+fn cstr(name: &OsStr) -> CString {
+    // Names read from a directory or a path never contain NUL.
+    CString::new(name.as_bytes()).expect("file names contain no NUL")
+}
+
+fn check(ret: libc::c_int, what: impl FnOnce() -> String) -> Result<libc::c_int> {
+    if ret < 0 {
+        Err(std::io::Error::last_os_error()).with_context(what)
+    } else {
+        Ok(ret)
+    }
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// `fstatat` without following a final symlink; `None` when the name does not exist.
+pub fn lstat_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Option<libc::stat>> {
+    let name_c = cstr(name);
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd, NUL-terminated name, st is a valid out pointer.
+    let ret = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name_c.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if ret < 0 {
+        if errno() == libc::ENOENT {
+            return Ok(None);
+        }
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("inspecting {}", Path::new(name).display()));
+    }
+    Ok(Some(st))
+}
+
+pub fn open_at(dir: BorrowedFd<'_>, name: &OsStr, flags: libc::c_int) -> Result<OwnedFd> {
+    let name_c = cstr(name);
+    // SAFETY: valid fd and NUL-terminated name; the returned fd is owned by us.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name_c.as_ptr(),
+            flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    check(fd, || format!("opening {}", Path::new(name).display()))?;
+    // SAFETY: fd is a fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Open a directory below `dir`, refusing a symlink in place of it.
+pub fn open_dir(dir: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd> {
+    open_at(dir, name, libc::O_RDONLY | libc::O_DIRECTORY)
+}
+
+pub fn is_type(st: &libc::stat, kind: libc::mode_t) -> bool {
+    st.st_mode & libc::S_IFMT == kind
+}
+
+/// The names in a directory, without `.` and `..`, in the order the filesystem gives them.
+pub fn read_dir_names(dir: BorrowedFd<'_>) -> Result<Vec<OsString>> {
+    // fdopendir takes ownership, so hand it a duplicate.
+    let dup = check(
+        unsafe { libc::fcntl(dir.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) },
+        || "dup".into(),
+    )?;
+    // SAFETY: dup is a valid directory fd whose ownership passes to the DIR stream.
+    let stream = unsafe { libc::fdopendir(dup) };
+    if stream.is_null() {
+        unsafe { libc::close(dup) };
+        bail!("fdopendir: {}", std::io::Error::last_os_error());
+    }
+    // The duplicate shares the offset with `dir`; start from the beginning either way.
+    unsafe { libc::rewinddir(stream) };
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: stream is valid until closedir below.
+        let entry = unsafe { libc::readdir64(stream) };
+        if entry.is_null() {
+            break;
+        }
+        // SAFETY: d_name is NUL-terminated inside the entry.
+        let name = unsafe { std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()) };
+        let bytes = name.to_bytes();
+        if bytes != b"." && bytes != b".." {
+            names.push(OsString::from_vec(bytes.to_vec()));
+        }
+    }
+    unsafe { libc::closedir(stream) };
+    Ok(names)
+}
+
+/// A path through `/proc/self/fd` that names `name` inside `dir` for the path-based xattr calls
+/// (`l*xattr`, which do not follow the final symlink). Only used for symlinks, fifos and device
+/// nodes, which cannot be opened for `f*xattr` without side effects.
+fn proc_path(dir: BorrowedFd<'_>, name: &OsStr) -> CString {
+    let mut bytes = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    bytes.extend_from_slice(name.as_bytes());
+    CString::new(bytes).expect("no NUL")
+}
+
+/// Where xattrs are read from or written to.
+#[derive(Clone, Copy)]
+enum XattrTarget<'a> {
+    Fd(BorrowedFd<'a>),
+    Path(&'a CString),
+}
+
+fn list_xattrs(target: XattrTarget<'_>) -> Result<Vec<CString>> {
+    let mut buf = vec![0u8; 1024];
+    loop {
+        // SAFETY: buf is valid for buf.len() bytes.
+        let n = unsafe {
+            match target {
+                XattrTarget::Fd(fd) => {
+                    libc::flistxattr(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
+                }
+                XattrTarget::Path(p) => {
+                    libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+                }
+            }
+        };
+        if n < 0 {
+            match errno() {
+                libc::ERANGE => {
+                    buf.resize(buf.len() * 4, 0);
+                    continue;
+                }
+                libc::ENOTSUP => return Ok(Vec::new()),
+                _ => return Err(std::io::Error::last_os_error()).context("listing xattrs"),
+            }
+        }
+        buf.truncate(n as usize);
+        return Ok(buf
+            .split(|b| *b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| CString::new(s).expect("split at NUL"))
+            .collect());
+    }
+}
+
+fn get_xattr(target: XattrTarget<'_>, name: &CString) -> Result<Option<Vec<u8>>> {
+    let mut buf = vec![0u8; 256];
+    loop {
+        // SAFETY: buf is valid for buf.len() bytes, name is NUL-terminated.
+        let n = unsafe {
+            match target {
+                XattrTarget::Fd(fd) => libc::fgetxattr(
+                    fd.as_raw_fd(),
+                    name.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                ),
+                XattrTarget::Path(p) => libc::lgetxattr(
+                    p.as_ptr(),
+                    name.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                ),
+            }
+        };
+        if n < 0 {
+            match errno() {
+                libc::ERANGE => {
+                    buf.resize(buf.len() * 4, 0);
+                    continue;
+                }
+                libc::ENODATA => return Ok(None),
+                _ => {
+                    return Err(std::io::Error::last_os_error())
+                        .with_context(|| format!("reading xattr {name:?}"))
+                }
+            }
+        }
+        buf.truncate(n as usize);
+        return Ok(Some(buf));
+    }
+}
+
+fn set_xattr(target: XattrTarget<'_>, name: &CString, value: &[u8]) -> Result<()> {
+    // SAFETY: pointers valid for the given lengths.
+    let ret = unsafe {
+        match target {
+            XattrTarget::Fd(fd) => libc::fsetxattr(
+                fd.as_raw_fd(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            ),
+            XattrTarget::Path(p) => libc::lsetxattr(
+                p.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            ),
+        }
+    };
+    check(ret, || format!("setting xattr {name:?}")).map(|_| ())
+}
+
+/// Every xattr of the source, capabilities last (see the module comment for why).
+pub fn read_xattrs_sorted(source: XattrSource<'_>) -> Result<Vec<(CString, Vec<u8>)>> {
+    let target = match &source {
+        XattrSource::Fd(fd) => XattrTarget::Fd(*fd),
+        XattrSource::Path(p) => XattrTarget::Path(p),
+    };
+    let mut out = Vec::new();
+    for name in list_xattrs(target)? {
+        if let Some(value) = get_xattr(target, &name)? {
+            out.push((name, value));
+        }
+    }
+    out.sort_by_key(|(name, _)| (name.as_bytes() == b"security.capability", name.clone()));
+    Ok(out)
+}
+
+pub enum XattrSource<'a> {
+    Fd(BorrowedFd<'a>),
+    Path(CString),
+}
+
+/// Xattrs of `name` in `dir` (any file type), for comparisons.
+pub fn xattrs_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Vec<(CString, Vec<u8>)>> {
+    read_xattrs_sorted(XattrSource::Path(proc_path(dir, name)))
+}
+
+/// The `chattr` flags of an open regular file or directory (0 where unsupported).
+pub fn get_flags(fd: BorrowedFd<'_>) -> libc::c_long {
+    let mut flags: libc::c_int = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes an int (despite its declared long) to the pointer.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) };
+    if ret < 0 {
+        0
+    } else {
+        libc::c_long::from(flags)
+    }
+}
+
+fn set_flags(fd: BorrowedFd<'_>, flags: libc::c_long) -> Result<()> {
+    let value = flags as libc::c_int;
+    // SAFETY: FS_IOC_SETFLAGS reads an int from the pointer.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FS_IOC_SETFLAGS, &value) };
+    check(ret, || format!("setting inode flags {flags:#x} (chattr)")).map(|_| ())
+}
+
+/// The btrfs filesystem UUID of an open file, or `None` when it is not on btrfs. Subvolumes of
+/// one filesystem have different `st_dev`s but share this UUID, and FICLONE works between them.
+pub fn btrfs_fsid(fd: BorrowedFd<'_>) -> Option<[u8; 16]> {
+    #[repr(C)]
+    struct FsInfoArgs {
+        max_id: u64,
+        num_devices: u64,
+        fsid: [u8; 16],
+        rest: [u8; 1024 - 32],
+    }
+    nix::ioctl_read!(btrfs_fs_info, 0x94, 31, FsInfoArgs);
+    let mut args: FsInfoArgs = unsafe { std::mem::zeroed() };
+    // SAFETY: the struct has the kernel's 1024-byte layout.
+    unsafe { btrfs_fs_info(fd.as_raw_fd(), &mut args) }
+        .ok()
+        .map(|_| args.fsid)
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stats {
+    pub files: u64,
+    pub directories: u64,
+    pub symlinks: u64,
+    pub special_files: u64,
+    pub hard_links: u64,
+    pub bytes: u64,
+    pub reflinked_files: u64,
+    pub byte_copied_files: u64,
+    /// Sockets left out, relative to the copied entry.
+    pub skipped_sockets: Vec<String>,
+    /// Files whose btrfs-only `chattr` flags (No_COW, compression) the destination filesystem
+    /// does not support, relative to the copied entry.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub flags_not_kept: Vec<String>,
+}
+
+/// One copy of one tree, with the hard-link map for that tree.
+pub struct Copier<'p> {
+    /// Try FICLONE first (source and destination on the same btrfs).
+    pub reflink: bool,
+    links: HashMap<(u64, u64), PathBuf>,
+    /// The entry's own name and its temporary name, to report paths as the user knows them.
+    names: (OsString, OsString),
+    pub stats: Stats,
+    progress: &'p dyn Fn(u64),
+    /// Called after each regular file is complete (crash-injection point for tests).
+    after_file: &'p dyn Fn(),
+    buffer: Vec<u8>,
+}
+
+impl<'p> Copier<'p> {
+    pub fn new(reflink: bool, progress: &'p dyn Fn(u64), after_file: &'p dyn Fn()) -> Self {
+        Copier {
+            reflink,
+            links: HashMap::new(),
+            names: Default::default(),
+            stats: Stats::default(),
+            progress,
+            after_file,
+            buffer: Vec::new(),
+        }
+    }
+
+    /// Copy `src_dir/src_name` (of any type) to `dst_dir/dst_name`, which must not exist.
+    /// `dst_root` and `rel` locate the copy inside the destination tree, for hard links.
+    pub fn copy(
+        &mut self,
+        src_dir: BorrowedFd<'_>,
+        src_name: &OsStr,
+        dst_dir: BorrowedFd<'_>,
+        dst_name: &OsStr,
+    ) -> Result<()> {
+        self.links.clear();
+        self.names = (src_name.to_os_string(), dst_name.to_os_string());
+        self.copy_inner(
+            src_dir,
+            src_name,
+            dst_dir,
+            dst_name,
+            dst_dir,
+            PathBuf::from(dst_name),
+        )
+    }
+
+    fn copy_inner(
+        &mut self,
+        src_dir: BorrowedFd<'_>,
+        src_name: &OsStr,
+        dst_dir: BorrowedFd<'_>,
+        dst_name: &OsStr,
+        dst_root: BorrowedFd<'_>,
+        rel: PathBuf,
+    ) -> Result<()> {
+        let Some(st) = lstat_at(src_dir, src_name)? else {
+            // Vanished since the directory was read: nothing to copy.
+            return Ok(());
+        };
+        let kind = st.st_mode & libc::S_IFMT;
+        if kind != libc::S_IFDIR && st.st_nlink > 1 {
+            let key = (st.st_dev, st.st_ino);
+            if let Some(first) = self.links.get(&key) {
+                let first_c = cstr(first.as_os_str());
+                let name_c = cstr(dst_name);
+                // SAFETY: valid fds and NUL-terminated names; flags 0 never follows symlinks.
+                check(
+                    unsafe {
+                        libc::linkat(
+                            dst_root.as_raw_fd(),
+                            first_c.as_ptr(),
+                            dst_dir.as_raw_fd(),
+                            name_c.as_ptr(),
+                            0,
+                        )
+                    },
+                    || format!("hard-linking {}", rel.display()),
+                )?;
+                self.stats.hard_links += 1;
+                return Ok(());
+            }
+            self.links.insert(key, rel.clone());
+        }
+        let context = || format!("copying {}", rel.display());
+        match kind {
+            libc::S_IFDIR => {
+                self.copy_dir(src_dir, src_name, &st, dst_dir, dst_name, dst_root, &rel)
+            }
+            libc::S_IFREG => self.copy_file(src_dir, src_name, &st, dst_dir, dst_name, &rel),
+            libc::S_IFLNK => self.copy_symlink(src_dir, src_name, &st, dst_dir, dst_name),
+            libc::S_IFIFO | libc::S_IFCHR | libc::S_IFBLK => {
+                self.copy_special(src_dir, src_name, &st, dst_dir, dst_name)
+            }
+            libc::S_IFSOCK => {
+                self.links.remove(&(st.st_dev, st.st_ino));
+                let shown = self.shown(&rel);
+                self.stats.skipped_sockets.push(shown);
+                Ok(())
+            }
+            _ => bail!("unknown file type {:o}", kind),
+        }
+        .with_context(context)
+    }
+
+    fn shown(&self, rel: &Path) -> String {
+        let rest = rel.strip_prefix(&self.names.1).unwrap_or(rel);
+        Path::new(&self.names.0)
+            .join(rest)
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// Set the flags btrfs wants on an empty file; a destination that has no such flags (ext4
+    /// has no No_COW) gets the copy without them, and the report says so.
+    fn set_early_flags(
+        &mut self,
+        dst: BorrowedFd<'_>,
+        flags: libc::c_long,
+        rel: &Path,
+    ) -> Result<()> {
+        if flags & EARLY_FLAGS == 0 {
+            return Ok(());
+        }
+        match set_flags(dst, flags & EARLY_FLAGS) {
+            Ok(()) => Ok(()),
+            Err(_) if matches!(errno(), libc::EOPNOTSUPP | libc::ENOTTY | libc::EINVAL) => {
+                let shown = self.shown(rel);
+                self.stats.flags_not_kept.push(shown);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn copy_dir(
+        &mut self,
+        src_dir: BorrowedFd<'_>,
+        src_name: &OsStr,
+        st: &libc::stat,
+        dst_dir: BorrowedFd<'_>,
+        dst_name: &OsStr,
+        dst_root: BorrowedFd<'_>,
+        rel: &Path,
+    ) -> Result<()> {
+        let src = open_dir(src_dir, src_name)?;
+        let name_c = cstr(dst_name);
+        // Owner-only (and the owner is us) until every child is in place.
+        let initial = st.st_mode & 0o700;
+        // SAFETY: valid fd and name.
+        check(
+            unsafe { libc::mkdirat(dst_dir.as_raw_fd(), name_c.as_ptr(), initial) },
+            || "creating the directory".into(),
+        )?;
+        let dst = open_dir(dst_dir, dst_name)?;
+        let flags = get_flags(src.as_fd()) & COPYABLE_FLAGS;
+        // Inherited by the children created below, as on the source.
+        self.set_early_flags(dst.as_fd(), flags, rel)?;
+        self.stats.directories += 1;
+        for name in read_dir_names(src.as_fd())? {
+            self.copy_inner(
+                src.as_fd(),
+                &name,
+                dst.as_fd(),
+                &name,
+                dst_root,
+                rel.join(&name),
+            )?;
+        }
+        if finish_fd(src.as_fd(), st, dst.as_fd(), flags)? {
+            let shown = self.shown(rel);
+            self.stats.flags_not_kept.push(shown);
+        }
+        Ok(())
+    }
+
+    fn copy_file(
+        &mut self,
+        src_dir: BorrowedFd<'_>,
+        src_name: &OsStr,
+        st: &libc::stat,
+        dst_dir: BorrowedFd<'_>,
+        dst_name: &OsStr,
+        rel: &Path,
+    ) -> Result<()> {
+        let src = open_at(src_dir, src_name, libc::O_RDONLY | libc::O_NOATIME)
+            .or_else(|_| open_at(src_dir, src_name, libc::O_RDONLY))?;
+        let name_c = cstr(dst_name);
+        // SAFETY: valid fd and name; O_EXCL never opens an existing file or follows a symlink.
+        let fd = unsafe {
+            libc::openat(
+                dst_dir.as_raw_fd(),
+                name_c.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                (st.st_mode & 0o700) as libc::c_uint,
+            )
+        };
+        check(fd, || "creating the file".into())?;
+        // SAFETY: fresh descriptor.
+        let dst = unsafe { OwnedFd::from_raw_fd(fd) };
+        let flags = get_flags(src.as_fd()) & COPYABLE_FLAGS;
+        self.set_early_flags(dst.as_fd(), flags, rel)?;
+        let size = st.st_size as u64;
+        let mut cloned = false;
+        if self.reflink && size > 0 {
+            // SAFETY: both fds valid; FICLONE takes the source fd as its argument.
+            cloned = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0;
+        }
+        if cloned {
+            self.stats.reflinked_files += 1;
+        } else {
+            copy_data(src.as_fd(), dst.as_fd(), size, &mut self.buffer)?;
+            if size > 0 {
+                self.stats.byte_copied_files += 1;
+            }
+        }
+        self.stats.files += 1;
+        self.stats.bytes += size;
+        (self.progress)(size);
+        if finish_fd(src.as_fd(), st, dst.as_fd(), flags)? {
+            let shown = self.shown(rel);
+            self.stats.flags_not_kept.push(shown);
+        }
+        (self.after_file)();
+        Ok(())
+    }
+
+    fn copy_symlink(
+        &mut self,
+        src_dir: BorrowedFd<'_>,
+        src_name: &OsStr,
+        st: &libc::stat,
+        dst_dir: BorrowedFd<'_>,
+        dst_name: &OsStr,
+    ) -> Result<()> {
+        let target = read_link_at(src_dir, src_name)?;
+        let target_c = cstr(&target);
+        let name_c = cstr(dst_name);
+        // SAFETY: valid fd and strings.
+        check(
+            unsafe { libc::symlinkat(target_c.as_ptr(), dst_dir.as_raw_fd(), name_c.as_ptr()) },
+            || "creating the symlink".into(),
+        )?;
+        self.stats.symlinks += 1;
+        finish_at(src_dir, src_name, st, dst_dir, dst_name, false)
+    }
+
+    fn copy_special(
+        &mut self,
+        src_dir: BorrowedFd<'_>,
+        src_name: &OsStr,
+        st: &libc::stat,
+        dst_dir: BorrowedFd<'_>,
+        dst_name: &OsStr,
+    ) -> Result<()> {
+        let name_c = cstr(dst_name);
+        let mode = (st.st_mode & libc::S_IFMT) | (st.st_mode & 0o700);
+        // SAFETY: valid fd and name.
+        check(
+            unsafe { libc::mknodat(dst_dir.as_raw_fd(), name_c.as_ptr(), mode, st.st_rdev) },
+            || "creating the special file".into(),
+        )?;
+        self.stats.special_files += 1;
+        finish_at(src_dir, src_name, st, dst_dir, dst_name, true)
+    }
+}
+
+pub fn read_link_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<OsString> {
+    let name_c = cstr(name);
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: buf valid for its length.
+    let n = unsafe {
+        libc::readlinkat(
+            dir.as_raw_fd(),
+            name_c.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("reading symlink {}", Path::new(name).display()));
+    }
+    buf.truncate(n as usize);
+    Ok(OsString::from_vec(buf))
+}
+
+/// Copy `size` bytes, recreating holes: only the ranges SEEK_DATA reports are written, and the
+/// final length is set with ftruncate so a trailing hole stays a hole.
+fn copy_data(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    size: u64,
+    buffer: &mut Vec<u8>,
+) -> Result<()> {
+    let mut offset: i64 = 0;
+    let size = size as i64;
+    while offset < size {
+        // SAFETY: plain lseek on a valid fd.
+        let data = unsafe { libc::lseek(src.as_raw_fd(), offset, libc::SEEK_DATA) };
+        let (start, end) = if data < 0 {
+            match errno() {
+                libc::ENXIO => break,
+                // No hole support: all of it is data.
+                libc::EINVAL => (offset, size),
+                _ => return Err(std::io::Error::last_os_error()).context("SEEK_DATA"),
+            }
+        } else {
+            let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
+            (data, if hole < 0 { size } else { hole.min(size) })
+        };
+        copy_range(src, dst, start, end, buffer)?;
+        offset = end;
+    }
+    // SAFETY: valid fd.
+    check(unsafe { libc::ftruncate(dst.as_raw_fd(), size) }, || {
+        "setting the file length".into()
+    })?;
+    Ok(())
+}
+
+fn copy_range(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    start: i64,
+    end: i64,
+    buffer: &mut Vec<u8>,
+) -> Result<()> {
+    let mut pos = start;
+    let mut kernel_copy = true;
+    while pos < end {
+        let want = (end - pos) as usize;
+        if kernel_copy {
+            let mut in_off = pos;
+            let mut out_off = pos;
+            // SAFETY: valid fds and offsets.
+            let n = unsafe {
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut in_off,
+                    dst.as_raw_fd(),
+                    &mut out_off,
+                    want.min(1 << 30),
+                    0,
+                )
+            };
+            if n > 0 {
+                pos += n as i64;
+                continue;
+            }
+            if n == 0 {
+                // The file shrank while we copied; what is there is copied.
+                return Ok(());
+            }
+            match errno() {
+                libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EBADF => {
+                    kernel_copy = false;
+                }
+                _ => return Err(std::io::Error::last_os_error()).context("copy_file_range"),
+            }
+        }
+        if buffer.is_empty() {
+            buffer.resize(1 << 20, 0);
+        }
+        let chunk = want.min(buffer.len());
+        // SAFETY: buffer valid for chunk bytes.
+        let n = unsafe { libc::pread(src.as_raw_fd(), buffer.as_mut_ptr().cast(), chunk, pos) };
+        check(n as libc::c_int, || "reading".into())?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut written = 0usize;
+        while written < n as usize {
+            // SAFETY: buffer valid for the written range.
+            let w = unsafe {
+                libc::pwrite(
+                    dst.as_raw_fd(),
+                    buffer[written..n as usize].as_ptr().cast(),
+                    n as usize - written,
+                    pos + written as i64,
+                )
+            };
+            check(w as libc::c_int, || "writing".into())?;
+            written += w as usize;
+        }
+        pos += n as i64;
+    }
+    Ok(())
+}
+
+fn timespecs(st: &libc::stat) -> [libc::timespec; 2] {
+    [
+        libc::timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec,
+        },
+        libc::timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec,
+        },
+    ]
+}
+
+/// Owner, mode, xattrs, times and flags of an open regular file or directory, in the order that
+/// keeps each of them (see the module comment). True when the destination refused some flags.
+fn finish_fd(
+    src: BorrowedFd<'_>,
+    st: &libc::stat,
+    dst: BorrowedFd<'_>,
+    flags: libc::c_long,
+) -> Result<bool> {
+    let raw = dst.as_raw_fd();
+    // SAFETY: valid fds throughout.
+    check(unsafe { libc::fchown(raw, st.st_uid, st.st_gid) }, || {
+        "setting the owner".into()
+    })?;
+    check(unsafe { libc::fchmod(raw, st.st_mode & 0o7777) }, || {
+        "setting the mode".into()
+    })?;
+    for (name, value) in read_xattrs_sorted(XattrSource::Fd(src))? {
+        set_xattr(XattrTarget::Fd(dst), &name, &value)?;
+    }
+    let times = timespecs(st);
+    check(unsafe { libc::futimens(raw, times.as_ptr()) }, || {
+        "setting the times".into()
+    })?;
+    let late = flags & !EARLY_FLAGS;
+    if late == 0 {
+        return Ok(false);
+    }
+    // Keep the flags the destination manages (ext4's extents) and the early ones it accepted.
+    let current = get_flags(dst);
+    if set_flags(dst, current | late).is_ok() {
+        return Ok(false);
+    }
+    set_flags(dst, current | (late & CORE_FLAGS))?;
+    Ok(late & !CORE_FLAGS != 0)
+}
+
+/// The same for a symlink, fifo or device node, addressed by name in its (private, owner-only)
+/// parent directory.
+fn finish_at(
+    src_dir: BorrowedFd<'_>,
+    src_name: &OsStr,
+    st: &libc::stat,
+    dst_dir: BorrowedFd<'_>,
+    dst_name: &OsStr,
+    chmod: bool,
+) -> Result<()> {
+    let name_c = cstr(dst_name);
+    let raw = dst_dir.as_raw_fd();
+    // SAFETY: valid fd and name throughout.
+    check(
+        unsafe {
+            libc::fchownat(
+                raw,
+                name_c.as_ptr(),
+                st.st_uid,
+                st.st_gid,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        },
+        || "setting the owner".into(),
+    )?;
+    if chmod {
+        // Not a symlink (mknodat just created it), so fchmodat cannot follow anything.
+        check(
+            unsafe { libc::fchmodat(raw, name_c.as_ptr(), st.st_mode & 0o7777, 0) },
+            || "setting the mode".into(),
+        )?;
+    }
+    let dst_path = proc_path(dst_dir, dst_name);
+    for (name, value) in read_xattrs_sorted(XattrSource::Path(proc_path(src_dir, src_name)))? {
+        set_xattr(XattrTarget::Path(&dst_path), &name, &value)?;
+    }
+    let times = timespecs(st);
+    check(
+        unsafe {
+            libc::utimensat(
+                raw,
+                name_c.as_ptr(),
+                times.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        },
+        || "setting the times".into(),
+    )?;
+    Ok(())
+}
+
+/// Delete a tree this program created (a temporary copy), never following a symlink.
+pub fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+    let Some(st) = lstat_at(dir, name)? else {
+        return Ok(());
+    };
+    let name_c = cstr(name);
+    if is_type(&st, libc::S_IFDIR) {
+        let sub = open_dir(dir, name)?;
+        // Immutable or append-only children cannot be deleted; clear those flags first.
+        clear_locking_flags(sub.as_fd());
+        for child in read_dir_names(sub.as_fd())? {
+            remove_tree(sub.as_fd(), &child)?;
+        }
+        check(
+            unsafe { libc::unlinkat(dir.as_raw_fd(), name_c.as_ptr(), libc::AT_REMOVEDIR) },
+            || format!("removing {}", Path::new(name).display()),
+        )?;
+    } else {
+        if is_type(&st, libc::S_IFREG) {
+            if let Ok(fd) = open_at(dir, name, libc::O_RDONLY | libc::O_NONBLOCK) {
+                clear_locking_flags(fd.as_fd());
+            }
+        }
+        check(
+            unsafe { libc::unlinkat(dir.as_raw_fd(), name_c.as_ptr(), 0) },
+            || format!("removing {}", Path::new(name).display()),
+        )?;
+    }
+    Ok(())
+}
+
+fn clear_locking_flags(fd: BorrowedFd<'_>) {
+    let flags = get_flags(fd);
+    if flags & LOCKING_FLAGS != 0 {
+        let _ = set_flags(fd, flags & !LOCKING_FLAGS);
+    }
+}
+
+/// Regular-file bytes and count below `dir/name` (a file counts itself), for the plan.
+pub fn measure(dir: BorrowedFd<'_>, name: &OsStr) -> Result<(u64, u64)> {
+    let Some(st) = lstat_at(dir, name)? else {
+        return Ok((0, 0));
+    };
+    if is_type(&st, libc::S_IFREG) {
+        return Ok((st.st_size as u64, 1));
+    }
+    if !is_type(&st, libc::S_IFDIR) {
+        return Ok((0, 1));
+    }
+    let sub = open_dir(dir, name)?;
+    let (mut bytes, mut count) = (0, 1);
+    for child in read_dir_names(sub.as_fd())? {
+        let (b, c) = measure(sub.as_fd(), &child)?;
+        bytes += b;
+        count += c;
+    }
+    Ok((bytes, count))
+}
+
+/// The first difference between two trees, or `None` when they are the same in everything the
+/// copy preserves (type, owner, mode, mtime, size, content, link target, device number, xattrs,
+/// names). Sockets are ignored on both sides because the copy skips them.
+pub fn first_difference(
+    a_dir: BorrowedFd<'_>,
+    a_name: &OsStr,
+    b_dir: BorrowedFd<'_>,
+    b_name: &OsStr,
+    rel: &Path,
+) -> Result<Option<String>> {
+    let (Some(a), Some(b)) = (lstat_at(a_dir, a_name)?, lstat_at(b_dir, b_name)?) else {
+        return Ok(Some(format!("{} exists on one side only", rel.display())));
+    };
+    let at = |what: &str| Ok(Some(format!("{}: {what} differs", show(rel))));
+    if a.st_mode != b.st_mode {
+        return at("type or mode");
+    }
+    if (a.st_uid, a.st_gid) != (b.st_uid, b.st_gid) {
+        return at("owner");
+    }
+    let kind = a.st_mode & libc::S_IFMT;
+    if kind != libc::S_IFDIR && (a.st_mtime, a.st_mtime_nsec) != (b.st_mtime, b.st_mtime_nsec) {
+        return at("modification time");
+    }
+    if kind == libc::S_IFREG && a.st_size != b.st_size {
+        return at("size");
+    }
+    if (kind == libc::S_IFCHR || kind == libc::S_IFBLK) && a.st_rdev != b.st_rdev {
+        return at("device number");
+    }
+    if kind == libc::S_IFLNK && read_link_at(a_dir, a_name)? != read_link_at(b_dir, b_name)? {
+        return at("symlink target");
+    }
+    if kind != libc::S_IFSOCK && xattrs_at(a_dir, a_name)? != xattrs_at(b_dir, b_name)? {
+        return at("extended attributes (xattrs, ACLs, capabilities)");
+    }
+    if kind == libc::S_IFREG {
+        let fa = open_at(a_dir, a_name, libc::O_RDONLY)?;
+        let fb = open_at(b_dir, b_name, libc::O_RDONLY)?;
+        if !same_content(fa.as_fd(), fb.as_fd())? {
+            return at("content");
+        }
+    }
+    if kind == libc::S_IFDIR {
+        let da = open_dir(a_dir, a_name)?;
+        let db = open_dir(b_dir, b_name)?;
+        let not_socket = |dir: BorrowedFd<'_>, names: Vec<OsString>| -> Result<Vec<OsString>> {
+            let mut kept = Vec::new();
+            for n in names {
+                match lstat_at(dir, &n)? {
+                    Some(st) if is_type(&st, libc::S_IFSOCK) => {}
+                    Some(_) => kept.push(n),
+                    None => {}
+                }
+            }
+            kept.sort();
+            Ok(kept)
+        };
+        let na = not_socket(da.as_fd(), read_dir_names(da.as_fd())?)?;
+        let nb = not_socket(db.as_fd(), read_dir_names(db.as_fd())?)?;
+        if na != nb {
+            return at("list of names inside");
+        }
+        for n in &na {
+            if let Some(d) = first_difference(da.as_fd(), n, db.as_fd(), n, &rel.join(n))? {
+                return Ok(Some(d));
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn show(rel: &Path) -> String {
+    format!("{:?}", rel.as_os_str())
+        .trim_matches('"')
+        .to_owned()
+}
+
+fn same_content(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> Result<bool> {
+    let mut ba = vec![0u8; 1 << 18];
+    let mut bb = vec![0u8; 1 << 18];
+    let mut pos = 0i64;
+    loop {
+        // SAFETY: buffers valid for their lengths.
+        let na = unsafe { libc::pread(a.as_raw_fd(), ba.as_mut_ptr().cast(), ba.len(), pos) };
+        let nb = unsafe { libc::pread(b.as_raw_fd(), bb.as_mut_ptr().cast(), bb.len(), pos) };
+        if na < 0 || nb < 0 {
+            return Err(std::io::Error::last_os_error()).context("reading for comparison");
+        }
+        if na != nb || ba[..na as usize] != bb[..nb as usize] {
+            return Ok(false);
+        }
+        if na == 0 {
+            return Ok(true);
+        }
+        pos += na as i64;
+    }
+}
+
+/// `syncfs` on the filesystem of `fd`, so a rename that publishes a copy never lands on disk
+/// before the copy's content does.
+pub fn sync_filesystem(fd: BorrowedFd<'_>) -> Result<()> {
+    check(unsafe { libc::syncfs(fd.as_raw_fd()) }, || "syncfs".into()).map(|_| ())
+}

@@ -1,0 +1,290 @@
+//! `rasa check manifest` (as the Nix build would run it: unprivileged, offline) and
+//! `rasa check system` on a real loop btrfs.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{sh, stderr, stdout, LoopBtrfs, RASA};
+
+fn rasa(args: &[&str]) -> Output {
+    Command::new(RASA)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env_remove("JOURNAL_STREAM")
+        .output()
+        .unwrap()
+}
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/manifest.example.json")
+}
+
+#[test]
+fn check_manifest_accepts_the_committed_example() {
+    let out = rasa(&["check", "manifest", example().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).ends_with("manifest.example.json: valid manifest (version 1)\n"));
+}
+
+#[test]
+fn check_manifest_needs_no_root() {
+    if !nix::unistd::geteuid().is_root() {
+        // Already unprivileged: the other tests cover it.
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    sh(&format!("chmod 755 {}", dir.path().display()));
+    let file = dir.path().join("manifest.json");
+    std::fs::copy(example(), &file).unwrap();
+    sh(&format!("chmod 644 {}", file.display()));
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            RASA,
+            "check",
+            "manifest",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+#[test]
+fn check_manifest_reports_each_problem_and_exits_4() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.json");
+    std::fs::write(
+        &file,
+        r#"{"version": 1,
+  "rollback": {"device": "/dev/mapper/cryptroot", "root": "root", "blank": "root-blank",
+    "oldRoots": "old_roots", "persist": "persist", "keep": 5, "keepDays": 7},
+  "entries": [
+    {"storageRoot": "/persist", "path": "/etc/ssh/../shadow", "kind": "file", "user": "root", "group": "root", "mode": "0755"},
+    {"storageRoot": "/persist", "path": "/var/log", "kind": "directory", "user": "root", "group": "root", "mode": "0755"},
+    {"storageRoot": "/persist", "path": "/var/log", "kind": "directory", "user": "root", "group": "root", "mode": "0755"},
+    {"storageRoot": "/persist", "path": "/nix/var", "kind": "directory", "user": "root", "group": "root", "mode": "0755"},
+    {"storageRoot": "/persist", "path": "/home/alice", "kind": "directory", "user": "1000", "group": "users", "mode": "0700"}
+  ]}"#,
+    )
+    .unwrap();
+    let out = rasa(&["check", "manifest", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(4));
+    let text = stdout(&out).replace(&dir.path().display().to_string(), "[TMP]");
+    insta::assert_snapshot!(text, @r#"
+    [TMP]/bad.json: entries[0] (/etc/ssh/../shadow): path "/etc/ssh/../shadow" contains '..'
+    [TMP]/bad.json: entries[2] (/var/log): duplicate of entries[1]
+    [TMP]/bad.json: entries[3] (/nix/var): /nix/var is under /nix or /boot, which survive every boot by themselves
+    [TMP]/bad.json: entries[4] (/home/alice): user "1000" is a number; give users and groups by name
+    [TMP]/bad.json: 4 problems found
+    "#);
+
+    let json = rasa(&["check", "manifest", "--json", file.to_str().unwrap()]);
+    assert_eq!(json.status.code(), Some(4));
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["problems"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn check_manifest_refuses_unreadable_and_non_json_with_exit_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broken.json");
+    std::fs::write(&file, "version = 1\n").unwrap();
+    let out = rasa(&["check", "manifest", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3));
+    let err = stderr(&out).replace(&dir.path().display().to_string(), "[TMP]");
+    expect_test::expect![[r#"
+        rasa: error: [TMP]/broken.json is not valid JSON: expected value at line 1 column 1
+        rasa:          fix: regenerate it from the NixOS configuration, or fix the file by hand
+        rasa:          nothing was changed
+    "#]]
+    .assert_eq(&err);
+    let missing = rasa(&["check", "manifest", "/nonexistent/manifest.json"]);
+    assert_eq!(missing.status.code(), Some(3));
+    assert!(stderr(&missing).contains("cannot read manifest /nonexistent/manifest.json"));
+}
+
+/// A machine: the standard layout, a live root with the persist subvolume mounted at /persist.
+struct Machine {
+    fs: LoopBtrfs,
+    live: PathBuf,
+    manifest: PathBuf,
+}
+
+impl Machine {
+    fn new(test: &str) -> Option<Machine> {
+        let fs = LoopBtrfs::new(test, 300)?;
+        fs.standard_layout();
+        std::fs::create_dir(fs.path("old_roots")).unwrap();
+        fs.subvolume("old_roots/20260101T000000Z");
+        fs.subvolume("old_roots/20260102T000000Z");
+        let live = fs.dir.path().join("live");
+        std::fs::create_dir_all(live.join("persist")).unwrap();
+        sh(&format!(
+            "mount --bind {} {}",
+            fs.path("persist").display(),
+            live.join("persist").display()
+        ));
+        std::fs::create_dir_all(live.join("var/lib/app")).unwrap();
+        std::fs::write(live.join("var/lib/app/state"), b"state").unwrap();
+        std::fs::create_dir_all(live.join("etc")).unwrap();
+        std::fs::write(live.join("etc/machine-id"), b"abc\n").unwrap();
+        let manifest = fs.dir.path().join("manifest.json");
+        std::fs::write(
+            &manifest,
+            r#"{"version": 1,
+  "rollback": {"device": "/dev/null", "root": "root", "blank": "root-blank",
+    "oldRoots": "old_roots", "persist": "persist", "keep": 5, "keepDays": 7},
+  "entries": [
+    {"storageRoot": "/persist", "path": "/var/lib/app", "kind": "directory", "user": "root", "group": "root", "mode": "0755"},
+    {"storageRoot": "/persist", "path": "/etc/machine-id", "kind": "file", "user": "root", "group": "root", "mode": "0755"},
+    {"storageRoot": "/persist", "path": "/var/lib/not-yet", "kind": "directory", "user": "root", "group": "root", "mode": "0755"}
+  ]}"#,
+        )
+        .unwrap();
+        Some(Machine { fs, live, manifest })
+    }
+
+    fn check(&self, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "check",
+            "system",
+            "--manifest",
+            self.manifest.to_str().unwrap(),
+            "--live-root",
+            self.live.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        self.fs.rasa(&args)
+    }
+
+    fn report(&self, out: &Output) -> String {
+        let text = stdout(out)
+            .replace(&self.fs.dir.path().display().to_string(), "[TMP]")
+            .replace(&self.fs.device.display().to_string(), "[DEVICE]");
+        // The time of the migration run changes with every run.
+        text.lines()
+            .map(|l| match l.find("into /persist: ") {
+                Some(i) => format!("{}[TIME]{}", &l[..i + 15], &l[i + 31..]),
+                None => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg(self.live.join("persist"))
+            .output();
+    }
+}
+
+#[test]
+fn check_system_reports_unmigrated_state_then_passes_after_migrate() {
+    let Some(m) = Machine::new("check_system_reports_unmigrated_state_then_passes_after_migrate")
+    else {
+        return;
+    };
+    let before = m.check(&[]);
+    assert_eq!(before.status.code(), Some(4), "{}", stderr(&before));
+    insta::assert_snapshot!("system_before_migrate", m.report(&before));
+
+    let migrate = Command::new(RASA)
+        .args(["migrate", "--apply", "--manifest"])
+        .arg(&m.manifest)
+        .arg("--live-root")
+        .arg(&m.live)
+        .output()
+        .unwrap();
+    assert_eq!(migrate.status.code(), Some(0), "{}", stderr(&migrate));
+
+    let after = m.check(&[]);
+    assert_eq!(after.status.code(), Some(0), "{}", stderr(&after));
+    insta::assert_snapshot!("system_after_migrate", m.report(&after));
+
+    let json = m.check(&["--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["ok"], true);
+    assert!(v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["status"] != "fail"));
+}
+
+#[test]
+fn check_system_finds_a_bad_blank_and_an_unmounted_storage_root() {
+    let Some(m) = Machine::new("check_system_finds_a_bad_blank_and_an_unmounted_storage_root")
+    else {
+        return;
+    };
+    // A blank that is writable and has content, and a storage root that is a plain directory.
+    sh(&format!(
+        "btrfs -q property set -ts {} ro false",
+        m.fs.path("root-blank").display()
+    ));
+    std::fs::write(m.fs.path("root-blank/leftover"), b"x").unwrap();
+    sh(&format!("umount {}", m.live.join("persist").display()));
+    // users.mutableUsers = true, as NixOS's activation script hands it to update-users-groups.
+    let store = m.live.join("nix/store");
+    std::fs::create_dir_all(&store).unwrap();
+    std::fs::write(
+        store.join("abc-users-groups.json"),
+        r#"{"mutableUsers": true, "users": []}"#,
+    )
+    .unwrap();
+    let profile = m.live.join("nix/var/nix/profiles/system");
+    std::fs::create_dir_all(&profile).unwrap();
+    std::fs::write(
+        profile.join("activate"),
+        "#!/bin/sh\nperl update-users-groups.pl /nix/store/abc-users-groups.json\n",
+    )
+    .unwrap();
+    let out = m.check(&[]);
+    assert_eq!(out.status.code(), Some(4));
+    insta::assert_snapshot!("system_bad_blank_unmounted_storage", m.report(&out));
+
+    sh(&format!(
+        "btrfs -q property set -ts {} ro true",
+        m.fs.path("root-blank").display()
+    ));
+    let out = m.check(&[]);
+    assert!(
+        stdout(&out)
+            .contains("✗ the blank root-blank is read-only but not empty (1 entry, e.g. leftover)"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn check_system_on_a_device_without_btrfs() {
+    let Some(m) = Machine::new("check_system_on_a_device_without_btrfs") else {
+        return;
+    };
+    let image = m.fs.dir.path().join("not-btrfs.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let out = Command::new(RASA)
+        .args(["check", "system", "--manifest"])
+        .arg(&m.manifest)
+        .arg("--device")
+        .arg(&image)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    let text = stdout(&out).replace(&m.fs.dir.path().display().to_string(), "[TMP]");
+    insta::assert_snapshot!(text, @r"
+    ✓ manifest [TMP]/manifest.json is valid (--manifest)
+    ✗ [TMP]/not-btrfs.img does not hold a btrfs filesystem
+        fix: pass the unlocked btrfs device with --device (for LUKS: /dev/mapper/<name>)
+    1 passed, 1 failed, 0 warnings
+    ");
+}
