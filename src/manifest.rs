@@ -131,9 +131,19 @@ pub fn load(path: &Path) -> Result<Manifest> {
 
 /// Where a manifest is looked for when none is given, in order: the next boot's system, then
 /// the running one's /etc.
-pub const SEARCH_PATH: &[&str] = &[
-    "/nix/var/nix/profiles/system/etc/rasa/manifest.json",
-    "/etc/rasa/manifest.json",
+///
+/// The NixOS module links the manifest from the system's top level (`rasa-manifest.json`), which
+/// holds even when `/etc` is an overlay image; the profile's `etc/` is the fallback for that.
+pub const SEARCH_PATH: &[(&str, &str)] = &[
+    (
+        "/nix/var/nix/profiles/system/rasa-manifest.json",
+        "the next boot's configuration",
+    ),
+    (
+        "/nix/var/nix/profiles/system/etc/rasa/manifest.json",
+        "the next boot's configuration",
+    ),
+    ("/etc/rasa/manifest.json", "the running system's /etc"),
 ];
 
 /// Find the manifest to use and say which it was.
@@ -141,10 +151,7 @@ pub fn locate(explicit: Option<&Path>) -> Result<(PathBuf, &'static str)> {
     if let Some(path) = explicit {
         return Ok((path.to_path_buf(), "--manifest"));
     }
-    for (candidate, label) in SEARCH_PATH
-        .iter()
-        .zip(["the next boot's configuration", "the running system's /etc"])
-    {
+    for (candidate, label) in SEARCH_PATH {
         if Path::new(candidate).exists() {
             return Ok((PathBuf::from(candidate), label));
         }
@@ -152,7 +159,11 @@ pub fn locate(explicit: Option<&Path>) -> Result<(PathBuf, &'static str)> {
     Err(refuse(
         format!(
             "no manifest given and none found at {}",
-            SEARCH_PATH.join(" or ")
+            SEARCH_PATH
+                .iter()
+                .map(|(path, _)| *path)
+                .collect::<Vec<_>>()
+                .join(" or ")
         ),
         "enable the rasa NixOS module and run `nixos-rebuild boot`, or pass --manifest PATH",
     ))

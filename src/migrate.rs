@@ -37,8 +37,8 @@ Run it after `nixos-rebuild boot` and before rebooting into the wiping configura
 Exit codes: 0 done (or nothing to do), 3 refused (nothing changed), 4 conflicts left alone,
 1 failed part-way (rerun to finish; no entry is ever left half-copied under its final name).")]
 pub struct Args {
-    /// The manifest to use [default: the next boot's
-    /// /nix/var/nix/profiles/system/etc/rasa/manifest.json, then /etc/rasa/manifest.json].
+    /// The manifest to use [default: the next boot's, /nix/var/nix/profiles/system/rasa-manifest.json
+    /// (or its etc/rasa/manifest.json), then /etc/rasa/manifest.json].
     #[arg(long, value_name = "PATH")]
     pub manifest: Option<PathBuf>,
 
