@@ -344,3 +344,188 @@ fn summary_nix_and_exit_code() {
         left out: what root-blank holds unchanged, 2 persisted path(s) from the manifest, symlinks into /nix/store, /proc /sys /dev /run /tmp and 0 other mount(s), paths matching /** /var/cache/**
     "#]].assert_eq(&stdout(&out));
 }
+
+fn code_and_err(out: &std::process::Output) -> (Option<i32>, String) {
+    (out.status.code(), stderr(out))
+}
+
+#[test]
+fn old_root_shows_what_a_past_boot_erased() {
+    let Some(fs) = LoopBtrfs::new("old_root_shows_what_a_past_boot_erased", 300) else {
+        return;
+    };
+    let manifest = scenario(&fs, Origin::RootFromBlank);
+    let m = manifest.to_str().unwrap();
+    let (before, _) = diff(&fs, &manifest, &["--long"]);
+    let out = fs.rasa(&["rollback"]);
+    assert!(out.status.success(), "rollback failed: {}", stderr(&out));
+    let names: Vec<String> = std::fs::read_dir(fs.path("old_roots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    let old = names[0].as_str();
+    for engine in ["btrfs", "walk"] {
+        let (after, _) = diff(
+            &fs,
+            &manifest,
+            &["--old-root", old, "--engine", engine, "--long"],
+        );
+        assert_eq!(after, before, "--old-root with the {engine} engine");
+    }
+    let (json, _) = diff(&fs, &manifest, &["--old-root", old, "--json"]);
+    let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(parsed["tree"], format!("old_roots/{old}"));
+    // The fresh root is the blank again: nothing to lose.
+    for engine in ["btrfs", "walk"] {
+        let (fresh, _) = diff(&fs, &manifest, &["--engine", engine, "--long"]);
+        assert_eq!(fresh, "", "fresh root with the {engine} engine");
+    }
+    let (code, err) =
+        code_and_err(&fs.rasa(&["diff", "--manifest", m, "--old-root", "20000101T000000Z"]));
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        err.contains("no old root \"20000101T000000Z\"")
+            && err.contains(old)
+            && err.contains("fix:"),
+        "{err}"
+    );
+}
+
+#[test]
+fn refusals_name_the_problem_and_the_fix() {
+    let Some(fs) = LoopBtrfs::new("refusals_name_the_problem_and_the_fix", 300) else {
+        return;
+    };
+    let manifest = scenario(&fs, Origin::RootFromBlank);
+    let m = manifest.to_str().unwrap();
+    let tmpfs = fs.dir.path().join("tmpfs");
+    std::fs::create_dir(&tmpfs).unwrap();
+    sh(&format!("mount -t tmpfs rasa-test '{}'", tmpfs.display()));
+    let t = tmpfs.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "diff",
+                "--manifest",
+                m,
+                "--engine",
+                "btrfs",
+                "--live-root",
+                t,
+            ],
+            "is not on btrfs",
+        ),
+        (
+            vec!["diff", "--manifest", "/nonexistent/manifest.json"],
+            "does not exist",
+        ),
+        (
+            vec!["diff", "--manifest", "/etc/hostname"],
+            "not valid JSON",
+        ),
+        (
+            vec!["diff", "--manifest", m, "--ignore", "/a/["],
+            "not a valid glob",
+        ),
+        (
+            vec!["diff", "--manifest", m, "--blank", "nope"],
+            "no blank subvolume \"nope\"",
+        ),
+    ];
+    for (args, needle) in cases {
+        let (code, err) = code_and_err(&fs.rasa(&args));
+        assert_eq!(code, Some(3), "{args:?}: {err}");
+        assert!(
+            err.contains(needle) && err.contains("fix:") && err.contains("nothing was changed"),
+            "{args:?}: {err}"
+        );
+    }
+    let zeros = fs.dir.path().join("zeros.img");
+    std::fs::File::create(&zeros)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let out = Command::new(common::RASA)
+        .args(["diff", "--manifest", m, "--device"])
+        .arg(&zeros)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let (code, err) = code_and_err(&out);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("does not hold a btrfs filesystem"), "{err}");
+    sh(&format!("umount '{}'", tmpfs.display()));
+}
+
+#[test]
+fn walk_works_on_tmpfs_and_mounts_are_left_out() {
+    let Some(fs) = LoopBtrfs::new("walk_works_on_tmpfs_and_mounts_are_left_out", 300) else {
+        return;
+    };
+    let manifest = scenario(&fs, Origin::RootFromBlank);
+    // A tmpfs root: no blank, everything counts as new; a mount inside it is left out.
+    let tmpfs = fs.dir.path().join("tmpfs");
+    std::fs::create_dir(&tmpfs).unwrap();
+    sh(&format!("mount -t tmpfs rasa-test '{}'", tmpfs.display()));
+    write(&tmpfs.join("etc/hostname"), "box\n");
+    write(&tmpfs.join("var/lib/bluetooth/info"), "paired\n");
+    std::os::unix::fs::symlink("/nix/store/abc-bashrc", tmpfs.join("etc/bashrc")).unwrap();
+    std::fs::create_dir(tmpfs.join("mnt")).unwrap();
+    sh(&format!(
+        "mount -t tmpfs inner '{}'",
+        tmpfs.join("mnt").display()
+    ));
+    write(&tmpfs.join("mnt/inside"), "other filesystem\n");
+    let t = tmpfs.to_str().unwrap();
+    for engine in [&["--engine", "walk"][..], &[]] {
+        let mut args = vec!["--live-root", t, "--long"];
+        args.extend_from_slice(engine);
+        let (long, err) = diff(&fs, &manifest, &args);
+        expect![[r#"
+            new      dir                0  /etc
+            new      file               4  /etc/hostname
+            new      dir                0  /var
+            new      dir                0  /var/lib
+            new      dir                0  /var/lib/bluetooth
+            new      file               7  /var/lib/bluetooth/info
+        "#]]
+        .assert_eq(&long);
+        assert!(err.contains("everything on it counts as new"), "{err}");
+    }
+    sh(&format!(
+        "umount '{0}/mnt' && umount '{0}'",
+        tmpfs.display()
+    ));
+
+    // The root subvolume mounted elsewhere, with a bind mount on a new directory: both engines
+    // leave the mount point out, and still agree.
+    let live = fs.dir.path().join("live");
+    std::fs::create_dir(&live).unwrap();
+    std::fs::create_dir(fs.path("root/srv")).unwrap();
+    write(&fs.path("root/srv/hidden"), "under the mount\n");
+    sh(&format!(
+        "mount -o subvol=root {} '{}'",
+        fs.device.display(),
+        live.display()
+    ));
+    sh(&format!(
+        "mount --bind '{}' '{}'",
+        fs.path("persist").display(),
+        live.join("srv").display()
+    ));
+    let l = live.to_str().unwrap();
+    let (btrfs, _) = diff(
+        &fs,
+        &manifest,
+        &["--live-root", l, "--engine", "btrfs", "--long"],
+    );
+    let (walk, _) = diff(
+        &fs,
+        &manifest,
+        &["--live-root", l, "--engine", "walk", "--long"],
+    );
+    sh(&format!("umount '{0}/srv' && umount '{0}'", live.display()));
+    assert_eq!(walk, btrfs);
+    EXPECTED_LONG.assert_eq(&btrfs);
+}
