@@ -11,11 +11,110 @@
 use std::collections::HashMap;
 use std::os::fd::BorrowedFd;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use super::tree::{self, SearchKey, INODE_ITEM_KEY, INODE_REF_KEY};
 
 pub const INODE_EXTREF_KEY: u32 = 13;
+
+/// TREE_SEARCH_V2's buffer. The v1 search that `tree::search` uses returns 4 KiB per call:
+/// about ten inodes' worth of items, so 100,000 new files cost some 12,000 ioctls, each
+/// starting again from the top of the tree. One MiB per call needs a few dozen.
+const SEARCH_V2_BUF: usize = 1 << 20;
+
+#[repr(C)]
+struct SearchArgsV2Header {
+    key: SearchKey,
+    buf_size: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<SearchArgsV2Header>() == 112);
+
+mod ioctl {
+    nix::ioctl_readwrite!(tree_search_v2, 0x94, 17, super::SearchArgsV2Header);
+}
+
+/// One item, borrowed from the search buffer.
+pub struct ItemRef<'a> {
+    pub objectid: u64,
+    pub item_type: u32,
+    pub offset: u64,
+    pub data: &'a [u8],
+}
+
+/// Like [`tree::search`], with TREE_SEARCH_V2 and a large buffer, lending each item instead
+/// of copying it (the diff of a large tree reads hundreds of thousands of items).
+pub fn search_v2(
+    fs: BorrowedFd<'_>,
+    key: SearchKey,
+    buf_len: usize,
+    mut visit: impl FnMut(&ItemRef<'_>) -> bool,
+) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let header_len = std::mem::size_of::<SearchArgsV2Header>();
+    // u64 storage keeps the header aligned.
+    let buf_len = buf_len.max(4096);
+    let mut storage = vec![0u64; (header_len + buf_len).div_ceil(8)];
+    let base = storage.as_mut_ptr() as *mut u8;
+    let mut next = key;
+    loop {
+        next.nr_items = u32::MAX;
+        // SAFETY: `storage` starts with a properly aligned header followed by buf_len
+        // bytes, which is what buf_size tells the kernel it may write.
+        let header = unsafe { &mut *(base as *mut SearchArgsV2Header) };
+        header.key = next;
+        header.buf_size = buf_len as u64;
+        unsafe { ioctl::tree_search_v2(fs.as_raw_fd(), header) }
+            .context("btrfs tree search (v2)")?;
+        let found = header.key.nr_items;
+        if found == 0 {
+            return Ok(());
+        }
+        // SAFETY: the buffer part of `storage`, initialised (zeroed, then written by the kernel).
+        let buf = unsafe { std::slice::from_raw_parts(base.add(header_len) as *const u8, buf_len) };
+        let mut pos = 0usize;
+        let mut last = (0u64, 0u32, 0u64);
+        for _ in 0..found {
+            let h = &buf[pos..pos + 32];
+            let objectid = u64::from_ne_bytes(h[8..16].try_into().unwrap());
+            let offset = u64::from_ne_bytes(h[16..24].try_into().unwrap());
+            let item_type = u32::from_ne_bytes(h[24..28].try_into().unwrap());
+            let len = u32::from_ne_bytes(h[28..32].try_into().unwrap()) as usize;
+            pos += 32;
+            let item = ItemRef {
+                objectid,
+                item_type,
+                offset,
+                data: &buf[pos..pos + len],
+            };
+            pos += len;
+            last = (objectid, item_type, offset);
+            if !visit(&item) {
+                return Ok(());
+            }
+        }
+        // Continue just after the last key seen (the same carry as tree::search).
+        let (mut objectid, mut item_type, mut offset) = last;
+        if offset < u64::MAX {
+            offset += 1;
+        } else if item_type < u32::MAX {
+            item_type += 1;
+            offset = 0;
+        } else if objectid < u64::MAX {
+            objectid += 1;
+            item_type = 0;
+            offset = 0;
+        } else {
+            return Ok(());
+        }
+        if (objectid, item_type, offset) > (next.max_objectid, next.max_type, next.max_offset) {
+            return Ok(());
+        }
+        next.min_objectid = objectid;
+        next.min_type = item_type;
+        next.min_offset = offset;
+    }
+}
 const EXTENT_DATA_KEY: u32 = tree::EXTENT_DATA_KEY;
 /// `sizeof(struct btrfs_inode_item)`.
 const INODE_ITEM_SIZE: usize = 160;
@@ -82,8 +181,8 @@ pub fn is_symlink(mode: u32) -> bool {
     mode & nix::libc::S_IFMT == nix::libc::S_IFLNK
 }
 
-fn parse_inode_refs(item: &tree::Item, names: &mut Vec<InodeName>) {
-    let data = &item.data;
+fn parse_inode_refs(item: &ItemRef<'_>, names: &mut Vec<InodeName>) {
+    let data = item.data;
     match item.item_type {
         // struct btrfs_inode_ref { __le64 index; __le16 name_len; } name, repeated;
         // the parent is the key's offset.
@@ -124,9 +223,9 @@ fn parse_inode_refs(item: &tree::Item, names: &mut Vec<InodeName>) {
     }
 }
 
-fn parse_inline_symlink(item: &tree::Item) -> Option<Vec<u8>> {
+fn parse_inline_symlink(item: &ItemRef<'_>) -> Option<Vec<u8>> {
     // btrfs_symlink always writes an uncompressed inline extent.
-    let data = &item.data;
+    let data = item.data;
     (data.len() >= INLINE_DATA_START && data[20] == FILE_EXTENT_INLINE && data[16] == 0)
         .then(|| data[INLINE_DATA_START..].to_vec())
 }
@@ -142,10 +241,10 @@ pub fn changed_inodes(fs: BorrowedFd<'_>, tree_id: u64, after: u64) -> Result<Ve
     );
     key.min_transid = after.saturating_add(1);
     let mut changed: Vec<ChangedInode> = Vec::new();
-    tree::search(fs, key, |item| {
+    search_v2(fs, key, SEARCH_V2_BUF, |item| {
         match item.item_type {
             INODE_ITEM_KEY => {
-                if let Some(inode) = InodeItem::parse(&item.data) {
+                if let Some(inode) = InodeItem::parse(item.data) {
                     if inode.transid > after && inode.nlink > 0 {
                         changed.push(ChangedInode {
                             ino: item.objectid,
@@ -183,7 +282,7 @@ pub fn changed_inodes(fs: BorrowedFd<'_>, tree_id: u64, after: u64) -> Result<Ve
                 (inode.ino, INODE_EXTREF_KEY, u64::MAX),
             );
             let ino = inode.ino;
-            tree::search(fs, key, |item| {
+            search_v2(fs, key, 4096, |item| {
                 if item.objectid == ino {
                     parse_inode_refs(item, &mut inode.names);
                 }
@@ -196,7 +295,7 @@ pub fn changed_inodes(fs: BorrowedFd<'_>, tree_id: u64, after: u64) -> Result<Ve
                 (inode.ino, EXTENT_DATA_KEY, 0),
                 (inode.ino, EXTENT_DATA_KEY, 0),
             );
-            tree::search(fs, key, |item| {
+            search_v2(fs, key, 4096, |item| {
                 inode.symlink_target = parse_inline_symlink(item);
                 false
             })?;
@@ -246,12 +345,11 @@ mod tests {
             data.extend_from_slice(&(name.len() as u16).to_le_bytes());
             data.extend_from_slice(name);
         }
-        let item = tree::Item {
-            transid: 9,
+        let item = ItemRef {
             objectid: 300,
             item_type: INODE_REF_KEY,
             offset: 256,
-            data,
+            data: &data,
         };
         let mut names = Vec::new();
         parse_inode_refs(&item, &mut names);

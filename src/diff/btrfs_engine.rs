@@ -52,6 +52,8 @@ pub fn run(
     let changed = find_new::changed_inodes(fs, tree_id, after)?;
     let mut dirs = DirPaths::new(fs, tree_id);
     let mut excluded_dirs: HashMap<Vec<u8>, bool> = HashMap::new();
+    // Per parent inode: its path, or None when it (or a directory above it) is left out.
+    let mut parents: HashMap<u64, Option<Vec<u8>>> = HashMap::new();
     let mut found = Vec::new();
     let mut moved: Vec<Vec<u8>> = Vec::new();
     for inode in &changed {
@@ -60,15 +62,19 @@ pub fn run(
         let created_after = blank.is_none() || inode.item.generation > after;
         let meta = Meta::from_item(inode.ino, &inode.item);
         for name in &inode.names {
-            let parent = match dirs.get(name.parent) {
-                Ok(parent) => parent.to_vec(),
-                // The directory went away while we looked: so did this name.
-                Err(_) => continue,
-            };
-            if dir_excluded(rules, &mut excluded_dirs, &parent) {
-                continue;
+            if !parents.contains_key(&name.parent) {
+                let resolved = match dirs.get(name.parent) {
+                    Ok(parent) => Some(parent.to_vec())
+                        .filter(|p| !dir_excluded(rules, &mut excluded_dirs, p)),
+                    // The directory went away while we looked: so did this name.
+                    Err(_) => None,
+                };
+                parents.insert(name.parent, resolved);
             }
-            let path = join(&parent, &name.name);
+            let Some(parent) = &parents[&name.parent] else {
+                continue;
+            };
+            let path = join(parent, &name.name);
             if rules
                 .check(&path, is_dir, inode.symlink_target.as_deref())
                 .is_some()

@@ -12,7 +12,7 @@ pub mod rules;
 mod walk;
 
 use std::ffi::OsStr;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -203,6 +203,13 @@ impl Meta {
 /// are not UTF-8 are written `\n`, `\t`, `\\` and `\xNN`, so every path is one line and
 /// nothing is lost.
 pub fn escape(path: &[u8]) -> String {
+    if path
+        .iter()
+        .all(|&b| (0x20..0x7f).contains(&b) && b != b'\\')
+    {
+        // Plain ASCII, by far the common case: nothing to escape.
+        return String::from_utf8(path.to_vec()).expect("ASCII");
+    }
     let mut out = String::with_capacity(path.len());
     for chunk in path.utf8_chunks() {
         for c in chunk.valid().chars() {
@@ -248,7 +255,7 @@ pub struct Outcome {
 
 pub fn run(args: Args) -> Result<u8> {
     let outcome = collect(&args)?;
-    let mut stdout = std::io::stdout().lock();
+    let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
     if args.json {
         report::json(&outcome, &mut stdout)?;
     } else if args.nix {
@@ -258,6 +265,7 @@ pub fn run(args: Args) -> Result<u8> {
     } else {
         report::summary(&outcome, &mut stdout)?;
     }
+    stdout.flush()?;
     if args.exit_code && !outcome.found.is_empty() {
         return Ok(exit::PROBLEMS);
     }

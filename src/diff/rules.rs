@@ -35,6 +35,8 @@ pub struct Rules {
     persisted: HashSet<Vec<u8>>,
     storage_roots: Vec<Vec<u8>>,
     mounts: HashSet<Vec<u8>>,
+    /// `lengths[n]`: some persisted path or mount point is n bytes long.
+    lengths: Vec<bool>,
     ignore: GlobSet,
     pub ignore_patterns: Vec<String>,
     pub persisted_count: usize,
@@ -75,8 +77,18 @@ impl Rules {
         let mut mount_set: HashSet<Vec<u8>> =
             RUNTIME_DIRS.iter().map(|d| d.as_bytes().to_vec()).collect();
         mount_set.extend(mounts.iter().filter(|m| m.as_slice() != b"/").cloned());
+        let persisted: HashSet<Vec<u8>> = persisted.iter().map(|p| normalise(p)).collect();
+        let mut lengths = Vec::new();
+        for path in persisted.iter().chain(mount_set.iter()) {
+            if lengths.len() <= path.len() {
+                lengths.resize(path.len() + 1, false);
+            }
+            lengths[path.len()] = true;
+        }
         Ok(Rules {
-            persisted: persisted.iter().map(|p| normalise(p)).collect(),
+            lengths,
+            persisted_count: persisted.len(),
+            persisted,
             storage_roots: storage_roots
                 .iter()
                 .map(|p| normalise(p))
@@ -86,7 +98,6 @@ impl Rules {
             mounts: mount_set,
             ignore: ignore_set,
             ignore_patterns: ignore.to_vec(),
-            persisted_count: persisted.len(),
         })
     }
 
@@ -98,10 +109,12 @@ impl Rules {
         is_dir: bool,
         symlink_target: Option<&[u8]>,
     ) -> Option<Reason> {
-        if self.persisted.contains(path) {
+        // Hashing every path of a large tree shows in profiles; most lengths match no entry.
+        let len_known = self.lengths.get(path.len()).copied().unwrap_or(false);
+        if len_known && self.persisted.contains(path) {
             return Some(Reason::Persisted);
         }
-        if self.mounts.contains(path) {
+        if len_known && self.mounts.contains(path) {
             return Some(Reason::Runtime);
         }
         if !self.ignore.is_empty() {
