@@ -13,14 +13,14 @@ use std::os::fd::BorrowedFd;
 
 use anyhow::{Context, Result};
 
-use super::tree::{self, SearchKey, INODE_ITEM_KEY, INODE_REF_KEY};
+use super::tree::{self, SearchKey, DIR_INDEX_KEY, DIR_ITEM_KEY, INODE_ITEM_KEY, INODE_REF_KEY};
 
 pub const INODE_EXTREF_KEY: u32 = 13;
 
 /// TREE_SEARCH_V2's buffer. The v1 search that `tree::search` uses returns 4 KiB per call:
 /// about ten inodes' worth of items, so 100,000 new files cost some 12,000 ioctls, each
 /// starting again from the top of the tree. One MiB per call needs a few dozen.
-const SEARCH_V2_BUF: usize = 1 << 20;
+const SEARCH_V2_BUF: usize = 1 << 14;
 
 #[repr(C)]
 struct SearchArgsV2Header {
@@ -241,37 +241,56 @@ pub fn changed_inodes(fs: BorrowedFd<'_>, tree_id: u64, after: u64) -> Result<Ve
     );
     key.min_transid = after.saturating_add(1);
     let mut changed: Vec<ChangedInode> = Vec::new();
-    search_v2(fs, key, SEARCH_V2_BUF, |item| {
-        match item.item_type {
-            INODE_ITEM_KEY => {
-                if let Some(inode) = InodeItem::parse(item.data) {
-                    if inode.transid > after && inode.nlink > 0 {
-                        changed.push(ChangedInode {
-                            ino: item.objectid,
-                            item: inode,
-                            names: Vec::new(),
-                            symlink_target: None,
-                        });
+    loop {
+        // A directory's entries (DIR_ITEM, DIR_INDEX) come after its inode and refs and are
+        // two thirds of a new tree's items, none of them needed here: at the first one, stop
+        // and search again from the next inode. The buffer is kept small so that the kernel
+        // has not copied much of them by then.
+        let mut resume_at = None;
+        search_v2(fs, key, SEARCH_V2_BUF, |item| {
+            match item.item_type {
+                INODE_ITEM_KEY => {
+                    if let Some(inode) = InodeItem::parse(item.data) {
+                        if inode.transid > after && inode.nlink > 0 {
+                            changed.push(ChangedInode {
+                                ino: item.objectid,
+                                item: inode,
+                                names: Vec::new(),
+                                symlink_target: None,
+                            });
+                        }
                     }
                 }
-            }
-            INODE_REF_KEY | INODE_EXTREF_KEY => {
-                if let Some(last) = changed.last_mut().filter(|c| c.ino == item.objectid) {
-                    parse_inode_refs(item, &mut last.names);
+                INODE_REF_KEY | INODE_EXTREF_KEY => {
+                    if let Some(last) = changed.last_mut().filter(|c| c.ino == item.objectid) {
+                        parse_inode_refs(item, &mut last.names);
+                    }
                 }
-            }
-            EXTENT_DATA_KEY if item.offset == 0 => {
-                if let Some(last) = changed
-                    .last_mut()
-                    .filter(|c| c.ino == item.objectid && is_symlink(c.item.mode))
-                {
-                    last.symlink_target = parse_inline_symlink(item);
+                DIR_ITEM_KEY | DIR_INDEX_KEY => {
+                    resume_at = Some(item.objectid + 1);
+                    return false;
                 }
+                EXTENT_DATA_KEY if item.offset == 0 => {
+                    if let Some(last) = changed
+                        .last_mut()
+                        .filter(|c| c.ino == item.objectid && is_symlink(c.item.mode))
+                    {
+                        last.symlink_target = parse_inline_symlink(item);
+                    }
+                }
+                _ => {}
             }
-            _ => {}
+            true
+        })?;
+        match resume_at {
+            Some(next) if next <= key.max_objectid => {
+                key.min_objectid = next;
+                key.min_type = 0;
+                key.min_offset = 0;
+            }
+            _ => break,
         }
-        true
-    })?;
+    }
     // An inode whose item changed but whose refs or symlink extent sit in a leaf that did not
     // change (a file written in place, a chmod) still needs them: look them up directly.
     for inode in &mut changed {

@@ -14,7 +14,7 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use anyhow::{Context, Result};
 
 use super::rules::{under, Rules};
-use super::walk::{join, open_beneath, stat_beneath, Walk};
+use super::walk::{join, stat_beneath, Walk};
 use super::{Found, Kind, Meta, Status};
 use crate::btrfs::find_new::{self, DirPaths};
 use crate::btrfs::SubvolInfo;
@@ -112,11 +112,8 @@ pub fn run(
         if walked.iter().any(|w| under(&path, w)) {
             continue;
         }
-        if let Ok(live) = open_beneath(tree, &path) {
-            let mut walk = Walk::new(rules, &live, None)?;
-            walk.run(live, None, path.clone())?;
-            found.append(&mut walk.found);
-        }
+        let walk = Walk::new(rules, tree, None)?;
+        found.append(&mut walk.run(tree, None, path.clone(), false)?);
         walked.push(path);
     }
     found.sort_by(|a, b| a.path.cmp(&b.path));

@@ -597,13 +597,11 @@ fn walk_all(rules: &rules::Rules, live: OwnedFd, blank: Option<OwnedFd>) -> Resu
         bar.enable_steady_tick(std::time::Duration::from_millis(200));
         bar
     });
-    let mut walk = walk::Walk::new(rules, &live, progress.clone())?;
-    walk.run(live, blank, Vec::new())?;
+    let walk = walk::Walk::new(rules, &live, progress.clone())?;
+    let found = walk.run(&live, blank.as_ref(), Vec::new(), true)?;
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
-    let mut found = walk.found;
-    found.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(found)
 }
 

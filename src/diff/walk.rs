@@ -8,6 +8,8 @@
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
 
 use anyhow::{Context, Result};
 use nix::dir::Dir;
@@ -18,20 +20,21 @@ use super::rules::Rules;
 use super::{Found, Kind, Meta, Status};
 use crate::btrfs;
 
-struct Frame {
-    dir: Dir,
-    blank: Option<OwnedFd>,
-    path: Vec<u8>,
-    /// Subdirectories still to visit, with whether the blank holds the same directory there.
-    subdirs: Vec<(CString, bool)>,
+/// A directory still to read: its path (from the tree's top) and whether the blank holds the
+/// same directory there. Paths, not open fds, so that a wide tree cannot exhaust descriptors;
+/// each is opened again from the top, one component at a time, with O_NOFOLLOW.
+type Task = (Vec<u8>, bool);
+
+struct Queue {
+    tasks: Vec<Task>,
+    busy: usize,
 }
 
 pub struct Walk<'a> {
     rules: &'a Rules,
     device: u64,
     on_btrfs: bool,
-    pub found: Vec<Found>,
-    pub visited: u64,
+    visited: AtomicU64,
     progress: Option<indicatif::ProgressBar>,
 }
 
@@ -47,84 +50,134 @@ impl<'a> Walk<'a> {
             rules,
             device: st.st_dev,
             on_btrfs: btrfs::is_btrfs(top.as_fd())?,
-            found: Vec::new(),
-            visited: 0,
+            visited: AtomicU64::new(0),
             progress,
         })
     }
 
-    /// Visit everything below the directory open at `live` (whose path is `path`, empty for the
-    /// top), comparing with the directory open at `blank`.
-    pub fn run(&mut self, live: OwnedFd, blank: Option<OwnedFd>, path: Vec<u8>) -> Result<()> {
-        let mut stack = vec![self.read_dir(live, blank, path)?];
-        while let Some(frame) = stack.last_mut() {
-            let Some((name, in_blank)) = frame.subdirs.pop() else {
-                stack.pop();
-                continue;
-            };
-            let live =
-                match btrfs::open_dir_at(frame.dir.as_fd(), name.as_c_str().to_bytes().as_ref_os())
-                {
-                    Ok(fd) => fd,
-                    // Gone or replaced since it was listed: the tree is live.
-                    Err(
-                        nix::errno::Errno::ENOENT
-                        | nix::errno::Errno::ENOTDIR
-                        | nix::errno::Errno::ELOOP,
-                    ) => continue,
-                    Err(e) => {
-                        return Err(e).with_context(|| {
-                            format!(
-                                "opening {}",
-                                super::escape(&join(&frame.path, name.to_bytes()))
-                            )
-                        })
-                    }
-                };
-            let blank = match (&frame.blank, in_blank) {
-                (Some(blank), true) => {
-                    btrfs::open_dir_at(blank.as_fd(), name.as_c_str().to_bytes().as_ref_os()).ok()
-                }
-                _ => None,
-            };
-            let path = join(&frame.path, name.to_bytes());
-            let next = self.read_dir(live, blank, path)?;
-            stack.push(next);
+    /// Everything below `start` (a directory path from the top of `live`, empty for the top
+    /// itself), compared with the same places in `blank` when `start_in_blank`. Directories are
+    /// read by a few threads: the work is one `lstat` per entry, which the kernel serves in
+    /// parallel.
+    pub fn run(
+        &self,
+        live: &OwnedFd,
+        blank: Option<&OwnedFd>,
+        start: Vec<u8>,
+        start_in_blank: bool,
+    ) -> Result<Vec<Found>> {
+        let queue = Mutex::new(Queue {
+            tasks: vec![(start, start_in_blank && blank.is_some())],
+            busy: 0,
+        });
+        let wake = Condvar::new();
+        let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
+        let results: Vec<Vec<Found>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut found = Vec::new();
+                        loop {
+                            let task = {
+                                let mut q = queue.lock().unwrap();
+                                loop {
+                                    if let Some(task) = q.tasks.pop() {
+                                        q.busy += 1;
+                                        break Some(task);
+                                    }
+                                    if q.busy == 0 {
+                                        break None;
+                                    }
+                                    q = wake.wait(q).unwrap();
+                                }
+                            };
+                            let Some((path, in_blank)) = task else {
+                                wake.notify_all();
+                                break;
+                            };
+                            let mut subdirs = Vec::new();
+                            if failure.lock().unwrap().is_none() {
+                                if let Err(e) = self.read_dir(
+                                    live,
+                                    blank,
+                                    &path,
+                                    in_blank,
+                                    &mut found,
+                                    &mut subdirs,
+                                ) {
+                                    failure.lock().unwrap().get_or_insert(e);
+                                }
+                            }
+                            let mut q = queue.lock().unwrap();
+                            q.tasks.append(&mut subdirs);
+                            q.busy -= 1;
+                            drop(q);
+                            wake.notify_all();
+                        }
+                        found
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        if let Some(e) = failure.into_inner().unwrap() {
+            return Err(e);
         }
         if let Some(bar) = &self.progress {
-            bar.set_position(self.visited);
+            bar.set_position(self.visited.load(Ordering::Relaxed));
         }
-        Ok(())
+        let mut found: Vec<Found> = results.into_iter().flatten().collect();
+        found.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(found)
     }
 
-    fn read_dir(&mut self, live: OwnedFd, blank: Option<OwnedFd>, path: Vec<u8>) -> Result<Frame> {
+    fn read_dir(
+        &self,
+        live_top: &OwnedFd,
+        blank_top: Option<&OwnedFd>,
+        path: &[u8],
+        in_blank: bool,
+        found: &mut Vec<Found>,
+        subdirs: &mut Vec<Task>,
+    ) -> Result<()> {
+        let live = match open_beneath(live_top, path) {
+            Ok(fd) => fd,
+            // Gone or replaced since it was listed: the tree is live.
+            Err(
+                nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR | nix::errno::Errno::ELOOP,
+            ) => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("opening {}", super::escape(path))),
+        };
+        let blank = match blank_top {
+            Some(top) if in_blank => open_beneath(top, path).ok(),
+            _ => None,
+        };
         let mut dir =
-            Dir::from_fd(live).with_context(|| format!("reading {}", super::escape(&path)))?;
+            Dir::from_fd(live).with_context(|| format!("reading {}", super::escape(path)))?;
         let mut names: Vec<CString> = Vec::new();
         for entry in dir.iter() {
-            let entry = entry.with_context(|| format!("reading {}", super::escape(&path)))?;
+            let entry = entry.with_context(|| format!("reading {}", super::escape(path)))?;
             let name = entry.file_name();
             if name != c"." && name != c".." {
                 names.push(name.to_owned());
             }
         }
-        let mut subdirs = Vec::new();
-        for name in names {
-            self.visited += 1;
-            if self.visited % 8192 == 0 {
-                if let Some(bar) = &self.progress {
-                    bar.set_position(self.visited);
-                }
+        let visited = self
+            .visited
+            .fetch_add(names.len() as u64, Ordering::Relaxed);
+        if let Some(bar) = &self.progress {
+            if visited / 8192 != (visited + names.len() as u64) / 8192 {
+                bar.set_position(visited);
             }
+        }
+        for name in names {
             let st = match fstatat(dir.as_fd(), name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
                 Ok(st) => st,
                 Err(nix::errno::Errno::ENOENT) => continue,
                 Err(e) => {
                     return Err(e).with_context(|| {
-                        format!(
-                            "inspecting {}",
-                            super::escape(&join(&path, name.to_bytes()))
-                        )
+                        format!("inspecting {}", super::escape(&join(path, name.to_bytes())))
                     })
                 }
             };
@@ -136,7 +189,7 @@ impl<'a> Walk<'a> {
             {
                 continue;
             }
-            let full = join(&path, name.to_bytes());
+            let full = join(path, name.to_bytes());
             let target = if kind == Kind::Symlink {
                 readlinkat(dir.as_fd(), name.as_c_str())
                     .ok()
@@ -164,10 +217,10 @@ impl<'a> Walk<'a> {
                 Some(_) => Some(Status::Modified),
             };
             if kind == Kind::Directory {
-                subdirs.push((name, in_blank.is_some()));
+                subdirs.push((full.clone(), in_blank.is_some()));
             }
             if let Some(status) = status {
-                self.found.push(Found {
+                found.push(Found {
                     path: full,
                     kind,
                     status,
@@ -175,14 +228,7 @@ impl<'a> Walk<'a> {
                 });
             }
         }
-        // Popped from the end: reverse so directories are visited in listing order.
-        subdirs.reverse();
-        Ok(Frame {
-            dir,
-            blank,
-            path,
-            subdirs,
-        })
+        Ok(())
     }
 }
 
