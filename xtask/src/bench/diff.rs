@@ -148,11 +148,14 @@ pub fn run(args: &[String]) -> Result<()> {
         counted(&format!("find {t}/root"))?
     );
     let markdown = dir.join("results.md");
+    let json = dir.join("results.json");
     deps::run(
         Command::new("hyperfine")
-            .args(["--warmup", "2", "--min-runs", "5", "--style", "basic"])
+            .args(["--warmup", "2", "--min-runs", "10", "--style", "basic"])
             .arg("--export-markdown")
             .arg(&markdown)
+            .arg("--export-json")
+            .arg(&json)
             .args(["-n", "rasa diff --engine btrfs"])
             .arg(rasa_cmd("btrfs"))
             .args(["-n", "rasa diff --engine walk"])
@@ -164,10 +167,49 @@ pub fn run(args: &[String]) -> Result<()> {
     )?;
     let table = std::fs::read_to_string(&markdown)?;
     println!("\n{table}");
+    // The machine this runs on is shared: a neighbour's I/O can stall a run for seconds, which
+    // wrecks the mean. The median says what a run usually costs.
+    let medians = medians(&std::fs::read_to_string(&json)?);
+    let of = |name: &str| medians.iter().find(|(n, _)| n == name).map(|(_, m)| *m);
+    if let (Some(find), Some(fs_diff)) = (of("find"), of("fs-diff.sh (seed 004)")) {
+        println!("| Command | Median [ms] | vs fs-diff.sh | vs find |");
+        println!("|:---|---:|---:|---:|");
+        for (name, median) in &medians {
+            println!(
+                "| `{name}` | {:.1} | {:.1}x faster | {:.2}x |",
+                median * 1e3,
+                fs_diff / median,
+                median / find
+            );
+        }
+    }
     println!(
         "({files} new files in {dirs} directories; kernel {})",
         sh("uname -r")?
     );
     drop(fixture);
     Ok(())
+}
+
+/// (command name, median seconds) from hyperfine's JSON, without a JSON parser in xtask.
+fn medians(json: &str) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    let mut rest = json;
+    while let Some(at) = rest.find("\"command\": \"") {
+        rest = &rest[at + 12..];
+        let Some(end) = rest.find('"') else { break };
+        let name = rest[..end].to_owned();
+        let Some(m) = rest.find("\"median\": ") else {
+            break;
+        };
+        let tail = &rest[m + 10..];
+        let number: String = tail
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == 'e' || *c == '-')
+            .collect();
+        if let Ok(value) = number.parse() {
+            out.push((name, value));
+        }
+    }
+    out
 }
