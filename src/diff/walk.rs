@@ -149,6 +149,10 @@ impl<'a> Walk<'a> {
             ) => return Ok(()),
             Err(e) => return Err(e).with_context(|| format!("opening {}", super::escape(path))),
         };
+        // Opened again by path: if something was mounted there since it was listed, stop.
+        if fstat(live.as_fd()).map_or(true, |st| st.st_dev != self.device) {
+            return Ok(());
+        }
         let blank = match blank_top {
             Some(top) if in_blank => open_beneath(top, path).ok(),
             _ => None,
