@@ -345,6 +345,15 @@ fn summary_nix_and_exit_code() {
     "#]].assert_eq(&stdout(&out));
 }
 
+/// Unmounts (recursively) on drop, so that a failing assertion leaves no mount behind.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-R").arg(&self.0).output();
+    }
+}
+
 fn code_and_err(out: &std::process::Output) -> (Option<i32>, String) {
     (out.status.code(), stderr(out))
 }
@@ -402,6 +411,7 @@ fn refusals_name_the_problem_and_the_fix() {
     let tmpfs = fs.dir.path().join("tmpfs");
     std::fs::create_dir(&tmpfs).unwrap();
     sh(&format!("mount -t tmpfs rasa-test '{}'", tmpfs.display()));
+    let _tmpfs_guard = Unmount(tmpfs.clone());
     let t = tmpfs.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
@@ -468,6 +478,7 @@ fn walk_works_on_tmpfs_and_mounts_are_left_out() {
     let tmpfs = fs.dir.path().join("tmpfs");
     std::fs::create_dir(&tmpfs).unwrap();
     sh(&format!("mount -t tmpfs rasa-test '{}'", tmpfs.display()));
+    let _tmpfs_guard = Unmount(tmpfs.clone());
     write(&tmpfs.join("etc/hostname"), "box\n");
     write(&tmpfs.join("var/lib/bluetooth/info"), "paired\n");
     std::os::unix::fs::symlink("/nix/store/abc-bashrc", tmpfs.join("etc/bashrc")).unwrap();
@@ -509,6 +520,7 @@ fn walk_works_on_tmpfs_and_mounts_are_left_out() {
         fs.device.display(),
         live.display()
     ));
+    let _live_guard = Unmount(live.clone());
     sh(&format!(
         "mount --bind '{}' '{}'",
         fs.path("persist").display(),
