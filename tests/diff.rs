@@ -322,6 +322,29 @@ fn summary_nix_and_exit_code() {
         }
     }
 
+    // No manifest anywhere: nothing counts as persisted, and rasa says so.
+    if !Path::new("/etc/rasa/manifest.json").exists()
+        && !Path::new("/nix/var/nix/profiles/system/etc/rasa/manifest.json").exists()
+    {
+        let out = fs.rasa(&["diff", "--long"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("no manifest found"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(
+            stdout(&out).contains("/var/lib/nixos/gid-map"),
+            "{}",
+            stdout(&out)
+        );
+        let out = fs.rasa(&["diff"]);
+        assert!(
+            stdout(&out).contains("nothing persisted (no manifest)"),
+            "{}",
+            stdout(&out)
+        );
+    }
     let out = fs.rasa(&[
         "diff",
         "--manifest",
