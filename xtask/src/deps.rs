@@ -13,6 +13,8 @@ pub const TEST_PACKAGES: &[&str] = &[
     "rsync",
     "e2fsprogs",
     "util-linux",
+    // tests/diff.rs parses `rasa diff --nix` with nix-instantiate --parse.
+    "nix-bin",
 ];
 /// Debian packages the Nix checks need.
 pub const NIX_PACKAGES: &[&str] = &["nix-bin"];

@@ -1,5 +1,215 @@
-use anyhow::{bail, Result};
+//! `cargo xtask bench diff [--files N] [--dirs N]`: `rasa diff` (each engine) against seed
+//! 004's `fs-diff.sh` and plain `find`, in one hyperfine run, on a loop-file btrfs whose root
+//! holds N new files (default 100,000 in 200 directories) that the blank does not.
 
-pub fn run(_args: &[String]) -> Result<()> {
-    bail!("the diff benchmark is not written yet")
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::deps;
+
+/// Seed 004's script, adapted only in its paths (and without `sudo`: the benchmark runs as
+/// root). It runs from inside the root, because its `[ -L "$path" ]` tests use the relative
+/// paths `find-new` prints.
+const FS_DIFF: &str = r#"#!/usr/bin/env bash
+# fs-diff.sh
+set -euo pipefail
+
+OLD_TRANSID=$(btrfs subvolume find-new @TOP@/root-blank 9999999)
+OLD_TRANSID=${OLD_TRANSID#transid marker was }
+
+btrfs subvolume find-new "@TOP@/root" "$OLD_TRANSID" |
+sed '$d' |
+cut -f17- -d' ' |
+sort |
+uniq |
+while read path; do
+  if [ -L "$path" ]; then
+    : # The path is a symbolic link, so is probably handled by NixOS already
+  elif [ -d "$path" ]; then
+    : # The path is a directory, ignore
+  else
+    echo "$path"
+  fi
+done
+"#;
+
+fn sh(cmd: &str) -> Result<String> {
+    let out = Command::new("sh").arg("-c").arg(cmd).output()?;
+    if !out.status.success() {
+        bail!(
+            "`{cmd}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+struct Fixture {
+    dir: PathBuf,
+    device: String,
+    top: PathBuf,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.top).status();
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn arg_value(args: &[String], flag: &str, default: usize) -> Result<usize> {
+    match args.iter().position(|a| a == flag) {
+        Some(i) => args
+            .get(i + 1)
+            .with_context(|| format!("{flag} needs a number"))?
+            .parse()
+            .with_context(|| format!("{flag} needs a number")),
+        None => Ok(default),
+    }
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    if !deps::nix_is_root() {
+        bail!("the diff benchmark needs root (loop devices, mount, btrfs tree search)");
+    }
+    let files = arg_value(args, "--files", 100_000)?;
+    let dirs = arg_value(args, "--dirs", 200)?.max(1);
+    deps::apt(&["btrfs-progs", "hyperfine"])?;
+    let root = crate::project_root();
+    deps::run(
+        Command::new("cargo")
+            .args(["build", "--release", "--quiet", "--bin", "rasa"])
+            .current_dir(&root),
+    )?;
+    let rasa = root.join("target/release/rasa");
+
+    let dir = root.join("target/bench-diff");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)?.set_len(2 << 30)?;
+    let device = sh(&format!("losetup -f --show '{}'", image.display()))?;
+    let top = dir.join("top");
+    std::fs::create_dir(&top)?;
+    let fixture = Fixture {
+        dir: dir.clone(),
+        device: device.clone(),
+        top: top.clone(),
+    };
+    sh(&format!("mkfs.btrfs -q -f {device}"))?;
+    sh(&format!("mount -o subvolid=5 {device} '{}'", top.display()))?;
+    let t = top.display();
+    sh(&format!(
+        "btrfs -q subvolume create {t}/root && mkdir -p {t}/root/etc {t}/root/var/lib && \
+         echo host > {t}/root/etc/hostname && btrfs -q subvolume snapshot -r {t}/root {t}/root-blank"
+    ))?;
+    eprintln!("xtask: creating {files} new files in {dirs} directories");
+    let per_dir = files.div_ceil(dirs);
+    let mut made = 0;
+    for d in 0..dirs {
+        let sub = top.join(format!("root/var/lib/app{d:03}"));
+        std::fs::create_dir(&sub)?;
+        for f in 0..per_dir {
+            if made == files {
+                break;
+            }
+            // Non-empty, so that find-new (which reports extents) sees every file.
+            std::fs::write(sub.join(format!("state-{f:05}")), format!("{d} {f}\n"))?;
+            made += 1;
+        }
+    }
+    sh("sync")?;
+
+    let script = dir.join("fs-diff.sh");
+    std::fs::write(&script, FS_DIFF.replace("@TOP@", &t.to_string()))?;
+    let rasa_cmd = |engine: &str| {
+        format!(
+            "{} diff --device {device} --engine {engine} --long --manifest {}",
+            rasa.display(),
+            dir.join("manifest.json").display()
+        )
+    };
+    std::fs::write(
+        dir.join("manifest.json"),
+        r#"{"version":1,"rollback":{"device":"/dev/null","root":"root","blank":"root-blank","oldRoots":"old_roots","persist":"persist","keep":5,"keepDays":7},"entries":[]}"#,
+    )?;
+    // Check that every contender finds the files before timing them.
+    let counted = |cmd: &str| -> Result<usize> {
+        Ok(sh(&format!("cd {t}/root && {cmd} 2>/dev/null | wc -l"))?.parse()?)
+    };
+    eprintln!(
+        "xtask: lines printed: rasa btrfs {}, rasa walk {}, fs-diff.sh {}, find {}",
+        counted(&rasa_cmd("btrfs"))?,
+        counted(&rasa_cmd("walk"))?,
+        counted(&format!("bash {}", script.display()))?,
+        counted(&format!("find {t}/root"))?
+    );
+    let markdown = dir.join("results.md");
+    let json = dir.join("results.json");
+    deps::run(
+        Command::new("hyperfine")
+            .args(["--warmup", "2", "--min-runs", "10", "--style", "basic"])
+            .arg("--export-markdown")
+            .arg(&markdown)
+            .arg("--export-json")
+            .arg(&json)
+            .args(["-n", "rasa diff --engine btrfs"])
+            .arg(rasa_cmd("btrfs"))
+            .args(["-n", "rasa diff --engine walk"])
+            .arg(rasa_cmd("walk"))
+            .args(["-n", "fs-diff.sh (seed 004)"])
+            .arg(format!("cd {t}/root && bash {}", script.display()))
+            .args(["-n", "find"])
+            .arg(format!("find {t}/root")),
+    )?;
+    let table = std::fs::read_to_string(&markdown)?;
+    println!("\n{table}");
+    // The machine this runs on is shared: a neighbour's I/O can stall a run for seconds, which
+    // wrecks the mean. The median says what a run usually costs.
+    let medians = medians(&std::fs::read_to_string(&json)?);
+    let of = |name: &str| medians.iter().find(|(n, _)| n == name).map(|(_, m)| *m);
+    if let (Some(find), Some(fs_diff)) = (of("find"), of("fs-diff.sh (seed 004)")) {
+        println!("| Command | Median [ms] | vs fs-diff.sh | vs find |");
+        println!("|:---|---:|---:|---:|");
+        for (name, median) in &medians {
+            println!(
+                "| `{name}` | {:.1} | {:.1}x faster | {:.2}x |",
+                median * 1e3,
+                fs_diff / median,
+                median / find
+            );
+        }
+    }
+    println!(
+        "({files} new files in {dirs} directories; kernel {})",
+        sh("uname -r")?
+    );
+    drop(fixture);
+    Ok(())
+}
+
+/// (command name, median seconds) from hyperfine's JSON, without a JSON parser in xtask.
+fn medians(json: &str) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    let mut rest = json;
+    while let Some(at) = rest.find("\"command\": \"") {
+        rest = &rest[at + 12..];
+        let Some(end) = rest.find('"') else { break };
+        let name = rest[..end].to_owned();
+        let Some(m) = rest.find("\"median\": ") else {
+            break;
+        };
+        let tail = &rest[m + 10..];
+        let number: String = tail
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == 'e' || *c == '-')
+            .collect();
+        if let Ok(value) = number.parse() {
+            out.push((name, value));
+        }
+    }
+    out
 }

@@ -1,0 +1,389 @@
+//! The inodes of a subvolume that changed after a given transaction, with their names.
+//!
+//! `btrfs subvolume find-new` only reports EXTENT_DATA items, so it misses empty files,
+//! directories, symlinks, renames and metadata changes, and prints one line per extent. Here
+//! the same tree search (leaves written after the marker transaction, via `min_transid`) is
+//! used to read INODE_ITEMs instead: an inode item carries the transaction that last wrote it,
+//! so every created, written, renamed, linked, chmod-ed or chown-ed inode shows up once.
+//! Names come from the INODE_REF / INODE_EXTREF items that follow each inode item in key
+//! order; parents are resolved to paths with INO_LOOKUP, once per directory.
+
+use std::collections::HashMap;
+use std::os::fd::BorrowedFd;
+
+use anyhow::{Context, Result};
+
+use super::tree::{self, SearchKey, DIR_INDEX_KEY, DIR_ITEM_KEY, INODE_ITEM_KEY, INODE_REF_KEY};
+
+pub const INODE_EXTREF_KEY: u32 = 13;
+
+/// TREE_SEARCH_V2's buffer. The v1 search that `tree::search` uses returns 4 KiB per call:
+/// about ten inodes' worth of items, so 100,000 new files cost some 12,000 ioctls, each
+/// starting again from the top of the tree. One MiB per call needs a few dozen.
+const SEARCH_V2_BUF: usize = 1 << 14;
+
+#[repr(C)]
+struct SearchArgsV2Header {
+    key: SearchKey,
+    buf_size: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<SearchArgsV2Header>() == 112);
+
+mod ioctl {
+    nix::ioctl_readwrite!(tree_search_v2, 0x94, 17, super::SearchArgsV2Header);
+}
+
+/// One item, borrowed from the search buffer.
+pub struct ItemRef<'a> {
+    pub objectid: u64,
+    pub item_type: u32,
+    pub offset: u64,
+    pub data: &'a [u8],
+}
+
+/// Like [`tree::search`], with TREE_SEARCH_V2 and a large buffer, lending each item instead
+/// of copying it (the diff of a large tree reads hundreds of thousands of items).
+pub fn search_v2(
+    fs: BorrowedFd<'_>,
+    key: SearchKey,
+    buf_len: usize,
+    mut visit: impl FnMut(&ItemRef<'_>) -> bool,
+) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let header_len = std::mem::size_of::<SearchArgsV2Header>();
+    // u64 storage keeps the header aligned.
+    let buf_len = buf_len.max(4096);
+    let mut storage = vec![0u64; (header_len + buf_len).div_ceil(8)];
+    let base = storage.as_mut_ptr() as *mut u8;
+    let mut next = key;
+    loop {
+        next.nr_items = u32::MAX;
+        // SAFETY: `storage` starts with a properly aligned header followed by buf_len
+        // bytes, which is what buf_size tells the kernel it may write.
+        let header = unsafe { &mut *(base as *mut SearchArgsV2Header) };
+        header.key = next;
+        header.buf_size = buf_len as u64;
+        unsafe { ioctl::tree_search_v2(fs.as_raw_fd(), header) }
+            .context("btrfs tree search (v2)")?;
+        let found = header.key.nr_items;
+        if found == 0 {
+            return Ok(());
+        }
+        // SAFETY: the buffer part of `storage`, initialised (zeroed, then written by the kernel).
+        let buf = unsafe { std::slice::from_raw_parts(base.add(header_len) as *const u8, buf_len) };
+        let mut pos = 0usize;
+        let mut last = (0u64, 0u32, 0u64);
+        for _ in 0..found {
+            let h = &buf[pos..pos + 32];
+            let objectid = u64::from_ne_bytes(h[8..16].try_into().unwrap());
+            let offset = u64::from_ne_bytes(h[16..24].try_into().unwrap());
+            let item_type = u32::from_ne_bytes(h[24..28].try_into().unwrap());
+            let len = u32::from_ne_bytes(h[28..32].try_into().unwrap()) as usize;
+            pos += 32;
+            let item = ItemRef {
+                objectid,
+                item_type,
+                offset,
+                data: &buf[pos..pos + len],
+            };
+            pos += len;
+            last = (objectid, item_type, offset);
+            if !visit(&item) {
+                return Ok(());
+            }
+        }
+        // Continue just after the last key seen (the same carry as tree::search).
+        let (mut objectid, mut item_type, mut offset) = last;
+        if offset < u64::MAX {
+            offset += 1;
+        } else if item_type < u32::MAX {
+            item_type += 1;
+            offset = 0;
+        } else if objectid < u64::MAX {
+            objectid += 1;
+            item_type = 0;
+            offset = 0;
+        } else {
+            return Ok(());
+        }
+        if (objectid, item_type, offset) > (next.max_objectid, next.max_type, next.max_offset) {
+            return Ok(());
+        }
+        next.min_objectid = objectid;
+        next.min_type = item_type;
+        next.min_offset = offset;
+    }
+}
+const EXTENT_DATA_KEY: u32 = tree::EXTENT_DATA_KEY;
+/// `sizeof(struct btrfs_inode_item)`.
+const INODE_ITEM_SIZE: usize = 160;
+/// `offsetof(struct btrfs_file_extent_item, disk_bytenr)`: where inline data starts.
+const INLINE_DATA_START: usize = 21;
+const FILE_EXTENT_INLINE: u8 = 0;
+
+/// The fields of `struct btrfs_inode_item` that say whether an inode changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InodeItem {
+    /// The transaction that created the inode.
+    pub generation: u64,
+    /// The last transaction that wrote the inode item.
+    pub transid: u64,
+    pub size: u64,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+    pub ctime: (u64, u32),
+    pub mtime: (u64, u32),
+}
+
+impl InodeItem {
+    pub fn parse(data: &[u8]) -> Option<InodeItem> {
+        if data.len() < INODE_ITEM_SIZE {
+            return None;
+        }
+        let u64_at = |at: usize| u64::from_le_bytes(data[at..at + 8].try_into().unwrap());
+        let u32_at = |at: usize| u32::from_le_bytes(data[at..at + 4].try_into().unwrap());
+        // struct btrfs_timespec { __le64 sec; __le32 nsec; } is packed: 12 bytes.
+        let time_at = |at: usize| (u64_at(at), u32_at(at + 8));
+        Some(InodeItem {
+            generation: u64_at(0),
+            transid: u64_at(8),
+            size: u64_at(16),
+            nlink: u32_at(40),
+            uid: u32_at(44),
+            gid: u32_at(48),
+            mode: u32_at(52),
+            ctime: time_at(124),
+            mtime: time_at(136),
+        })
+    }
+}
+
+/// One name of an inode: the directory that holds it and the name in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InodeName {
+    pub parent: u64,
+    pub name: Vec<u8>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ChangedInode {
+    pub ino: u64,
+    pub item: InodeItem,
+    pub names: Vec<InodeName>,
+    /// For a symlink: its target (stored inline in the tree).
+    pub symlink_target: Option<Vec<u8>>,
+}
+
+pub fn is_symlink(mode: u32) -> bool {
+    mode & nix::libc::S_IFMT == nix::libc::S_IFLNK
+}
+
+fn parse_inode_refs(item: &ItemRef<'_>, names: &mut Vec<InodeName>) {
+    let data = item.data;
+    match item.item_type {
+        // struct btrfs_inode_ref { __le64 index; __le16 name_len; } name, repeated;
+        // the parent is the key's offset.
+        INODE_REF_KEY => {
+            let mut pos = 0;
+            while pos + 10 <= data.len() {
+                let len = u16::from_le_bytes([data[pos + 8], data[pos + 9]]) as usize;
+                let start = pos + 10;
+                let Some(name) = data.get(start..start + len) else {
+                    break;
+                };
+                names.push(InodeName {
+                    parent: item.offset,
+                    name: name.to_vec(),
+                });
+                pos = start + len;
+            }
+        }
+        // struct btrfs_inode_extref { __le64 parent; __le64 index; __le16 name_len; } name,
+        // repeated (for inodes with more hard links in one directory than fit in one ref).
+        INODE_EXTREF_KEY => {
+            let mut pos = 0;
+            while pos + 18 <= data.len() {
+                let parent = u64::from_le_bytes(data[pos..pos + 8].try_into().unwrap());
+                let len = u16::from_le_bytes([data[pos + 16], data[pos + 17]]) as usize;
+                let start = pos + 18;
+                let Some(name) = data.get(start..start + len) else {
+                    break;
+                };
+                names.push(InodeName {
+                    parent,
+                    name: name.to_vec(),
+                });
+                pos = start + len;
+            }
+        }
+        _ => {}
+    }
+}
+
+fn parse_inline_symlink(item: &ItemRef<'_>) -> Option<Vec<u8>> {
+    // btrfs_symlink always writes an uncompressed inline extent.
+    let data = item.data;
+    (data.len() >= INLINE_DATA_START && data[20] == FILE_EXTENT_INLINE && data[16] == 0)
+        .then(|| data[INLINE_DATA_START..].to_vec())
+}
+
+/// Every inode of subvolume `tree_id` whose inode item was written after transaction `after`
+/// (the top directory, orphans and internal objects left out).
+pub fn changed_inodes(fs: BorrowedFd<'_>, tree_id: u64, after: u64) -> Result<Vec<ChangedInode>> {
+    let mut key = SearchKey::range(
+        tree_id,
+        (super::FIRST_FREE_OBJECTID + 1, 0, 0),
+        // Objectids from -256 up are reserved (orphans, free-space cache and the like).
+        (u64::MAX - 256, u32::MAX, u64::MAX),
+    );
+    key.min_transid = after.saturating_add(1);
+    let mut changed: Vec<ChangedInode> = Vec::new();
+    loop {
+        // A directory's entries (DIR_ITEM, DIR_INDEX) come after its inode and refs and are
+        // two thirds of a new tree's items, none of them needed here: at the first one, stop
+        // and search again from the next inode. The buffer is kept small so that the kernel
+        // has not copied much of them by then.
+        let mut resume_at = None;
+        search_v2(fs, key, SEARCH_V2_BUF, |item| {
+            match item.item_type {
+                INODE_ITEM_KEY => {
+                    if let Some(inode) = InodeItem::parse(item.data) {
+                        if inode.transid > after && inode.nlink > 0 {
+                            changed.push(ChangedInode {
+                                ino: item.objectid,
+                                item: inode,
+                                names: Vec::new(),
+                                symlink_target: None,
+                            });
+                        }
+                    }
+                }
+                INODE_REF_KEY | INODE_EXTREF_KEY => {
+                    if let Some(last) = changed.last_mut().filter(|c| c.ino == item.objectid) {
+                        parse_inode_refs(item, &mut last.names);
+                    }
+                }
+                DIR_ITEM_KEY | DIR_INDEX_KEY => {
+                    resume_at = Some(item.objectid + 1);
+                    return false;
+                }
+                EXTENT_DATA_KEY if item.offset == 0 => {
+                    if let Some(last) = changed
+                        .last_mut()
+                        .filter(|c| c.ino == item.objectid && is_symlink(c.item.mode))
+                    {
+                        last.symlink_target = parse_inline_symlink(item);
+                    }
+                }
+                _ => {}
+            }
+            true
+        })?;
+        match resume_at {
+            Some(next) if next <= key.max_objectid => {
+                key.min_objectid = next;
+                key.min_type = 0;
+                key.min_offset = 0;
+            }
+            _ => break,
+        }
+    }
+    // An inode whose item changed but whose refs or symlink extent sit in a leaf that did not
+    // change (a file written in place, a chmod) still needs them: look them up directly.
+    for inode in &mut changed {
+        if inode.names.is_empty() {
+            let key = SearchKey::range(
+                tree_id,
+                (inode.ino, INODE_REF_KEY, 0),
+                (inode.ino, INODE_EXTREF_KEY, u64::MAX),
+            );
+            let ino = inode.ino;
+            search_v2(fs, key, 4096, |item| {
+                if item.objectid == ino {
+                    parse_inode_refs(item, &mut inode.names);
+                }
+                true
+            })?;
+        }
+        if is_symlink(inode.item.mode) && inode.symlink_target.is_none() {
+            let key = SearchKey::range(
+                tree_id,
+                (inode.ino, EXTENT_DATA_KEY, 0),
+                (inode.ino, EXTENT_DATA_KEY, 0),
+            );
+            search_v2(fs, key, 4096, |item| {
+                inode.symlink_target = parse_inline_symlink(item);
+                false
+            })?;
+        }
+    }
+    Ok(changed)
+}
+
+/// Directory paths inside one subvolume, resolved with INO_LOOKUP and remembered.
+pub struct DirPaths<'fd> {
+    fs: BorrowedFd<'fd>,
+    tree_id: u64,
+    known: HashMap<u64, Vec<u8>>,
+}
+
+impl<'fd> DirPaths<'fd> {
+    pub fn new(fs: BorrowedFd<'fd>, tree_id: u64) -> Self {
+        let mut known = HashMap::new();
+        known.insert(super::FIRST_FREE_OBJECTID, Vec::new());
+        DirPaths { fs, tree_id, known }
+    }
+
+    /// The path of directory `dir` from the subvolume's top: `/a/b`, or empty for the top.
+    pub fn get(&mut self, dir: u64) -> Result<&[u8]> {
+        if !self.known.contains_key(&dir) {
+            let mut path = tree::ino_lookup(self.fs, self.tree_id, dir)?;
+            // INO_LOOKUP answers `a/b/`; rasa's paths are `/a/b`.
+            if path.last() == Some(&b'/') {
+                path.pop();
+            }
+            path.insert(0, b'/');
+            self.known.insert(dir, path);
+        }
+        Ok(&self.known[&dir])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_inode_ref_lists() {
+        let mut data = Vec::new();
+        for (index, name) in [(2u64, &b"a"[..]), (3, b"\xffbc")] {
+            data.extend_from_slice(&index.to_le_bytes());
+            data.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            data.extend_from_slice(name);
+        }
+        let item = ItemRef {
+            objectid: 300,
+            item_type: INODE_REF_KEY,
+            offset: 256,
+            data: &data,
+        };
+        let mut names = Vec::new();
+        parse_inode_refs(&item, &mut names);
+        assert_eq!(
+            names,
+            vec![
+                InodeName {
+                    parent: 256,
+                    name: b"a".to_vec()
+                },
+                InodeName {
+                    parent: 256,
+                    name: b"\xffbc".to_vec()
+                }
+            ]
+        );
+    }
+}

@@ -1,0 +1,619 @@
+//! `rasa diff`: what exists on the live root that the next boot will not bring back.
+//!
+//! Two engines answer the same question. On btrfs the filesystem is asked which inodes changed
+//! since the blank ([`btrfs_engine`]); anywhere else, or with `--engine walk`, the tree is
+//! walked and compared with the blank when there is one ([`walk`]). Both apply the same
+//! [`rules`] and report the same [`Found`] list, which the tests check on the same tree.
+
+mod btrfs_engine;
+mod nix_fragment;
+mod report;
+pub mod rules;
+mod walk;
+
+use std::ffi::OsStr;
+use std::io::{IsTerminal, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use nix::sys::stat::FileStat;
+use serde::Serialize;
+
+use crate::btrfs::{self, find_new::InodeItem};
+use crate::error::{exit, refuse};
+use crate::layout::{Layout, LayoutArgs};
+use crate::log;
+use crate::manifest::{self, Manifest};
+use crate::old_roots;
+use crate::toplevel::{self, TopLevel};
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "\
+Examples:
+  rasa diff                               # summary of what the next boot erases
+  rasa diff --long                        # every path
+  rasa diff --nix                         # an environment.persistence fragment to paste
+  rasa diff --json | jq '.entries[].path'
+  rasa diff --ignore '/var/cache/**' --ignore '/root/.bash_history'
+  rasa diff --old-root 20261122T193000Z   # what that past boot erased (copy it back from there)
+  rasa diff --engine walk --live-root /   # no btrfs: walk the tree (e.g. a tmpfs root)
+  rasa diff --exit-code                   # exit 4 when unpersisted state exists (for scripts)
+
+Left out: what the blank holds unchanged, the manifest's persisted paths and its diffIgnore
+globs, symlinks into /nix/store, /proc /sys /dev /run /tmp and every other mount on /.
+Paths that are not UTF-8 are printed with \\xNN escapes (JSON also gives their bytes).")]
+pub struct Args {
+    #[command(flatten)]
+    pub layout: LayoutArgs,
+
+    /// How to find changes: by btrfs generation, or by walking the tree. [default: btrfs when
+    /// the root is a btrfs subvolume related to the blank, the walk otherwise]
+    #[arg(long, value_enum, default_value_t = EngineChoice::Auto, hide_default_value = true)]
+    pub engine: EngineChoice,
+
+    /// The live tree to look at. [default: the root subvolume (what / is mounted from), or /
+    /// when / is not btrfs]
+    #[arg(long, value_name = "PATH")]
+    pub live_root: Option<PathBuf>,
+
+    /// Show what the boot that retired this old root erased: the old root compared with the
+    /// blank (see `rasa old-roots list`).
+    #[arg(long, value_name = "NAME", conflicts_with = "live_root")]
+    pub old_root: Option<String>,
+
+    /// The manifest whose persisted paths and diffIgnore globs are left out. [default: the
+    /// next boot's, then /etc/rasa/manifest.json; without one nothing counts as persisted]
+    #[arg(long, value_name = "PATH")]
+    pub manifest: Option<PathBuf>,
+
+    /// Leave out absolute paths matching this glob (and everything below them); repeatable.
+    /// `*` stays inside one directory, `**` crosses any number.
+    #[arg(long = "ignore", value_name = "GLOB")]
+    pub ignore: Vec<String>,
+
+    /// Print every path instead of the summary.
+    #[arg(long, conflicts_with_all = ["json", "nix"])]
+    pub long: bool,
+
+    /// Print the result as JSON on stdout.
+    #[arg(long, conflicts_with = "nix")]
+    pub json: bool,
+
+    /// Print an `environment.persistence` fragment that would keep what remains.
+    #[arg(long)]
+    pub nix: bool,
+
+    /// Exit with 4 when something unpersisted remains (0 otherwise).
+    #[arg(long)]
+    pub exit_code: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineChoice {
+    Auto,
+    Btrfs,
+    Walk,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    File,
+    Directory,
+    Symlink,
+    Other,
+}
+
+impl Kind {
+    pub fn from_mode(mode: u32) -> Kind {
+        match mode & nix::libc::S_IFMT {
+            nix::libc::S_IFREG => Kind::File,
+            nix::libc::S_IFDIR => Kind::Directory,
+            nix::libc::S_IFLNK => Kind::Symlink,
+            _ => Kind::Other,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// The blank has nothing at this path, or something else (another inode).
+    New,
+    /// The blank has this inode at this path, with other contents or metadata.
+    Modified,
+}
+
+/// One path the next boot erases.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    /// Absolute, as on the live system: `/etc/foo`.
+    pub path: Vec<u8>,
+    pub kind: Kind,
+    pub status: Status,
+    /// Bytes (the file's length, a symlink's target length; 0 for directories).
+    pub size: u64,
+}
+
+/// What decides "unchanged": both engines build it, from `lstat` or from the inode item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Meta {
+    pub ino: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime: (i64, i64),
+    pub ctime: (i64, i64),
+}
+
+impl Meta {
+    pub fn from_stat(st: &FileStat) -> Meta {
+        Meta {
+            ino: st.st_ino,
+            mode: st.st_mode,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            size: st.st_size as u64,
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            ctime: (st.st_ctime, st.st_ctime_nsec),
+        }
+    }
+
+    pub fn from_item(ino: u64, item: &InodeItem) -> Meta {
+        Meta {
+            ino,
+            mode: item.mode,
+            uid: item.uid,
+            gid: item.gid,
+            size: item.size,
+            mtime: (item.mtime.0 as i64, item.mtime.1 as i64),
+            ctime: (item.ctime.0 as i64, item.ctime.1 as i64),
+        }
+    }
+
+    /// Unchanged since the blank. A directory's times and size change with its entries, which
+    /// are judged on their own, so only its mode and owner count.
+    pub fn same_as(&self, blank: &Meta) -> bool {
+        let basics = self.ino == blank.ino
+            && self.mode == blank.mode
+            && self.uid == blank.uid
+            && self.gid == blank.gid;
+        if Kind::from_mode(self.mode) == Kind::Directory {
+            basics
+        } else {
+            basics
+                && self.size == blank.size
+                && self.mtime == blank.mtime
+                && self.ctime == blank.ctime
+        }
+    }
+
+    pub fn reported_size(&self) -> u64 {
+        match Kind::from_mode(self.mode) {
+            Kind::File | Kind::Symlink => self.size,
+            _ => 0,
+        }
+    }
+}
+
+/// A path for people: UTF-8 as is, except that control characters, backslashes and bytes that
+/// are not UTF-8 are written `\n`, `\t`, `\\` and `\xNN`, so every path is one line and
+/// nothing is lost.
+pub fn escape(path: &[u8]) -> String {
+    if path
+        .iter()
+        .all(|&b| (0x20..0x7f).contains(&b) && b != b'\\')
+    {
+        // Plain ASCII, by far the common case: nothing to escape.
+        return String::from_utf8(path.to_vec()).expect("ASCII");
+    }
+    let mut out = String::with_capacity(path.len());
+    for chunk in path.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\t' => out.push_str("\\t"),
+                c if c.is_control() => {
+                    let mut buf = [0u8; 4];
+                    for b in c.encode_utf8(&mut buf).bytes() {
+                        out.push_str(&format!("\\x{b:02x}"));
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+/// What was compared with what, for the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Source {
+    pub engine: &'static str,
+    /// The tree looked at: `root`, `old_roots/<name>` or a path.
+    pub tree: String,
+    /// The blank it was compared with; `None`: everything counts as new.
+    pub compared_with: Option<String>,
+    pub manifest: Option<String>,
+    /// Where the persistent copies live (for --nix).
+    #[serde(skip)]
+    pub storage_root: String,
+}
+
+pub struct Outcome {
+    pub source: Source,
+    pub found: Vec<Found>,
+    pub rules: rules::Rules,
+}
+
+pub fn run(args: Args) -> Result<u8> {
+    let outcome = collect(&args)?;
+    let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+    if args.json {
+        report::json(&outcome, &mut stdout)?;
+    } else if args.nix {
+        nix_fragment::render(&outcome, &mut stdout)?;
+    } else if args.long {
+        report::long(&outcome, &mut stdout)?;
+    } else {
+        report::summary(&outcome, &mut stdout)?;
+    }
+    stdout.flush()?;
+    if args.exit_code && !outcome.found.is_empty() {
+        return Ok(exit::PROBLEMS);
+    }
+    Ok(exit::OK)
+}
+
+fn load_manifest(explicit: Option<&Path>) -> Result<Option<(PathBuf, Manifest)>> {
+    let path = match explicit {
+        Some(path) => path.to_path_buf(),
+        None => match manifest::locate(None) {
+            Ok((path, _)) => path,
+            Err(_) => {
+                log::warn(format!(
+                    "no manifest found at {}: nothing counts as persisted (pass --manifest PATH)",
+                    manifest::SEARCH_PATH.join(" or ")
+                ));
+                return Ok(None);
+            }
+        },
+    };
+    match manifest::load(&path) {
+        Ok(manifest) => Ok(Some((path, manifest))),
+        Err(e) if crate::error::exit_code_for(&e) == exit::REFUSED => Err(e),
+        Err(e) => Err(refuse(
+            format!("cannot read the manifest {}: {e:#}", path.display()),
+            "make it readable (run as root), or pass another one with --manifest PATH",
+        )),
+    }
+}
+
+/// What the rules are built from; the mounts are added once the tree is known.
+struct RuleInputs {
+    persisted: Vec<String>,
+    storage_roots: Vec<String>,
+    ignore: Vec<String>,
+    manifest: Option<String>,
+    storage_root: String,
+}
+
+impl RuleInputs {
+    fn rules(&self, mounts: &[Vec<u8>]) -> Result<rules::Rules> {
+        rules::Rules::new(&self.persisted, &self.storage_roots, mounts, &self.ignore)
+    }
+
+    fn source(&self, engine: &'static str, tree: String, compared_with: Option<String>) -> Source {
+        Source {
+            engine,
+            tree,
+            compared_with,
+            manifest: self.manifest.clone(),
+            storage_root: self.storage_root.clone(),
+        }
+    }
+}
+
+fn collect(args: &Args) -> Result<Outcome> {
+    let manifest = load_manifest(args.manifest.as_deref())?;
+    let mut inputs = RuleInputs {
+        persisted: Vec::new(),
+        storage_roots: Vec::new(),
+        ignore: args.ignore.clone(),
+        manifest: manifest.as_ref().map(|(p, _)| p.display().to_string()),
+        storage_root: String::new(),
+    };
+    if let Some((_, m)) = &manifest {
+        inputs.ignore.extend(m.diff_ignore.iter().cloned());
+        for entry in &m.entries {
+            inputs.persisted.push(entry.path.clone());
+            if !inputs.storage_roots.contains(&entry.storage_root) {
+                inputs.storage_roots.push(entry.storage_root.clone());
+            }
+        }
+    }
+    inputs.storage_root = inputs
+        .storage_roots
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "/persist".to_owned());
+    // Refuse bad patterns before touching any disk.
+    inputs.rules(&[])?;
+
+    // The layout is needed for the btrfs engine, for old roots and for a blank. Without an
+    // explicit device, a root that is not btrfs is simply walked.
+    let layout = if args.engine == EngineChoice::Btrfs
+        || args.old_root.is_some()
+        || args.layout.device.is_some()
+    {
+        Some(args.layout.validate()?)
+    } else {
+        args.layout.validate().ok()
+    };
+
+    if let Some(name) = &args.old_root {
+        let layout = layout.expect("validated above");
+        return from_layout(args, &layout, Some(name), None, &inputs);
+    }
+    let Some(path) = &args.live_root else {
+        return match &layout {
+            Some(layout) => from_layout(args, layout, None, None, &inputs),
+            None => walk_path(Path::new("/"), &inputs),
+        };
+    };
+    let root_subvolume = match &layout {
+        Some(layout) => is_root_subvolume(path, layout)?,
+        None => false,
+    };
+    if root_subvolume {
+        let live = btrfs::open_dir_at(nix::fcntl::AT_FDCWD, path.as_os_str())
+            .with_context(|| format!("opening {}", path.display()))?;
+        let layout = layout.expect("checked above");
+        return from_layout(args, &layout, None, Some((live, path.clone())), &inputs);
+    }
+    if args.engine == EngineChoice::Btrfs {
+        let dir = btrfs::open_dir_at(nix::fcntl::AT_FDCWD, path.as_os_str())
+            .with_context(|| format!("opening {}", path.display()))?;
+        if !btrfs::is_btrfs(dir.as_fd())? {
+            return Err(refuse(
+                format!(
+                    "{} is not on btrfs, so the btrfs engine cannot read it",
+                    path.display()
+                ),
+                "use --engine walk (or leave --engine out to choose automatically)",
+            ));
+        }
+        return Err(refuse(
+            format!(
+                "{} is not the top of the root subvolume {:?} on {}",
+                path.display(),
+                args.layout.root,
+                layout
+                    .as_ref()
+                    .map(|l| l.device.display().to_string())
+                    .unwrap_or_default()
+            ),
+            "point --device and --root at the filesystem that holds it, or use --engine walk",
+        ));
+    }
+    walk_path(path, &inputs)
+}
+
+/// Walk a directory that has no blank sharing its inode numbers: everything counts as new.
+fn walk_path(path: &Path, inputs: &RuleInputs) -> Result<Outcome> {
+    let live = btrfs::open_dir_at(nix::fcntl::AT_FDCWD, path.as_os_str())
+        .with_context(|| format!("opening {}", path.display()))?;
+    let rules = inputs.rules(&rules::mounts_below(path.as_os_str().as_bytes()))?;
+    log::info(format!(
+        "walking {} with no blank to compare with: everything on it counts as new",
+        path.display()
+    ));
+    let found = walk_all(&rules, live, None)?;
+    Ok(Outcome {
+        source: inputs.source("walk", path.display().to_string(), None),
+        found,
+        rules,
+    })
+}
+
+/// Is `path` the top of the layout's root subvolume (so the blank's inode numbers apply)?
+fn is_root_subvolume(path: &Path, layout: &Layout) -> Result<bool> {
+    let dir = btrfs::open_dir_at(nix::fcntl::AT_FDCWD, path.as_os_str())
+        .with_context(|| format!("opening {}", path.display()))?;
+    if !btrfs::is_btrfs(dir.as_fd())?
+        || nix::sys::stat::fstat(dir.as_fd())?.st_ino != btrfs::FIRST_FREE_OBJECTID
+        || toplevel::check_device(&layout.device).is_err()
+    {
+        return Ok(false);
+    }
+    let info = btrfs::subvol_info(dir.as_fd())?;
+    let top = TopLevel::mount(&layout.device, true)?;
+    let same = btrfs::open_dir_at(top.fd(), layout.root_os())
+        .ok()
+        .and_then(|root| btrfs::subvol_info(root.as_fd()).ok())
+        .is_some_and(|root| root.uuid == info.uuid);
+    top.unmount()?;
+    Ok(same)
+}
+
+/// Look at the root (or an old root) of the layout, compared with its blank. `live` is the
+/// root as mounted on the running system when the user pointed at it with --live-root.
+fn from_layout(
+    args: &Args,
+    layout: &Layout,
+    old_root: Option<&str>,
+    live: Option<(OwnedFd, PathBuf)>,
+    inputs: &RuleInputs,
+) -> Result<Outcome> {
+    toplevel::check_device(&layout.device)?;
+    let top = TopLevel::mount(&layout.device, true)?;
+    let (tree, tree_name) = match old_root {
+        Some(name) => {
+            let known = old_roots::scan(top.fd(), &layout.old_roots)?;
+            if !known.iter().any(|r| r.name == name) {
+                let names: Vec<&str> = known.iter().rev().map(|r| r.name.as_str()).collect();
+                return Err(refuse(
+                    format!(
+                        "there is no old root {name:?} in {} on {}{}",
+                        layout.old_roots,
+                        layout.device.display(),
+                        if names.is_empty() {
+                            " (it holds none)".to_owned()
+                        } else {
+                            format!(" (it holds: {})", names.join(", "))
+                        }
+                    ),
+                    "pick a NAME from `rasa old-roots list`",
+                ));
+            }
+            let dir = btrfs::open_dir_at(top.fd(), OsStr::new(&layout.old_roots))?;
+            (
+                btrfs::open_dir_at(dir.as_fd(), OsStr::new(name))
+                    .with_context(|| format!("opening {}/{name}", layout.old_roots))?,
+                format!("{}/{name}", layout.old_roots),
+            )
+        }
+        None => match btrfs::open_dir_at(top.fd(), layout.root_os()) {
+            Ok(fd) if top.is_subvolume(layout.root_os())? => (fd, layout.root.clone()),
+            _ => {
+                return Err(refuse(
+                    format!(
+                        "there is no root subvolume {:?} on {}",
+                        layout.root,
+                        layout.device.display()
+                    ),
+                    "pass the name of the subvolume / is mounted from with --root",
+                ))
+            }
+        },
+    };
+    let tree_info = btrfs::subvol_info(tree.as_fd())?;
+    let blank = match &layout.blank {
+        None => None,
+        Some(name) => {
+            if !top.is_subvolume(OsStr::new(name))? {
+                return Err(refuse(
+                    format!(
+                        "there is no blank subvolume {name:?} on {}",
+                        layout.device.display()
+                    ),
+                    "pass its name with --blank NAME, or --empty if each boot starts from an empty subvolume",
+                ));
+            }
+            let fd = btrfs::open_dir_at(top.fd(), OsStr::new(name))?;
+            let info = btrfs::subvol_info(fd.as_fd())?;
+            Some((fd, info, name.clone()))
+        }
+    };
+    // None: no blank (everything is new). Some(None): a blank unrelated to the tree.
+    let marker = blank
+        .as_ref()
+        .map(|(_, info, _)| btrfs_engine::marker(&tree_info, info));
+    let related = !matches!(marker, Some(None));
+    let engine = match args.engine {
+        EngineChoice::Btrfs if !related => {
+            return Err(refuse(
+                format!(
+                    "{tree_name} and the blank {:?} are not snapshots of one another, so their inode numbers say nothing about each other",
+                    layout.blank.as_deref().unwrap_or_default()
+                ),
+                "use --engine walk, or pass the right --blank",
+            ))
+        }
+        EngineChoice::Btrfs => "btrfs",
+        EngineChoice::Auto if related => "btrfs",
+        _ => "walk",
+    };
+    if !related {
+        log::warn(format!(
+            "{tree_name} is not a snapshot of {:?} (nor the other way round): everything on it counts as new",
+            layout.blank.as_deref().unwrap_or_default()
+        ));
+    }
+    // Mounts matter only for the tree the running system has at /.
+    let (live_fd, display, mounts) = match live {
+        Some((fd, path)) => {
+            drop(tree);
+            let mounts = rules::mounts_below(path.as_os_str().as_bytes());
+            (fd, path.display().to_string(), mounts)
+        }
+        None => {
+            let mounts = if old_root.is_none() && is_running_root(&tree)? {
+                rules::mounts_below(b"/")
+            } else {
+                Vec::new()
+            };
+            (tree, tree_name, mounts)
+        }
+    };
+    let rules = inputs.rules(&mounts)?;
+    let blank = blank.filter(|_| related);
+    let found = if engine == "btrfs" {
+        let blank_arg = blank.as_ref().map(|(fd, _, _)| btrfs_engine::Blank {
+            fd,
+            marker: marker.flatten().unwrap_or(0),
+        });
+        btrfs_engine::run(top.fd(), &live_fd, tree_info.id, blank_arg, &rules)?
+    } else {
+        let blank_fd = blank
+            .as_ref()
+            .map(|(fd, _, _)| nix::unistd::dup(fd.as_fd()))
+            .transpose()?;
+        walk_all(&rules, nix::unistd::dup(live_fd.as_fd())?, blank_fd)?
+    };
+    let compared_with = blank.map(|(_, _, name)| name);
+    // Every fd below the mount must be closed before it can be unmounted.
+    drop(live_fd);
+    top.unmount()?;
+    Ok(Outcome {
+        source: inputs.source(engine, display, compared_with),
+        found,
+        rules,
+    })
+}
+
+/// Is this subvolume the one mounted at / right now?
+fn is_running_root(tree: &OwnedFd) -> Result<bool> {
+    let tree_st = nix::sys::stat::fstat(tree.as_fd())?;
+    Ok(nix::sys::stat::stat("/").is_ok_and(|root| {
+        root.st_dev == tree_st.st_dev && root.st_ino == btrfs::FIRST_FREE_OBJECTID
+    }))
+}
+
+fn walk_all(rules: &rules::Rules, live: OwnedFd, blank: Option<OwnedFd>) -> Result<Vec<Found>> {
+    let progress = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} walked {pos} entries")
+                .expect("valid template"),
+        );
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        bar
+    });
+    let walk = walk::Walk::new(rules, &live, progress.clone())?;
+    let found = walk.run(&live, blank.as_ref(), Vec::new(), true)?;
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_what_is_not_plain_text() {
+        assert_eq!(escape(b"/etc/caf\xc3\xa9"), "/etc/café");
+        assert_eq!(escape(b"/a\xffb"), "/a\\xffb");
+        assert_eq!(escape(b"/a\\b\nc"), "/a\\\\b\\nc");
+        assert_eq!(escape(b"/\x1b"), "/\\x1b");
+    }
+}

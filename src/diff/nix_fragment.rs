@@ -1,0 +1,241 @@
+//! `rasa diff --nix`: an `environment.persistence` fragment that would keep what remains.
+//!
+//! Well-known state is recognised and the directory (or file) that holds it is named, with a
+//! comment saying what it is, so a user persists `/var/lib/bluetooth` rather than forty
+//! pairing files. Anything else is persisted by its top-most new directory (everything in a new
+//! directory is new, so the directory is the natural unit) or, inside directories the blank
+//! already has, file by file.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use anyhow::Result;
+
+use super::report::human_size;
+use super::rules::under;
+use super::{escape, Found, Kind, Outcome, Status};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Unit {
+    /// Persist this directory.
+    Directory(&'static str),
+    /// Persist each matching file on its own (its directory is managed by NixOS).
+    EachFile,
+}
+
+struct Known {
+    /// Matches this path and everything below it (or, for `EachFile`, paths starting with it).
+    prefix: &'static str,
+    unit: Unit,
+    what: &'static str,
+}
+
+/// Well-known state on NixOS machines, and what to persist for it.
+const KNOWN: &[Known] = &[
+    Known {
+        prefix: "/etc/NetworkManager/system-connections",
+        unit: Unit::Directory("/etc/NetworkManager/system-connections"),
+        what: "NetworkManager connections (Wi-Fi passwords, VPNs)",
+    },
+    Known {
+        prefix: "/var/lib/NetworkManager",
+        unit: Unit::Directory("/var/lib/NetworkManager"),
+        what: "NetworkManager secret_key, seen-bssids, timestamps",
+    },
+    Known {
+        prefix: "/etc/ssh/ssh_host_",
+        unit: Unit::EachFile,
+        what: "ssh host key (clients warn when it changes)",
+    },
+    Known {
+        prefix: "/var/lib/bluetooth",
+        unit: Unit::Directory("/var/lib/bluetooth"),
+        what: "Bluetooth pairings",
+    },
+    Known {
+        prefix: "/var/lib/docker",
+        unit: Unit::Directory("/var/lib/docker"),
+        what: "Docker images, containers and volumes",
+    },
+    Known {
+        prefix: "/var/lib/systemd/timers",
+        unit: Unit::Directory("/var/lib/systemd/timers"),
+        what: "systemd persistent timer stamps",
+    },
+    Known {
+        prefix: "/var/lib/nixos",
+        unit: Unit::Directory("/var/lib/nixos"),
+        what: "NixOS uid/gid allocations (keeps file ownership stable)",
+    },
+    Known {
+        prefix: "/etc/machine-id",
+        unit: Unit::EachFile,
+        what: "machine id (journal and DHCP identity)",
+    },
+];
+
+fn known_for(path: &[u8]) -> Option<&'static Known> {
+    KNOWN.iter().find(|k| match k.unit {
+        Unit::Directory(_) => under(path, k.prefix.as_bytes()),
+        Unit::EachFile => path.starts_with(k.prefix.as_bytes()),
+    })
+}
+
+/// A Nix string literal; `None` when the path cannot be one (Nix strings are UTF-8).
+fn nix_string(path: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(path).ok()?;
+    let mut out = String::from("\"");
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '$' if chars.peek() == Some(&'{') => out.push_str("\\$"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    Some(out)
+}
+
+#[derive(Default)]
+struct Suggestion {
+    what: Option<&'static str>,
+    /// An existing directory whose mode or owner changed (nothing below it is new).
+    modified_dir: bool,
+    paths: u64,
+    size: u64,
+}
+
+pub fn render(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
+    // Where well-known state lives: a new directory above it (say /etc/ssh for a host key) is
+    // only its parent, which impermanence creates; persisting it would nest the two.
+    let known_units: Vec<Vec<u8>> = outcome
+        .found
+        .iter()
+        .filter_map(|f| {
+            known_for(&f.path).map(|k| match k.unit {
+                Unit::Directory(dir) => dir.as_bytes().to_vec(),
+                Unit::EachFile => f.path.clone(),
+            })
+        })
+        .collect();
+    let holds_known = |dir: &[u8]| {
+        known_units
+            .iter()
+            .any(|unit| under(unit, dir) && unit.as_slice() != dir)
+    };
+    // The new directories that can stand for everything below them.
+    let new_dirs: Vec<&[u8]> = outcome
+        .found
+        .iter()
+        .filter(|f| f.kind == Kind::Directory && f.status == Status::New)
+        .map(|f| f.path.as_slice())
+        .filter(|dir| !holds_known(dir))
+        .collect();
+    let mut directories: BTreeMap<Vec<u8>, Suggestion> = BTreeMap::new();
+    let mut files: BTreeMap<Vec<u8>, Suggestion> = BTreeMap::new();
+    for found in &outcome.found {
+        if found.kind == Kind::Directory && holds_known(&found.path) {
+            continue;
+        }
+        let (key, what, is_dir) = classify(found, &new_dirs);
+        let modified_dir =
+            found.kind == Kind::Directory && found.status == Status::Modified && found.path == key;
+        let target = if is_dir {
+            directories.entry(key).or_default()
+        } else {
+            files.entry(key).or_default()
+        };
+        target.what = target.what.or(what);
+        target.modified_dir |= modified_dir;
+        target.paths += 1;
+        target.size += found.size;
+    }
+
+    writeln!(
+        out,
+        "# What `rasa diff` found on {} that the next boot erases. Paste into your NixOS",
+        escape(outcome.source.tree.as_bytes())
+    )?;
+    writeln!(
+        out,
+        "# configuration (with the impermanence module) and delete what you do not want to keep."
+    )?;
+    let storage = nix_string(outcome.source.storage_root.as_bytes())
+        .unwrap_or_else(|| "\"/persist\"".to_owned());
+    writeln!(out, "environment.persistence.{storage} = {{")?;
+    for (label, map) in [("directories", &directories), ("files", &files)] {
+        writeln!(out, "  {label} = [")?;
+        for (path, suggestion) in map {
+            let comment = match suggestion.what {
+                Some(what) => what.to_owned(),
+                None if suggestion.modified_dir => {
+                    "mode or owner differs from the blank".to_owned()
+                }
+                None => format!(
+                    "{} path{}, {}",
+                    suggestion.paths,
+                    if suggestion.paths == 1 { "" } else { "s" },
+                    human_size(suggestion.size)
+                ),
+            };
+            match nix_string(path) {
+                Some(literal) => writeln!(out, "    {literal} # {comment}")?,
+                None => writeln!(
+                    out,
+                    "    # left out, not UTF-8 (Nix strings cannot hold it): {}",
+                    escape(path)
+                )?,
+            }
+        }
+        writeln!(out, "  ];")?;
+    }
+    writeln!(out, "}};")?;
+    Ok(())
+}
+
+/// Where one found path goes: the path to persist, what it is, and whether it is a directory.
+fn classify(found: &Found, new_dirs: &[&[u8]]) -> (Vec<u8>, Option<&'static str>, bool) {
+    let is_dir = found.kind == Kind::Directory;
+    if let Some(known) = known_for(&found.path) {
+        return match known.unit {
+            Unit::Directory(dir) => (dir.as_bytes().to_vec(), Some(known.what), true),
+            Unit::EachFile => (found.path.clone(), Some(known.what), is_dir),
+        };
+    }
+    // `new_dirs` is sorted, so the first ancestor found is the top-most.
+    match new_dirs.iter().find(|d| under(&found.path, d)) {
+        Some(top) => (top.to_vec(), None, true),
+        None => (found.path.clone(), None, is_dir),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nix_strings_are_escaped() {
+        assert_eq!(nix_string(b"/a\"b").unwrap(), r#""/a\"b""#);
+        assert_eq!(nix_string(b"/a${b}").unwrap(), r#""/a\${b}""#);
+        assert_eq!(nix_string(b"/a$b").unwrap(), r#""/a$b""#);
+        assert_eq!(nix_string(b"/a\xff"), None);
+    }
+
+    #[test]
+    fn known_state_is_named_by_its_directory() {
+        assert_eq!(
+            known_for(b"/var/lib/bluetooth/AA:BB/info").unwrap().prefix,
+            "/var/lib/bluetooth"
+        );
+        assert!(known_for(b"/var/lib/bluetoothx").is_none());
+        assert_eq!(
+            known_for(b"/etc/ssh/ssh_host_ed25519_key").unwrap().unit,
+            Unit::EachFile
+        );
+    }
+}

@@ -1,0 +1,262 @@
+//! What `rasa diff` leaves out, decided per path. Both engines ask the same questions in the
+//! same way, which is what makes their answers comparable.
+//!
+//! A path is left out when it, or any directory above it, is
+//! - persisted: a manifest entry, or a symlink into a storage root (impermanence's file links);
+//! - a runtime mount point: /proc /sys /dev /run /tmp, and every mount below the live root;
+//! - matched by an ignore glob (`--ignore`, the manifest's `diffIgnore`); a directory is also
+//!   tested with a trailing `/`, so `/var/cache/**` covers `/var/cache` itself;
+//!
+//! and a symlink into /nix/store is left out because NixOS recreates it on every boot.
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use anyhow::Result;
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+
+use crate::error::refuse;
+
+/// Mounted on every boot by systemd, whatever the manifest says.
+pub const RUNTIME_DIRS: &[&str] = &["/proc", "/sys", "/dev", "/run", "/tmp"];
+const NIX_STORE: &[u8] = b"/nix/store";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    Persisted,
+    Runtime,
+    Ignored,
+    StoreSymlink,
+}
+
+pub struct Rules {
+    persisted: HashSet<Vec<u8>>,
+    storage_roots: Vec<Vec<u8>>,
+    mounts: HashSet<Vec<u8>>,
+    /// `lengths[n]`: some persisted path or mount point is n bytes long.
+    lengths: Vec<bool>,
+    ignore: GlobSet,
+    pub ignore_patterns: Vec<String>,
+    pub persisted_count: usize,
+    pub mount_count: usize,
+}
+
+impl Rules {
+    pub fn new(
+        persisted: &[String],
+        storage_roots: &[String],
+        mounts: &[Vec<u8>],
+        ignore: &[String],
+    ) -> Result<Rules> {
+        let mut builder = GlobSetBuilder::new();
+        for pattern in ignore {
+            let glob = GlobBuilder::new(pattern)
+                .literal_separator(true)
+                .backslash_escape(true)
+                .build()
+                .map_err(|e| {
+                    refuse(
+                        format!("the ignore pattern {pattern:?} is not a valid glob: {e}"),
+                        "fix the pattern (globs use *, ?, [..], {a,b} and ** for any depth), \
+                         e.g. --ignore '/var/cache/**'",
+                    )
+                })?;
+            builder.add(glob);
+        }
+        let ignore_set = builder.build()?;
+        let normalise = |p: &str| -> Vec<u8> {
+            let trimmed = p.trim_end_matches('/');
+            if trimmed.is_empty() {
+                b"/".to_vec()
+            } else {
+                trimmed.as_bytes().to_vec()
+            }
+        };
+        let mut mount_set: HashSet<Vec<u8>> =
+            RUNTIME_DIRS.iter().map(|d| d.as_bytes().to_vec()).collect();
+        mount_set.extend(mounts.iter().filter(|m| m.as_slice() != b"/").cloned());
+        let persisted: HashSet<Vec<u8>> = persisted.iter().map(|p| normalise(p)).collect();
+        let mut lengths = Vec::new();
+        for path in persisted.iter().chain(mount_set.iter()) {
+            if lengths.len() <= path.len() {
+                lengths.resize(path.len() + 1, false);
+            }
+            lengths[path.len()] = true;
+        }
+        Ok(Rules {
+            lengths,
+            persisted_count: persisted.len(),
+            persisted,
+            storage_roots: storage_roots
+                .iter()
+                .map(|p| normalise(p))
+                .filter(|p| p.as_slice() != b"/")
+                .collect(),
+            mount_count: mount_set.len(),
+            mounts: mount_set,
+            ignore: ignore_set,
+            ignore_patterns: ignore.to_vec(),
+        })
+    }
+
+    /// Why this one path is left out, looking at the path itself only (the engines take care
+    /// of directories above it: the walk does not descend, the btrfs engine asks for each).
+    pub fn check(
+        &self,
+        path: &[u8],
+        is_dir: bool,
+        symlink_target: Option<&[u8]>,
+    ) -> Option<Reason> {
+        // Hashing every path of a large tree shows in profiles; most lengths match no entry.
+        let len_known = self.lengths.get(path.len()).copied().unwrap_or(false);
+        if len_known && self.persisted.contains(path) {
+            return Some(Reason::Persisted);
+        }
+        if len_known && self.mounts.contains(path) {
+            return Some(Reason::Runtime);
+        }
+        if !self.ignore.is_empty() {
+            let os = Path::new(OsStr::from_bytes(path));
+            if self.ignore.is_match(os) {
+                return Some(Reason::Ignored);
+            }
+            if is_dir {
+                let mut with_slash = path.to_vec();
+                with_slash.push(b'/');
+                if self
+                    .ignore
+                    .is_match(Path::new(OsStr::from_bytes(&with_slash)))
+                {
+                    return Some(Reason::Ignored);
+                }
+            }
+        }
+        if let Some(target) = symlink_target {
+            if under(target, NIX_STORE) {
+                return Some(Reason::StoreSymlink);
+            }
+            if self.storage_roots.iter().any(|root| under(target, root)) {
+                return Some(Reason::Persisted);
+            }
+        }
+        None
+    }
+}
+
+/// `path` is `dir` or inside it.
+pub fn under(path: &[u8], dir: &[u8]) -> bool {
+    path.starts_with(dir) && (path.len() == dir.len() || path[dir.len()] == b'/')
+}
+
+/// Mount points at or below `live_root` (as paths relative to it, starting with '/'), from
+/// /proc/self/mountinfo, whose fields escape space, tab, newline and backslash in octal.
+pub fn mounts_below(live_root: &[u8]) -> Vec<Vec<u8>> {
+    let Ok(info) = std::fs::read("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let root = if live_root == b"/" {
+        &b""[..]
+    } else {
+        live_root.strip_suffix(b"/").unwrap_or(live_root)
+    };
+    let mut found = Vec::new();
+    for line in info.split(|&b| b == b'\n') {
+        let Some(field) = line.split(|&b| b == b' ').nth(4) else {
+            continue;
+        };
+        let point = unescape_octal(field);
+        if root.is_empty() {
+            found.push(point);
+        } else if under(&point, root) && point.len() > root.len() {
+            found.push(point[root.len()..].to_vec());
+        }
+    }
+    found
+}
+
+fn unescape_octal(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        if field[i] == b'\\'
+            && i + 3 < field.len()
+            && field[i + 1..i + 4]
+                .iter()
+                .all(|c| (b'0'..=b'7').contains(c))
+        {
+            let value =
+                (field[i + 1] - b'0') * 64 + (field[i + 2] - b'0') * 8 + (field[i + 3] - b'0');
+            out.push(value);
+            i += 4;
+        } else {
+            out.push(field[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(ignore: &[&str]) -> Rules {
+        Rules::new(
+            &["/var/lib/nixos".into(), "/etc/machine-id".into()],
+            &["/persist".into()],
+            &[b"/boot".to_vec()],
+            &ignore.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn decides_each_reason() {
+        let r = rules(&["/var/cache/**", "/home/*/.cache/**"]);
+        assert_eq!(
+            r.check(b"/var/lib/nixos", true, None),
+            Some(Reason::Persisted)
+        );
+        assert_eq!(r.check(b"/var/lib/nixos2", true, None), None);
+        assert_eq!(r.check(b"/proc", true, None), Some(Reason::Runtime));
+        assert_eq!(r.check(b"/boot", true, None), Some(Reason::Runtime));
+        assert_eq!(r.check(b"/var/cache", true, None), Some(Reason::Ignored));
+        assert_eq!(r.check(b"/var/cache", false, None), None);
+        assert_eq!(
+            r.check(b"/var/cache/x/y", false, None),
+            Some(Reason::Ignored)
+        );
+        assert_eq!(
+            r.check(b"/home/a/.cache/z", false, None),
+            Some(Reason::Ignored)
+        );
+        assert_eq!(r.check(b"/home/a/b/.cache/z", false, None), None);
+        assert_eq!(
+            r.check(b"/etc/x", false, Some(b"/nix/store/abc-x")),
+            Some(Reason::StoreSymlink)
+        );
+        assert_eq!(r.check(b"/etc/x", false, Some(b"/nix/storefront")), None);
+        assert_eq!(
+            r.check(b"/etc/y", false, Some(b"/persist/etc/y")),
+            Some(Reason::Persisted)
+        );
+        assert_eq!(r.check(b"/etc/\xff", false, None), None);
+    }
+
+    #[test]
+    fn bad_glob_is_refused() {
+        let err = Rules::new(&[], &[], &[], &["/a/[".into()]).err().unwrap();
+        assert_eq!(
+            crate::error::exit_code_for(&err),
+            crate::error::exit::REFUSED
+        );
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_octal(br"/mnt/a\040b"), b"/mnt/a b".to_vec());
+        assert_eq!(unescape_octal(br"/x\\"), br"/x\\".to_vec());
+    }
+}

@@ -1,0 +1,278 @@
+//! The portable engine: walk the live tree with `openat`, compare each entry with the same path
+//! in the blank (when there is one), and keep what the rules do not leave out.
+//!
+//! Every directory is opened relative to its parent with O_NOFOLLOW, so a symlink planted in
+//! the tree is reported, never followed. The walk stays on the device it started on and skips
+//! subvolume tops (inode 256) and btrfs's empty-subvolume placeholders (inode 2): those are
+//! other filesystems or other subvolumes, which the next boot does not erase with this root.
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+
+use anyhow::{Context, Result};
+use nix::dir::Dir;
+use nix::fcntl::{readlinkat, AtFlags};
+use nix::sys::stat::{fstat, fstatat, FileStat};
+
+use super::rules::Rules;
+use super::{Found, Kind, Meta, Status};
+use crate::btrfs;
+
+/// A directory still to read: its path (from the tree's top) and whether the blank holds the
+/// same directory there. Paths, not open fds, so that a wide tree cannot exhaust descriptors;
+/// each is opened again from the top, one component at a time, with O_NOFOLLOW.
+type Task = (Vec<u8>, bool);
+
+struct Queue {
+    tasks: Vec<Task>,
+    busy: usize,
+}
+
+pub struct Walk<'a> {
+    rules: &'a Rules,
+    device: u64,
+    on_btrfs: bool,
+    visited: AtomicU64,
+    progress: Option<indicatif::ProgressBar>,
+}
+
+impl<'a> Walk<'a> {
+    /// A walk of the tree whose top is open at `top` (the device is taken from it).
+    pub fn new(
+        rules: &'a Rules,
+        top: &OwnedFd,
+        progress: Option<indicatif::ProgressBar>,
+    ) -> Result<Walk<'a>> {
+        let st = fstat(top.as_fd()).context("inspecting the tree to walk")?;
+        Ok(Walk {
+            rules,
+            device: st.st_dev,
+            on_btrfs: btrfs::is_btrfs(top.as_fd())?,
+            visited: AtomicU64::new(0),
+            progress,
+        })
+    }
+
+    /// Everything below `start` (a directory path from the top of `live`, empty for the top
+    /// itself), compared with the same places in `blank` when `start_in_blank`. Directories are
+    /// read by a few threads: the work is one `lstat` per entry, which the kernel serves in
+    /// parallel.
+    pub fn run(
+        &self,
+        live: &OwnedFd,
+        blank: Option<&OwnedFd>,
+        start: Vec<u8>,
+        start_in_blank: bool,
+    ) -> Result<Vec<Found>> {
+        let queue = Mutex::new(Queue {
+            tasks: vec![(start, start_in_blank && blank.is_some())],
+            busy: 0,
+        });
+        let wake = Condvar::new();
+        let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
+        let results: Vec<Vec<Found>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut found = Vec::new();
+                        loop {
+                            let task = {
+                                let mut q = queue.lock().unwrap();
+                                loop {
+                                    if let Some(task) = q.tasks.pop() {
+                                        q.busy += 1;
+                                        break Some(task);
+                                    }
+                                    if q.busy == 0 {
+                                        break None;
+                                    }
+                                    q = wake.wait(q).unwrap();
+                                }
+                            };
+                            let Some((path, in_blank)) = task else {
+                                wake.notify_all();
+                                break;
+                            };
+                            let mut subdirs = Vec::new();
+                            if failure.lock().unwrap().is_none() {
+                                if let Err(e) = self.read_dir(
+                                    live,
+                                    blank,
+                                    &path,
+                                    in_blank,
+                                    &mut found,
+                                    &mut subdirs,
+                                ) {
+                                    failure.lock().unwrap().get_or_insert(e);
+                                }
+                            }
+                            let mut q = queue.lock().unwrap();
+                            q.tasks.append(&mut subdirs);
+                            q.busy -= 1;
+                            drop(q);
+                            wake.notify_all();
+                        }
+                        found
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        if let Some(e) = failure.into_inner().unwrap() {
+            return Err(e);
+        }
+        if let Some(bar) = &self.progress {
+            bar.set_position(self.visited.load(Ordering::Relaxed));
+        }
+        let mut found: Vec<Found> = results.into_iter().flatten().collect();
+        found.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(found)
+    }
+
+    fn read_dir(
+        &self,
+        live_top: &OwnedFd,
+        blank_top: Option<&OwnedFd>,
+        path: &[u8],
+        in_blank: bool,
+        found: &mut Vec<Found>,
+        subdirs: &mut Vec<Task>,
+    ) -> Result<()> {
+        let live = match open_beneath(live_top, path) {
+            Ok(fd) => fd,
+            // Gone or replaced since it was listed: the tree is live.
+            Err(
+                nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR | nix::errno::Errno::ELOOP,
+            ) => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("opening {}", super::escape(path))),
+        };
+        // Opened again by path: if something was mounted there since it was listed, stop.
+        if fstat(live.as_fd()).map_or(true, |st| st.st_dev != self.device) {
+            return Ok(());
+        }
+        let blank = match blank_top {
+            Some(top) if in_blank => open_beneath(top, path).ok(),
+            _ => None,
+        };
+        let mut dir =
+            Dir::from_fd(live).with_context(|| format!("reading {}", super::escape(path)))?;
+        let mut names: Vec<CString> = Vec::new();
+        for entry in dir.iter() {
+            let entry = entry.with_context(|| format!("reading {}", super::escape(path)))?;
+            let name = entry.file_name();
+            if name != c"." && name != c".." {
+                names.push(name.to_owned());
+            }
+        }
+        let visited = self
+            .visited
+            .fetch_add(names.len() as u64, Ordering::Relaxed);
+        if let Some(bar) = &self.progress {
+            if visited / 8192 != (visited + names.len() as u64) / 8192 {
+                bar.set_position(visited);
+            }
+        }
+        for name in names {
+            let st = match fstatat(dir.as_fd(), name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(nix::errno::Errno::ENOENT) => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("inspecting {}", super::escape(&join(path, name.to_bytes())))
+                    })
+                }
+            };
+            let kind = Kind::from_mode(st.st_mode);
+            if kind == Kind::Directory
+                && (st.st_dev != self.device
+                    || (self.on_btrfs
+                        && (st.st_ino == btrfs::FIRST_FREE_OBJECTID || st.st_ino == 2)))
+            {
+                continue;
+            }
+            let full = join(path, name.to_bytes());
+            let target = if kind == Kind::Symlink {
+                readlinkat(dir.as_fd(), name.as_c_str())
+                    .ok()
+                    .map(|t| t.as_encoded_bytes().to_vec())
+            } else {
+                None
+            };
+            if self
+                .rules
+                .check(&full, kind == Kind::Directory, target.as_deref())
+                .is_some()
+            {
+                continue;
+            }
+            let live_meta = Meta::from_stat(&st);
+            let in_blank = blank
+                .as_ref()
+                .and_then(|b| {
+                    fstatat(b.as_fd(), name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW).ok()
+                })
+                .filter(|b| b.st_ino == st.st_ino && Kind::from_mode(b.st_mode) == kind);
+            let status = match &in_blank {
+                None => Some(Status::New),
+                Some(b) if live_meta.same_as(&Meta::from_stat(b)) => None,
+                Some(_) => Some(Status::Modified),
+            };
+            if kind == Kind::Directory {
+                subdirs.push((full.clone(), in_blank.is_some()));
+            }
+            if let Some(status) = status {
+                found.push(Found {
+                    path: full,
+                    kind,
+                    status,
+                    size: live_meta.reported_size(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut path = Vec::with_capacity(dir.len() + 1 + name.len());
+    path.extend_from_slice(dir);
+    path.push(b'/');
+    path.extend_from_slice(name);
+    path
+}
+
+trait AsOsStr {
+    fn as_ref_os(&self) -> &std::ffi::OsStr;
+}
+
+impl AsOsStr for [u8] {
+    fn as_ref_os(&self) -> &std::ffi::OsStr {
+        std::os::unix::ffi::OsStrExt::from_bytes(self)
+    }
+}
+
+/// Open a directory below `top` by its path (`/a/b`), one component at a time, never
+/// following a symlink.
+pub fn open_beneath(top: &OwnedFd, path: &[u8]) -> nix::Result<OwnedFd> {
+    let mut current = nix::unistd::dup(top.as_fd())?;
+    for component in path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
+        current = btrfs::open_dir_at(current.as_fd(), component.as_ref_os())?;
+    }
+    Ok(current)
+}
+
+/// `lstat` of a path below `top`, never following a symlink on the way.
+pub fn stat_beneath(top: &OwnedFd, path: &[u8]) -> Option<FileStat> {
+    let split = path.iter().rposition(|&b| b == b'/')?;
+    let parent = open_beneath(top, &path[..split]).ok()?;
+    let name = CString::new(&path[split + 1..]).ok()?;
+    fstatat(
+        parent.as_fd(),
+        name.as_c_str(),
+        AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .ok()
+}

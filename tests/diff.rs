@@ -1,0 +1,566 @@
+//! `rasa diff` on real btrfs: both engines on the same tree, their exact output, and their
+//! agreement; --nix parsed by Nix; --old-root after a real rollback; refusals.
+
+mod common;
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{sh, stderr, stdout, LoopBtrfs};
+use expect_test::expect;
+
+const MANIFEST: &str = r#"{
+  "version": 1,
+  "rollback": { "device": "/dev/null", "root": "root", "blank": "root-blank", "oldRoots": "old_roots",
+                "persist": "persist", "keep": 5, "keepDays": 7 },
+  "entries": [
+    { "storageRoot": "/persist", "path": "/var/lib/nixos", "kind": "directory", "user": "root", "group": "root", "mode": "0755" },
+    { "storageRoot": "/persist", "path": "/etc/machine-id", "kind": "file", "user": "root", "group": "root", "mode": "0755" }
+  ],
+  "diffIgnore": ["/var/cache/**"]
+}"#;
+
+fn write(path: &Path, content: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, content).unwrap();
+}
+
+/// How the blank and the root are related.
+#[derive(Clone, Copy)]
+enum Origin {
+    /// What `rasa rollback` makes: the root is a snapshot of the blank.
+    RootFromBlank,
+    /// What the seed's guide does: the blank is a read-only snapshot of the root.
+    BlankFromRoot,
+}
+
+/// The blank's content, the root derived from it, then a boot's worth of changes.
+fn scenario(fs: &LoopBtrfs, origin: Origin) -> PathBuf {
+    let base = match origin {
+        Origin::RootFromBlank => "seed",
+        Origin::BlankFromRoot => "root",
+    };
+    fs.subvolume(base);
+    fs.subvolume("persist");
+    let b = fs.path(base);
+    for (rel, content) in [
+        ("etc/keep.conf", "unchanged\n"),
+        ("etc/read.conf", "only read\n"),
+        ("etc/modify.conf", "old\n"),
+        ("etc/delete.conf", "gone soon\n"),
+        ("etc/rename-me.conf", "renamed\n"),
+        ("etc/chmod.conf", "mode\n"),
+        ("olddir/a", "a\n"),
+        ("olddir/sub/b", "b\n"),
+        ("var/lib/nixos/uid-map", "{}\n"),
+    ] {
+        write(&b.join(rel), content);
+    }
+    for dir in [
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "tmp",
+        "var/log",
+        "var/cache",
+        "home/alice",
+        "root",
+    ] {
+        std::fs::create_dir_all(b.join(dir)).unwrap();
+    }
+    // Fixed times, so that reading a file (relatime) really updates its atime below.
+    sh(&format!(
+        "find '{}' -exec touch -h -d '2020-01-01 00:00:00' {{}} +",
+        b.display()
+    ));
+    let top = fs.top.display();
+    match origin {
+        Origin::RootFromBlank => {
+            sh(&format!(
+                "btrfs -q subvolume snapshot -r {top}/seed {top}/root-blank"
+            ));
+            sh(&format!(
+                "btrfs -q subvolume snapshot {top}/root-blank {top}/root"
+            ));
+            sh(&format!("btrfs -q subvolume delete {top}/seed"));
+        }
+        Origin::BlankFromRoot => {
+            sh(&format!(
+                "btrfs -q subvolume snapshot -r {top}/root {top}/root-blank"
+            ));
+        }
+    }
+    let r = fs.path("root");
+    // New files and directories, some of them well-known state.
+    for (rel, content) in [
+        ("etc/new.conf", "new\n"),
+        ("var/lib/app/state.db", "0123456789"),
+        ("home/alice/notes.txt", "notes\n"),
+        ("etc/ssh/ssh_host_ed25519_key", "KEY\n"),
+        ("var/lib/bluetooth/AA:BB/info", "paired\n"),
+        (
+            "etc/NetworkManager/system-connections/home.nmconnection",
+            "psk=x\n",
+        ),
+        ("var/lib/nixos/gid-map", "{}\n"),
+        ("var/cache/fontconfig/x.cache", "cache"),
+        ("root/.bash_history", "ls\n"),
+        ("tmp/scratch", "t"),
+        ("run/pidfile", "1"),
+    ] {
+        write(&r.join(rel), content);
+    }
+    std::fs::write(r.join("etc/modify.conf"), "new content\n").unwrap();
+    std::fs::remove_file(r.join("etc/delete.conf")).unwrap();
+    std::fs::rename(r.join("etc/rename-me.conf"), r.join("etc/renamed.conf")).unwrap();
+    sh(&format!(
+        "chmod 600 '{}'",
+        r.join("etc/chmod.conf").display()
+    ));
+    sh(&format!("chmod 700 '{}'", r.join("var/log").display()));
+    std::fs::rename(r.join("olddir"), r.join("movedir")).unwrap();
+    std::os::unix::fs::symlink("/nix/store/abc-etc/static", r.join("etc/static")).unwrap();
+    std::os::unix::fs::symlink("/home/alice", r.join("etc/alice-link")).unwrap();
+    std::os::unix::fs::symlink("/persist/etc/machine-id", r.join("etc/machine-id")).unwrap();
+    std::fs::hard_link(r.join("etc/keep.conf"), r.join("etc/keep-link.conf")).unwrap();
+    std::fs::remove_file(r.join("etc/keep-link.conf")).unwrap();
+    std::fs::write(
+        r.join(std::ffi::OsStr::from_bytes(b"etc/caf\xff")),
+        "latin-1\n",
+    )
+    .unwrap();
+    std::fs::read(r.join("etc/read.conf")).unwrap();
+    fs.subvolume("root/var/lib/machines");
+    write(&r.join("var/lib/machines/inside"), "nested subvolume\n");
+    sh("sync");
+    let manifest = fs.dir.path().join("manifest.json");
+    std::fs::write(&manifest, MANIFEST).unwrap();
+    manifest
+}
+
+fn diff(fs: &LoopBtrfs, manifest: &Path, extra: &[&str]) -> (String, String) {
+    let mut args = vec![
+        "diff",
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--ignore",
+        "/root/.bash_history",
+    ];
+    args.extend_from_slice(extra);
+    let out = fs.rasa(&args);
+    assert!(
+        out.status.success(),
+        "rasa {args:?} failed: {}",
+        stderr(&out)
+    );
+    (stdout(&out), stderr(&out))
+}
+
+const EXPECTED_LONG: expect_test::Expect = expect![[r#"
+    new      dir                0  /etc/NetworkManager
+    new      dir                0  /etc/NetworkManager/system-connections
+    new      file               6  /etc/NetworkManager/system-connections/home.nmconnection
+    new      symlink           11  /etc/alice-link
+    new      file               8  /etc/caf\xff
+    modified file               5  /etc/chmod.conf
+    modified file              10  /etc/keep.conf
+    modified file              12  /etc/modify.conf
+    new      file               4  /etc/new.conf
+    new      file               8  /etc/renamed.conf
+    new      dir                0  /etc/ssh
+    new      file               4  /etc/ssh/ssh_host_ed25519_key
+    new      file               6  /home/alice/notes.txt
+    new      dir                0  /movedir
+    new      file               2  /movedir/a
+    new      dir                0  /movedir/sub
+    new      file               2  /movedir/sub/b
+    new      dir                0  /var/lib/app
+    new      file              10  /var/lib/app/state.db
+    new      dir                0  /var/lib/bluetooth
+    new      dir                0  /var/lib/bluetooth/AA:BB
+    new      file               7  /var/lib/bluetooth/AA:BB/info
+    modified dir                0  /var/log
+"#]];
+
+fn check_scenario(test: &str, origin: Origin) {
+    let Some(fs) = LoopBtrfs::new(test, 300) else {
+        return;
+    };
+    let manifest = scenario(&fs, origin);
+    let (btrfs_long, btrfs_err) = diff(&fs, &manifest, &["--engine", "btrfs", "--long"]);
+    let (walk_long, _) = diff(&fs, &manifest, &["--engine", "walk", "--long"]);
+    let root = fs.path("root");
+    let (walk_live_long, _) = diff(
+        &fs,
+        &manifest,
+        &[
+            "--engine",
+            "walk",
+            "--live-root",
+            root.to_str().unwrap(),
+            "--long",
+        ],
+    );
+    let (auto_long, _) = diff(&fs, &manifest, &["--long"]);
+    EXPECTED_LONG.assert_eq(&btrfs_long);
+    assert_eq!(
+        walk_long, btrfs_long,
+        "the walk disagrees with the btrfs engine"
+    );
+    assert_eq!(
+        walk_live_long, btrfs_long,
+        "the walk of the mounted root disagrees"
+    );
+    assert_eq!(auto_long, btrfs_long);
+    assert!(!btrfs_err.contains("no manifest"), "{btrfs_err}");
+
+    // JSON: the same paths, the non-UTF-8 one losslessly.
+    let (btrfs_json, _) = diff(&fs, &manifest, &["--engine", "btrfs", "--json"]);
+    let (walk_json, _) = diff(&fs, &manifest, &["--engine", "walk", "--json"]);
+    let strip_engine = |s: &str| s.replace("\"engine\": \"walk\"", "\"engine\": \"btrfs\"");
+    assert_eq!(strip_engine(&walk_json), btrfs_json);
+    let parsed: serde_json::Value = serde_json::from_str(&btrfs_json).unwrap();
+    assert_eq!(parsed["engine"], "btrfs");
+    assert_eq!(parsed["compared_with"], "root-blank");
+    assert_eq!(parsed["paths"], 23);
+    let odd = parsed["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["path"] == "/etc/caf\\xff")
+        .unwrap();
+    let bytes: Vec<u8> = odd["path_bytes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_u64().unwrap() as u8)
+        .collect();
+    assert_eq!(bytes, b"/etc/caf\xff");
+}
+
+#[test]
+fn engines_agree_on_a_root_made_from_the_blank() {
+    check_scenario(
+        "engines_agree_on_a_root_made_from_the_blank",
+        Origin::RootFromBlank,
+    );
+}
+
+#[test]
+fn engines_agree_on_a_blank_made_from_the_root() {
+    check_scenario(
+        "engines_agree_on_a_blank_made_from_the_root",
+        Origin::BlankFromRoot,
+    );
+}
+
+#[test]
+fn summary_nix_and_exit_code() {
+    let Some(fs) = LoopBtrfs::new("summary_nix_and_exit_code", 300) else {
+        return;
+    };
+    let manifest = scenario(&fs, Origin::RootFromBlank);
+    let (summary, _) = diff(&fs, &manifest, &[]);
+    expect![[r#"
+        23 paths (95 B) on root will be erased by the next boot [engine: btrfs, compared with root-blank]
+
+              SIZE    PATHS      NEW MODIFIED  DIRECTORY
+              68 B       12        9        3  /etc
+              17 B        6        5        1  /var
+               6 B        1        1        0  /home
+               4 B        4        4        0  /movedir
+
+        `rasa diff --long` lists every path; `rasa diff --nix` suggests what to persist.
+        left out: what root-blank holds unchanged, 2 persisted path(s) from the manifest, symlinks into /nix/store, /proc /sys /dev /run /tmp and 0 other mount(s), paths matching /root/.bash_history /var/cache/**
+    "#]]
+    .assert_eq(&summary);
+
+    let (nix, _) = diff(&fs, &manifest, &["--nix"]);
+    expect![[r##"
+        # What `rasa diff` found on root that the next boot erases. Paste into your NixOS
+        # configuration (with the impermanence module) and delete what you do not want to keep.
+        environment.persistence."/persist" = {
+          directories = [
+            "/etc/NetworkManager/system-connections" # NetworkManager connections (Wi-Fi passwords, VPNs)
+            "/movedir" # 4 paths, 4 B
+            "/var/lib/app" # 2 paths, 10 B
+            "/var/lib/bluetooth" # Bluetooth pairings
+            "/var/log" # mode or owner differs from the blank
+          ];
+          files = [
+            "/etc/alice-link" # 1 path, 11 B
+            # left out, not UTF-8 (Nix strings cannot hold it): /etc/caf\xff
+            "/etc/chmod.conf" # 1 path, 5 B
+            "/etc/keep.conf" # 1 path, 10 B
+            "/etc/modify.conf" # 1 path, 12 B
+            "/etc/new.conf" # 1 path, 4 B
+            "/etc/renamed.conf" # 1 path, 8 B
+            "/etc/ssh/ssh_host_ed25519_key" # ssh host key (clients warn when it changes)
+            "/home/alice/notes.txt" # 1 path, 6 B
+          ];
+        };
+    "##]].assert_eq(&nix);
+    let file = fs.dir.path().join("fragment.nix");
+    std::fs::write(&file, format!("{{\n{nix}}}\n")).unwrap();
+    let parse = Command::new("nix-instantiate")
+        .arg("--parse")
+        .arg(&file)
+        .output();
+    match parse {
+        Ok(out) => assert!(
+            out.status.success(),
+            "nix-instantiate --parse failed: {}",
+            stderr(&out)
+        ),
+        Err(e) => {
+            common::skip::<()>(
+                "summary_nix_and_exit_code (nix parse)",
+                &format!("nix-instantiate not runnable ({e}); apt-get install nix-bin"),
+            );
+        }
+    }
+
+    // No manifest anywhere: nothing counts as persisted, and rasa says so.
+    if !Path::new("/etc/rasa/manifest.json").exists()
+        && !Path::new("/nix/var/nix/profiles/system/etc/rasa/manifest.json").exists()
+    {
+        let out = fs.rasa(&["diff", "--long"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("no manifest found"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(
+            stdout(&out).contains("/var/lib/nixos/gid-map"),
+            "{}",
+            stdout(&out)
+        );
+        let out = fs.rasa(&["diff"]);
+        assert!(
+            stdout(&out).contains("nothing persisted (no manifest)"),
+            "{}",
+            stdout(&out)
+        );
+    }
+    let out = fs.rasa(&[
+        "diff",
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--exit-code",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    // Everything ignored: nothing remains, exit 0 even with --exit-code.
+    let out = fs.rasa(&[
+        "diff",
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--exit-code",
+        "--ignore",
+        "/**",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    expect![[r#"
+        0 paths (0 B) on root will be erased by the next boot [engine: btrfs, compared with root-blank]
+        left out: what root-blank holds unchanged, 2 persisted path(s) from the manifest, symlinks into /nix/store, /proc /sys /dev /run /tmp and 0 other mount(s), paths matching /** /var/cache/**
+    "#]].assert_eq(&stdout(&out));
+}
+
+/// Unmounts (recursively) on drop, so that a failing assertion leaves no mount behind.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-R").arg(&self.0).output();
+    }
+}
+
+fn code_and_err(out: &std::process::Output) -> (Option<i32>, String) {
+    (out.status.code(), stderr(out))
+}
+
+#[test]
+fn old_root_shows_what_a_past_boot_erased() {
+    let Some(fs) = LoopBtrfs::new("old_root_shows_what_a_past_boot_erased", 300) else {
+        return;
+    };
+    let manifest = scenario(&fs, Origin::RootFromBlank);
+    let m = manifest.to_str().unwrap();
+    let (before, _) = diff(&fs, &manifest, &["--long"]);
+    let out = fs.rasa(&["rollback"]);
+    assert!(out.status.success(), "rollback failed: {}", stderr(&out));
+    let names: Vec<String> = std::fs::read_dir(fs.path("old_roots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    let old = names[0].as_str();
+    for engine in ["btrfs", "walk"] {
+        let (after, _) = diff(
+            &fs,
+            &manifest,
+            &["--old-root", old, "--engine", engine, "--long"],
+        );
+        assert_eq!(after, before, "--old-root with the {engine} engine");
+    }
+    let (json, _) = diff(&fs, &manifest, &["--old-root", old, "--json"]);
+    let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(parsed["tree"], format!("old_roots/{old}"));
+    // The fresh root is the blank again: nothing to lose.
+    for engine in ["btrfs", "walk"] {
+        let (fresh, _) = diff(&fs, &manifest, &["--engine", engine, "--long"]);
+        assert_eq!(fresh, "", "fresh root with the {engine} engine");
+    }
+    let (code, err) =
+        code_and_err(&fs.rasa(&["diff", "--manifest", m, "--old-root", "20000101T000000Z"]));
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        err.contains("no old root \"20000101T000000Z\"")
+            && err.contains(old)
+            && err.contains("fix:"),
+        "{err}"
+    );
+}
+
+#[test]
+fn refusals_name_the_problem_and_the_fix() {
+    let Some(fs) = LoopBtrfs::new("refusals_name_the_problem_and_the_fix", 300) else {
+        return;
+    };
+    let manifest = scenario(&fs, Origin::RootFromBlank);
+    let m = manifest.to_str().unwrap();
+    let tmpfs = fs.dir.path().join("tmpfs");
+    std::fs::create_dir(&tmpfs).unwrap();
+    sh(&format!("mount -t tmpfs rasa-test '{}'", tmpfs.display()));
+    let _tmpfs_guard = Unmount(tmpfs.clone());
+    let t = tmpfs.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "diff",
+                "--manifest",
+                m,
+                "--engine",
+                "btrfs",
+                "--live-root",
+                t,
+            ],
+            "is not on btrfs",
+        ),
+        (
+            vec!["diff", "--manifest", "/nonexistent/manifest.json"],
+            "does not exist",
+        ),
+        (
+            vec!["diff", "--manifest", "/etc/hostname"],
+            "not valid JSON",
+        ),
+        (
+            vec!["diff", "--manifest", m, "--ignore", "/a/["],
+            "not a valid glob",
+        ),
+        (
+            vec!["diff", "--manifest", m, "--blank", "nope"],
+            "no blank subvolume \"nope\"",
+        ),
+    ];
+    for (args, needle) in cases {
+        let (code, err) = code_and_err(&fs.rasa(&args));
+        assert_eq!(code, Some(3), "{args:?}: {err}");
+        assert!(
+            err.contains(needle) && err.contains("fix:") && err.contains("nothing was changed"),
+            "{args:?}: {err}"
+        );
+    }
+    let zeros = fs.dir.path().join("zeros.img");
+    std::fs::File::create(&zeros)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let out = Command::new(common::RASA)
+        .args(["diff", "--manifest", m, "--device"])
+        .arg(&zeros)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let (code, err) = code_and_err(&out);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("does not hold a btrfs filesystem"), "{err}");
+    sh(&format!("umount '{}'", tmpfs.display()));
+}
+
+#[test]
+fn walk_works_on_tmpfs_and_mounts_are_left_out() {
+    let Some(fs) = LoopBtrfs::new("walk_works_on_tmpfs_and_mounts_are_left_out", 300) else {
+        return;
+    };
+    let manifest = scenario(&fs, Origin::RootFromBlank);
+    // A tmpfs root: no blank, everything counts as new; a mount inside it is left out.
+    let tmpfs = fs.dir.path().join("tmpfs");
+    std::fs::create_dir(&tmpfs).unwrap();
+    sh(&format!("mount -t tmpfs rasa-test '{}'", tmpfs.display()));
+    let _tmpfs_guard = Unmount(tmpfs.clone());
+    write(&tmpfs.join("etc/hostname"), "box\n");
+    write(&tmpfs.join("var/lib/bluetooth/info"), "paired\n");
+    std::os::unix::fs::symlink("/nix/store/abc-bashrc", tmpfs.join("etc/bashrc")).unwrap();
+    std::fs::create_dir(tmpfs.join("mnt")).unwrap();
+    sh(&format!(
+        "mount -t tmpfs inner '{}'",
+        tmpfs.join("mnt").display()
+    ));
+    write(&tmpfs.join("mnt/inside"), "other filesystem\n");
+    let t = tmpfs.to_str().unwrap();
+    for engine in [&["--engine", "walk"][..], &[]] {
+        let mut args = vec!["--live-root", t, "--long"];
+        args.extend_from_slice(engine);
+        let (long, err) = diff(&fs, &manifest, &args);
+        expect![[r#"
+            new      dir                0  /etc
+            new      file               4  /etc/hostname
+            new      dir                0  /var
+            new      dir                0  /var/lib
+            new      dir                0  /var/lib/bluetooth
+            new      file               7  /var/lib/bluetooth/info
+        "#]]
+        .assert_eq(&long);
+        assert!(err.contains("everything on it counts as new"), "{err}");
+    }
+    sh(&format!(
+        "umount '{0}/mnt' && umount '{0}'",
+        tmpfs.display()
+    ));
+
+    // The root subvolume mounted elsewhere, with a bind mount on a new directory: both engines
+    // leave the mount point out, and still agree.
+    let live = fs.dir.path().join("live");
+    std::fs::create_dir(&live).unwrap();
+    std::fs::create_dir(fs.path("root/srv")).unwrap();
+    write(&fs.path("root/srv/hidden"), "under the mount\n");
+    sh(&format!(
+        "mount -o subvol=root {} '{}'",
+        fs.device.display(),
+        live.display()
+    ));
+    let _live_guard = Unmount(live.clone());
+    sh(&format!(
+        "mount --bind '{}' '{}'",
+        fs.path("persist").display(),
+        live.join("srv").display()
+    ));
+    let l = live.to_str().unwrap();
+    let (btrfs, _) = diff(
+        &fs,
+        &manifest,
+        &["--live-root", l, "--engine", "btrfs", "--long"],
+    );
+    let (walk, _) = diff(
+        &fs,
+        &manifest,
+        &["--live-root", l, "--engine", "walk", "--long"],
+    );
+    sh(&format!("umount '{0}/srv' && umount '{0}'", live.display()));
+    assert_eq!(walk, btrfs);
+    EXPECTED_LONG.assert_eq(&btrfs);
+}
