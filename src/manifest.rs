@@ -146,6 +146,15 @@ pub const SEARCH_PATH: &[(&str, &str)] = &[
     ("/etc/rasa/manifest.json", "the running system's /etc"),
 ];
 
+/// The search path, for messages.
+pub fn search_path_text() -> String {
+    SEARCH_PATH
+        .iter()
+        .map(|(path, _)| *path)
+        .collect::<Vec<_>>()
+        .join(" or ")
+}
+
 /// Find the manifest to use and say which it was.
 pub fn locate(explicit: Option<&Path>) -> Result<(PathBuf, &'static str)> {
     if let Some(path) = explicit {

@@ -184,7 +184,6 @@ pub struct MountInfo {
     pub fs_root: String,
     pub fstype: String,
     pub source: PathBuf,
-    pub super_options: String,
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
@@ -223,7 +222,6 @@ pub fn mounts() -> Vec<MountInfo> {
                 mount_point: PathBuf::from(unescape(left.get(4)?)),
                 fstype: right.next()?.to_owned(),
                 source: PathBuf::from(unescape(right.next()?)),
-                super_options: right.next().unwrap_or("").to_owned(),
             })
         })
         .collect()

@@ -11,7 +11,7 @@
 pub mod find_new;
 pub mod tree;
 
-use std::ffi::{CStr, OsStr};
+use std::ffi::OsStr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
@@ -163,16 +163,6 @@ pub fn delete_subvolume_by_id(any: BorrowedFd<'_>, subvol_id: u64) -> Result<()>
     Ok(())
 }
 
-/// Delete the (childless) subvolume `name` inside the directory `parent`.
-pub fn delete_subvolume(parent: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
-    let mut args = zeroed::<VolArgs>();
-    copy_name(&mut args.name, name)?;
-    // SAFETY: `args` is a valid, initialised vol_args.
-    unsafe { ioctl::snap_destroy(parent.as_raw_fd(), &*args) }
-        .with_context(|| format!("deleting subvolume {:?}", name))?;
-    Ok(())
-}
-
 pub fn is_readonly(subvol: BorrowedFd<'_>) -> Result<bool> {
     let mut flags = 0u64;
     // SAFETY: the kernel writes one u64.
@@ -201,8 +191,6 @@ pub fn set_readonly(subvol: BorrowedFd<'_>, readonly: bool) -> Result<()> {
 #[derive(Clone, Debug)]
 pub struct SubvolInfo {
     pub id: u64,
-    pub name: String,
-    pub parent_id: u64,
     /// The transaction id of the last change to the subvolume's tree.
     pub generation: u64,
     /// The generation at which the subvolume was created.
@@ -219,13 +207,8 @@ pub fn subvol_info(fd: BorrowedFd<'_>) -> Result<SubvolInfo> {
     // SAFETY: the kernel fills the struct.
     unsafe { ioctl::get_subvol_info(fd.as_raw_fd(), &mut *args) }
         .context("reading subvolume info")?;
-    let name = CStr::from_bytes_until_nul(&args.name)
-        .map(|c| c.to_string_lossy().into_owned())
-        .unwrap_or_default();
     Ok(SubvolInfo {
         id: args.treeid,
-        name,
-        parent_id: args.parent_id,
         generation: args.generation,
         otransid: args.otransid,
         otime: args.otime.sec,

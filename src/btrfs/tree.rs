@@ -9,8 +9,6 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use anyhow::{Context, Result};
 
 pub const ROOT_TREE_OBJECTID: u64 = 1;
-pub const ROOT_ITEM_KEY: u32 = 132;
-pub const ROOT_BACKREF_KEY: u32 = 144;
 pub const ROOT_REF_KEY: u32 = 156;
 pub const INODE_ITEM_KEY: u32 = 1;
 pub const INODE_REF_KEY: u32 = 12;
@@ -81,10 +79,9 @@ impl SearchKey {
     }
 }
 
-/// One item found by a search: its key, the transid of the leaf it lives in, and its bytes.
+/// One item found by a search: its key and its bytes.
 #[derive(Debug, Clone)]
 pub struct Item {
-    pub transid: u64,
     pub objectid: u64,
     pub item_type: u32,
     pub offset: u64,
@@ -118,14 +115,12 @@ pub fn search(
         for _ in 0..found {
             let header = &args.buf[pos..pos + 32];
             let read_u64 = |at: usize| u64::from_ne_bytes(header[at..at + 8].try_into().unwrap());
-            let transid = read_u64(0);
             let objectid = read_u64(8);
             let offset = read_u64(16);
             let item_type = u32::from_ne_bytes(header[24..28].try_into().unwrap());
             let len = u32::from_ne_bytes(header[28..32].try_into().unwrap()) as usize;
             pos += 32;
             let item = Item {
-                transid,
                 objectid,
                 item_type,
                 offset,

@@ -280,7 +280,7 @@ fn load_manifest(explicit: Option<&Path>) -> Result<Option<(PathBuf, Manifest)>>
             Err(_) => {
                 log::warn(format!(
                     "no manifest found at {}: nothing counts as persisted (pass --manifest PATH)",
-                    manifest::SEARCH_PATH.join(" or ")
+                    manifest::search_path_text()
                 ));
                 return Ok(None);
             }
