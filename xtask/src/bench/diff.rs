@@ -163,7 +163,11 @@ pub fn run(args: &[String]) -> Result<()> {
             .args(["-n", "fs-diff.sh (seed 004)"])
             .arg(format!("cd {t}/root && bash {}", script.display()))
             .args(["-n", "find"])
-            .arg(format!("find {t}/root")),
+            .arg(format!("find {t}/root"))
+            // What rasa prints per path (type and size) needs a stat of every entry, which
+            // plain find does not do: this is find doing the same work, for context.
+            .args(["-n", "find -printf '%y %s %p'"])
+            .arg(format!("find {t}/root -printf '%y %s %p\\n'")),
     )?;
     let table = std::fs::read_to_string(&markdown)?;
     println!("\n{table}");
