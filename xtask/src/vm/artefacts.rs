@@ -11,7 +11,6 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use super::qemu::{self, Ending};
-use crate::deps;
 
 /// The LUKS header's UUID, fixed so the kernel command line can name it.
 pub const LUKS_UUID: &str = "6a0bd9e4-52c3-4e0e-9a3c-7f1d3b2a5c01";
@@ -167,13 +166,14 @@ impl Artefacts {
         let kver = kernel_version()?;
         let kernel = PathBuf::from(format!("/boot/vmlinuz-{kver}"));
         eprintln!("vm: building rasa (release, and release with failpoints)");
-        deps::run(
+        // Output only on failure: cargo replays rasa's warnings on every run otherwise.
+        run_quiet(
             Command::new("cargo")
                 .args(["build", "--quiet", "--release", "-p", "rasa"])
                 .current_dir(project),
         )?;
         // A separate target dir, so the two builds never overwrite each other's binary.
-        deps::run(
+        run_quiet(
             Command::new("cargo")
                 .args(["build", "--quiet", "--release", "-p", "rasa"])
                 .args([
@@ -467,6 +467,22 @@ impl Artefacts {
                 .arg(&disk),
         )?;
         Ok(disk)
+    }
+
+    pub fn base_path(&self) -> PathBuf {
+        self.dir.join("base.qcow2")
+    }
+
+    /// Build several initrds at once: dracut is mostly single-threaded shell and cpio work.
+    pub fn build_initrds(&self, variants: &[Initrd]) -> Result<()> {
+        std::thread::scope(|scope| {
+            let jobs: Vec<_> = variants
+                .iter()
+                .map(|&v| scope.spawn(move || self.initrd(v).map(|_| ())))
+                .collect();
+            jobs.into_iter()
+                .try_for_each(|j| j.join().expect("dracut thread panicked"))
+        })
     }
 
     pub fn base_key(&self) -> &str {

@@ -16,7 +16,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const UNIT: &str = "rollback";
 const STEPS: &[&str] = &["created-new-root", "moved-old-root", "installed-new-root"];
 
-pub fn run(a: &mut Artefacts, name: &str) -> Result<Report> {
+pub fn run(a: &Artefacts, name: &str) -> Result<Report> {
     match name {
         "two-boot" => two_boot(a, false),
         "bad-config" => bad_config(a),
@@ -203,15 +203,16 @@ fn save_booted_once(a: &Artefacts, disk: &Path, t: &Transcript) -> Result<()> {
     Ok(())
 }
 
-/// A scenario's own disk, starting from the booted-once state; boots once if that is not cached.
-fn scenario_disk(a: &mut Artefacts, name: &str) -> Result<PathBuf> {
-    let base = a.base_disk()?;
-    a.initrd(Initrd::Rollback)?;
-    let path = booted_once_path(a);
-    let fresh = std::fs::read_to_string(a.dir.join("booted-once.qcow2.key"))
-        .is_ok_and(|k| k == booted_once_key(a));
-    if !path.exists() || !fresh {
-        let disk = a.overlay(&base, "booted-once-work")?;
+fn booted_once_fresh(a: &Artefacts) -> bool {
+    booted_once_path(a).exists()
+        && std::fs::read_to_string(a.dir.join("booted-once.qcow2.key"))
+            .is_ok_and(|k| k == booted_once_key(a))
+}
+
+/// Make sure the booted-once disk matches the current base disk and initrd (one boot if not).
+pub fn ensure_booted_once(a: &Artefacts) -> Result<()> {
+    if !booted_once_fresh(a) {
+        let disk = a.overlay(&a.base_path(), "booted-once-work")?;
         let t = simple_boot(a, "booted-once", Initrd::Rollback, &disk, "")?;
         if t.ending != Ending::Completed {
             bail!(
@@ -222,8 +223,16 @@ fn scenario_disk(a: &mut Artefacts, name: &str) -> Result<PathBuf> {
         }
         save_booted_once(a, &disk, &t)?;
     }
+    Ok(())
+}
+
+/// A scenario's own disk, a copy of the booted-once state (a small qcow2 over the base disk).
+fn scenario_disk(a: &Artefacts, name: &str) -> Result<PathBuf> {
+    if !booted_once_fresh(a) {
+        bail!("the booted-once disk is missing or stale (ensure_booted_once was not run)");
+    }
     let disk = a.dir.join(format!("{name}.qcow2"));
-    std::fs::copy(&path, &disk)?;
+    std::fs::copy(booted_once_path(a), &disk)?;
     Ok(disk)
 }
 
@@ -248,11 +257,9 @@ fn rollback_ms(t: &Transcript) -> Option<f64> {
     rest.split_whitespace().next()?.parse().ok()
 }
 
-pub fn two_boot(a: &mut Artefacts, narrate: bool) -> Result<Report> {
+pub fn two_boot(a: &Artefacts, narrate: bool) -> Result<Report> {
     let mut r = Report::new("two-boot");
-    let base = a.base_disk()?;
-    a.initrd(Initrd::Rollback)?;
-    let disk = a.overlay(&base, "two-boot")?;
+    let disk = a.overlay(&a.base_path(), "two-boot")?;
     let boot_typed = |a: &Artefacts, label: &str| {
         boot(
             a,
@@ -267,7 +274,10 @@ pub fn two_boot(a: &mut Artefacts, narrate: bool) -> Result<Report> {
         )
     };
     let b1 = boot_typed(a, "two-boot-1")?;
-    save_booted_once(a, &disk, &b1)?;
+    if !booted_once_fresh(a) {
+        // Other scenarios may be copying it right now; only fill it in when it is missing.
+        save_booted_once(a, &disk, &b1)?;
+    }
     if narrate {
         narrate_boot(&b1, 1);
         println!("\n  ... powering off and booting again ...");
@@ -411,7 +421,7 @@ fn unit_duration(t: &Transcript) -> Option<Duration> {
     end.checked_sub(start)
 }
 
-fn bad_config(a: &mut Artefacts) -> Result<Report> {
+fn bad_config(a: &Artefacts) -> Result<Report> {
     let mut r = Report::new("bad-config");
     let disk = scenario_disk(a, "bad-config")?;
     let b = simple_boot(a, "bad-config", Initrd::BadConfig, &disk, "")?;
@@ -485,7 +495,7 @@ fn bad_config(a: &mut Artefacts) -> Result<Report> {
     Ok(r)
 }
 
-fn retention(a: &mut Artefacts) -> Result<Report> {
+fn retention(a: &Artefacts) -> Result<Report> {
     const KEEP: usize = 2;
     let mut r = Report::new("retention");
     let disk = scenario_disk(a, "retention")?;
@@ -545,7 +555,7 @@ fn retention(a: &mut Artefacts) -> Result<Report> {
     Ok(r)
 }
 
-fn power_cut(a: &mut Artefacts) -> Result<Report> {
+fn power_cut(a: &Artefacts) -> Result<Report> {
     let mut r = Report::new("power-cut");
     let disk = scenario_disk(a, "power-cut")?;
     let mut kept: Vec<String> =
@@ -690,7 +700,7 @@ fn initrd_span(t: &Transcript) -> Option<f64> {
 }
 
 /// `cargo xtask vm bench-boot [N]`: N boots with and N without the rollback unit, alternating.
-pub fn bench_boot(a: &mut Artefacts, rounds: usize) -> Result<()> {
+pub fn bench_boot(a: &Artefacts, rounds: usize) -> Result<()> {
     let mut with = Vec::new();
     let mut without = Vec::new();
     let mut rasa_ms = Vec::new();
