@@ -84,8 +84,16 @@ pub fn boot(spec: &Boot) -> Result<Transcript> {
         .arg(spec.initrd)
         .arg("-drive")
         .arg(format!(
-            "file={},if=virtio,format=qcow2,cache=unsafe",
-            spec.disk.display()
+            "file={},if=virtio,format=qcow2,cache={}",
+            spec.disk.display(),
+            // cache=unsafe ignores the guest's flushes, and qcow2 keeps its cluster mapping in
+            // QEMU's memory until a flush: a kill would then lose writes the guest had synced.
+            // A boot that ends in a power cut must honour flushes, as a real disk does.
+            if spec.cut_at.is_some() {
+                "writeback"
+            } else {
+                "unsafe"
+            }
         ))
         .args(["-append", &spec.append])
         .stdin(Stdio::piped())

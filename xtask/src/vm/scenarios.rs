@@ -372,11 +372,7 @@ fn narrate_boot(t: &Transcript, n: u32) {
         println!("  The harness typed the passphrase on the serial console.");
     }
     println!("  rasa, in the initrd before / is mounted:");
-    for (_, l) in t
-        .lines
-        .iter()
-        .filter(|(_, l)| l.contains("rasa[") || l.contains("rasa:"))
-    {
+    for (_, l) in t.lines.iter().filter(|(_, l)| l.contains("rasa[")) {
         println!("    {}", l.trim());
     }
     println!("  When the system came up:");
