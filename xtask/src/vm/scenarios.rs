@@ -695,12 +695,19 @@ fn initrd_span(t: &Transcript) -> Option<f64> {
     Some((end.checked_sub(start)?).as_secs_f64())
 }
 
+fn span_between(t: &Transcript, from: &str, to: &str) -> Option<f64> {
+    let (a, _) = t.find_timed(from)?;
+    let (b, _) = t.find_timed(to)?;
+    Some(b.checked_sub(a)?.as_secs_f64())
+}
+
 /// `cargo xtask vm bench-boot [N]`: N boots with and N without the rollback unit, alternating.
 pub fn bench_boot(a: &Artefacts, rounds: usize) -> Result<()> {
     let mut with = Vec::new();
     let mut without = Vec::new();
     let mut rasa_ms = Vec::new();
     let mut unit_s = Vec::new();
+    let (mut mount_with, mut mount_without) = (Vec::new(), Vec::new());
     for i in 0..rounds {
         for initrd in [Initrd::Rollback, Initrd::NoRollback] {
             let name = if initrd == Initrd::Rollback {
@@ -716,7 +723,17 @@ pub fn bench_boot(a: &Artefacts, rounds: usize) -> Result<()> {
             let span = initrd_span(&t).ok_or_else(|| {
                 anyhow::anyhow!("no initrd start/switch-root lines in {}", t.log.display())
             })?;
-            println!("bench {name:<7} round {i}: initrd start -> switch-root {span:.2} s");
+            let mount = span_between(&t, "Mounting sysroot.mount", "Mounted sysroot.mount");
+            println!(
+                "bench {name:<7} round {i}: initrd start -> switch-root {span:.2} s, sysroot.mount {:.2} s, rasa {} ms",
+                mount.unwrap_or(f64::NAN),
+                rollback_ms(&t).map_or("-".into(), |m| m.to_string())
+            );
+            if initrd == Initrd::Rollback {
+                mount_with.extend(mount);
+            } else {
+                mount_without.extend(mount);
+            }
             if initrd == Initrd::Rollback {
                 with.push(span);
                 rasa_ms.extend(rollback_ms(&t));
@@ -738,6 +755,11 @@ pub fn bench_boot(a: &Artefacts, rounds: usize) -> Result<()> {
     println!("  without the rollback unit {mo:.2} s   (all: {without:.2?})");
     println!("  rasa's own rollback       {mr:.1} ms (all: {rasa_ms:?})");
     println!("  rollback unit, console    {mu:.2} s  (all: {unit_s:.2?})");
+    println!(
+        "  sysroot.mount             {:.2} s with, {:.2} s without (the first btrfs mount of the boot pays for reading the trees)",
+        median(&mut mount_with),
+        median(&mut mount_without)
+    );
     println!(
         "  rasa's rollback / initrd time = {:.3} %",
         mr / 1e3 / mw * 100.0
