@@ -28,24 +28,44 @@ fn installed(package: &str) -> bool {
 }
 
 /// apt-get install whatever of `packages` is missing (running `apt-get update` first).
+///
+/// Installing can remove a package already there: this kind of machine ships qemu-utils from
+/// bookworm-backports, which conflicts with Debian 12's qemu-system-x86, so apt removes it to
+/// install the emulator. Hence a second round for whatever is missing after the first (apt then
+/// installs the matching qemu-utils). Naming both in one call would fail instead ("held broken
+/// packages"), because apt will not downgrade an installed package on its own.
 pub fn apt(packages: &[&str]) -> Result<()> {
-    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
-    if missing.is_empty() {
-        return Ok(());
+    let mut updated = false;
+    for _round in 0..2 {
+        let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if !nix_is_root() {
+            bail!(
+                "missing Debian packages: {} (run as root, or `apt-get install {}`)",
+                missing.join(" "),
+                missing.join(" ")
+            );
+        }
+        eprintln!("xtask: installing {}", missing.join(" "));
+        if !updated {
+            run(Command::new("apt-get").arg("update").arg("-qq"))?;
+            updated = true;
+        }
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
-    if !nix_is_root() {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
+    if !missing.is_empty() {
         bail!(
-            "missing Debian packages: {} (run as root, or `apt-get install {}`)",
-            missing.join(" "),
+            "apt could not install {} together with the rest",
             missing.join(" ")
         );
     }
-    eprintln!("xtask: installing {}", missing.join(" "));
-    run(Command::new("apt-get").arg("update").arg("-qq"))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    Ok(())
 }
 
 /// `cargo install --locked` a tool unless it is already on PATH.
