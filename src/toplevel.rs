@@ -186,42 +186,45 @@ pub struct MountInfo {
     pub source: PathBuf,
 }
 
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
+/// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
+pub fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
     let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4]
-                .iter()
-                .all(|b| (b'0'..=b'7').contains(b))
-        {
-            out.push(
-                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0'),
-            );
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
+    while i < field.len() {
+        let octal = field
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) if field[i] == b'\\' => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            _ => {
+                out.push(field[i]);
+                i += 1;
+            }
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
+/// Every mount of this process's namespace, in mountinfo order. Paths are kept byte for byte.
 pub fn mounts() -> Vec<MountInfo> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
+    use std::os::unix::ffi::OsStringExt;
+    let text = std::fs::read("/proc/self/mountinfo").unwrap_or_default();
+    let path =
+        |field: &[u8]| PathBuf::from(std::ffi::OsString::from_vec(unescape_mountinfo(field)));
+    let text_of = |field: &[u8]| String::from_utf8_lossy(&unescape_mountinfo(field)).into_owned();
+    text.split(|&b| b == b'\n')
         .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let left: Vec<&str> = left.split(' ').collect();
-            let mut right = right.split(' ');
+            let sep = line.windows(3).position(|w| w == b" - ")?;
+            let left: Vec<&[u8]> = line[..sep].split(|&b| b == b' ').collect();
+            let mut right = line[sep + 3..].split(|&b| b == b' ');
             Some(MountInfo {
-                fs_root: unescape(left.get(3)?),
-                mount_point: PathBuf::from(unescape(left.get(4)?)),
-                fstype: right.next()?.to_owned(),
-                source: PathBuf::from(unescape(right.next()?)),
+                fs_root: text_of(left.get(3)?),
+                mount_point: path(left.get(4)?),
+                fstype: text_of(right.next()?),
+                source: path(right.next()?),
             })
         })
         .collect()
@@ -237,4 +240,15 @@ pub fn root_device() -> Option<PathBuf> {
     mount_at(Path::new("/"))
         .filter(|m| m.fstype == "btrfs")
         .map(|m| m.source)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mountinfo_escapes() {
+        use super::unescape_mountinfo;
+        assert_eq!(unescape_mountinfo(br"/mnt/a\040b"), b"/mnt/a b".to_vec());
+        assert_eq!(unescape_mountinfo(br"/x\\"), br"/x\\".to_vec());
+        assert_eq!(unescape_mountinfo(br"/y\04"), br"/y\04".to_vec());
+    }
 }

@@ -93,26 +93,9 @@ pub fn search_v2(
                 return Ok(());
             }
         }
-        // Continue just after the last key seen (the same carry as tree::search).
-        let (mut objectid, mut item_type, mut offset) = last;
-        if offset < u64::MAX {
-            offset += 1;
-        } else if item_type < u32::MAX {
-            item_type += 1;
-            offset = 0;
-        } else if objectid < u64::MAX {
-            objectid += 1;
-            item_type = 0;
-            offset = 0;
-        } else {
+        if !next.continue_after(last) {
             return Ok(());
         }
-        if (objectid, item_type, offset) > (next.max_objectid, next.max_type, next.max_offset) {
-            return Ok(());
-        }
-        next.min_objectid = objectid;
-        next.min_type = item_type;
-        next.min_offset = offset;
     }
 }
 const EXTENT_DATA_KEY: u32 = tree::EXTENT_DATA_KEY;

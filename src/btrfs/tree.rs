@@ -132,7 +132,16 @@ pub fn search(
                 return Ok(());
             }
         }
-        // Continue just after the last key seen.
+        if !args.key.continue_after(last) {
+            return Ok(());
+        }
+    }
+}
+
+impl SearchKey {
+    /// Move the lower bound just past `last`, the last key a search returned; false when
+    /// nothing can follow it within the upper bound.
+    pub fn continue_after(&mut self, last: (u64, u32, u64)) -> bool {
         let (mut objectid, mut item_type, mut offset) = last;
         if offset < u64::MAX {
             offset += 1;
@@ -144,15 +153,15 @@ pub fn search(
             item_type = 0;
             offset = 0;
         } else {
-            return Ok(());
+            return false;
         }
-        let k = &mut args.key;
-        if (objectid, item_type, offset) > (k.max_objectid, k.max_type, k.max_offset) {
-            return Ok(());
+        if (objectid, item_type, offset) > (self.max_objectid, self.max_type, self.max_offset) {
+            return false;
         }
-        k.min_objectid = objectid;
-        k.min_type = item_type;
-        k.min_offset = offset;
+        self.min_objectid = objectid;
+        self.min_type = item_type;
+        self.min_offset = offset;
+        true
     }
 }
 

@@ -11,7 +11,7 @@
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 
 use anyhow::Result;
@@ -153,20 +153,14 @@ pub fn under(path: &[u8], dir: &[u8]) -> bool {
 /// Mount points at or below `live_root` (as paths relative to it, starting with '/'), from
 /// /proc/self/mountinfo, whose fields escape space, tab, newline and backslash in octal.
 pub fn mounts_below(live_root: &[u8]) -> Vec<Vec<u8>> {
-    let Ok(info) = std::fs::read("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
     let root = if live_root == b"/" {
         &b""[..]
     } else {
         live_root.strip_suffix(b"/").unwrap_or(live_root)
     };
     let mut found = Vec::new();
-    for line in info.split(|&b| b == b'\n') {
-        let Some(field) = line.split(|&b| b == b' ').nth(4) else {
-            continue;
-        };
-        let point = unescape_octal(field);
+    for mount in crate::toplevel::mounts() {
+        let point = mount.mount_point.into_os_string().into_vec();
         if root.is_empty() {
             found.push(point);
         } else if under(&point, root) && point.len() > root.len() {
@@ -174,28 +168,6 @@ pub fn mounts_below(live_root: &[u8]) -> Vec<Vec<u8>> {
         }
     }
     found
-}
-
-fn unescape_octal(field: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(field.len());
-    let mut i = 0;
-    while i < field.len() {
-        if field[i] == b'\\'
-            && i + 3 < field.len()
-            && field[i + 1..i + 4]
-                .iter()
-                .all(|c| (b'0'..=b'7').contains(c))
-        {
-            let value =
-                (field[i + 1] - b'0') * 64 + (field[i + 2] - b'0') * 8 + (field[i + 3] - b'0');
-            out.push(value);
-            i += 4;
-        } else {
-            out.push(field[i]);
-            i += 1;
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -252,11 +224,5 @@ mod tests {
             crate::error::exit_code_for(&err),
             crate::error::exit::REFUSED
         );
-    }
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape_octal(br"/mnt/a\040b"), b"/mnt/a b".to_vec());
-        assert_eq!(unescape_octal(br"/x\\"), br"/x\\".to_vec());
     }
 }
