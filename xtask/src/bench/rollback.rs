@@ -95,6 +95,18 @@ fn sh(cmd: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Run a command to completion, failing with its stderr; return its wall time and stderr.
+fn timed(cmd: &mut Command) -> Result<(f64, String)> {
+    let started = Instant::now();
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let wall = started.elapsed().as_secs_f64();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {stderr}");
+    }
+    Ok((wall, stderr))
+}
+
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
     xs[xs.len() / 2]
@@ -122,52 +134,34 @@ pub fn run(_args: &[String]) -> Result<()> {
     let mut tree = String::new();
     for run in 0..RUNS {
         tree = fs.populate()?;
-        let started = Instant::now();
-        let out = Command::new(&rasa)
-            .args([
-                "rollback",
-                "--device",
-                &fs.device,
-                "--keep",
-                "0",
-                "--keep-days",
-                "0",
-            ])
-            .env("NO_COLOR", "1")
-            .output()?;
-        let wall = started.elapsed().as_secs_f64();
-        if !out.status.success() {
-            bail!(
-                "rasa rollback failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let log = String::from_utf8_lossy(&out.stderr);
+        let (wall, log) = timed(
+            Command::new(&rasa)
+                .args([
+                    "rollback",
+                    "--device",
+                    &fs.device,
+                    "--keep",
+                    "0",
+                    "--keep-days",
+                    "0",
+                ])
+                .env("NO_COLOR", "1"),
+        )?;
         let logged_ms: f64 = log
             .lines()
             .find_map(|l| l.split("new root in place in ").nth(1))
             .and_then(|rest| rest.trim_end_matches(" ms").parse().ok())
             .context("rasa did not log its duration")?;
         // The deferred part: deleting the retired root's 2,000 subvolumes after boot.
-        let started = Instant::now();
-        let out = Command::new(&rasa)
-            .args([
-                "prune",
-                "--device",
-                &fs.device,
-                "--keep",
-                "0",
-                "--keep-days",
-                "0",
-            ])
-            .output()?;
-        let prune = started.elapsed().as_secs_f64();
-        if !out.status.success() {
-            bail!(
-                "rasa prune failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        let (prune, _) = timed(Command::new(&rasa).args([
+            "prune",
+            "--device",
+            &fs.device,
+            "--keep",
+            "0",
+            "--keep-days",
+            "0",
+        ]))?;
         eprintln!(
             "run {run}: rasa rollback {:.1} ms wall ({logged_ms:.1} ms logged), prune {:.2} s",
             wall * 1e3,
@@ -181,20 +175,13 @@ pub fn run(_args: &[String]) -> Result<()> {
     let mnt = work.join("mnt");
     std::fs::create_dir_all(&mnt)?;
     fs.populate()?;
-    let started = Instant::now();
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg(SEED_000)
-        .env("DEV", &fs.device)
-        .env("MNT", &mnt)
-        .output()?;
-    let seed = started.elapsed().as_secs_f64();
-    if !out.status.success() {
-        bail!(
-            "seed 000's script failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let (seed, _) = timed(
+        Command::new("bash")
+            .arg("-c")
+            .arg(SEED_000)
+            .env("DEV", &fs.device)
+            .env("MNT", &mnt),
+    )?;
     eprintln!("seed 000 script: {seed:.2} s");
 
     let rasa_median = median(rasa_wall.clone());
