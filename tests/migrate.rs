@@ -594,6 +594,17 @@ fn conflict_fixture(test: &str) -> Option<(Fixture, PathBuf)> {
     std::fs::write(fx.live.join("var/lib/app/state"), b"live version").unwrap();
     std::fs::create_dir_all(fx.live.join("persist/var/lib/app")).unwrap();
     std::fs::write(fx.live.join("persist/var/lib/app/state"), b"stored version").unwrap();
+    // Same mtime on both sides, so the first difference reported is always the size (two writes
+    // can straddle a timestamp tick, which made the reported reason vary between runs).
+    let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+    for side in ["var/lib/app/state", "persist/var/lib/app/state"] {
+        std::fs::File::options()
+            .write(true)
+            .open(fx.live.join(side))
+            .unwrap()
+            .set_modified(when)
+            .unwrap();
+    }
     let manifest = fx.manifest(
         r#"{"storageRoot": "/persist", "path": "/var/lib/app", "kind": "directory", "user": "root", "group": "root", "mode": "0755"}"#,
     );
