@@ -4,6 +4,7 @@
 mod common;
 
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -254,6 +255,109 @@ fn engines_agree_on_a_blank_made_from_the_root() {
         "engines_agree_on_a_blank_made_from_the_root",
         Origin::BlankFromRoot,
     );
+}
+
+/// Thousands of old and new inodes, so that the btrfs engine's search spans many leaves and
+/// is split into several ranges searched by several threads; old files changed in every way
+/// the engines tell apart. Both engines must give the same answer, with the expected counts.
+#[test]
+fn engines_agree_on_a_tree_spanning_many_leaves() {
+    let Some(fs) = LoopBtrfs::new("engines_agree_on_a_tree_spanning_many_leaves", 300) else {
+        return;
+    };
+    const DIRS: usize = 20;
+    const PER_DIR: usize = 150;
+    fs.subvolume("seed");
+    let seed = fs.path("seed");
+    for d in 0..DIRS {
+        for f in 0..PER_DIR {
+            write(
+                &seed.join(format!("old{d:02}/f{f:03}")),
+                &format!("{d} {f}\n"),
+            );
+        }
+    }
+    sh(&format!(
+        "find '{}' -exec touch -h -d '2020-01-01 00:00:00' {{}} + && \
+         btrfs -q subvolume snapshot -r {top}/seed {top}/root-blank && \
+         btrfs -q subvolume snapshot {top}/root-blank {top}/root",
+        seed.display(),
+        top = fs.top.display()
+    ));
+    let root = fs.path("root");
+    let (mut modified, mut new_files, mut new_dirs) = (0, 0, 0);
+    for d in 0..DIRS {
+        let dir = root.join(format!("old{d:02}"));
+        for f in 0..PER_DIR {
+            let file = dir.join(format!("f{f:03}"));
+            match f % 10 {
+                // Written in place, chmod-ed, and given a second name in a new directory:
+                // the same inode, changed.
+                1 => std::fs::write(&file, "rewritten\n").unwrap(),
+                2 => std::fs::set_permissions(&file, PermissionsExt::from_mode(0o600)).unwrap(),
+                3 => {
+                    let links = root.join(format!("links{d:02}"));
+                    if !links.exists() {
+                        std::fs::create_dir(&links).unwrap();
+                        new_dirs += 1;
+                    }
+                    std::fs::hard_link(&file, links.join(format!("l{f:03}"))).unwrap();
+                    // Its old name is modified too (link count and ctime).
+                    modified += 1;
+                    new_files += 1;
+                    continue;
+                }
+                4 => {
+                    std::fs::remove_file(&file).unwrap();
+                    continue;
+                }
+                _ => continue,
+            }
+            modified += 1;
+        }
+        // The directory's entries changed, but a directory counts as modified only for its
+        // mode or owner: its entries are judged on their own.
+        let fresh = root.join(format!("new{d:02}"));
+        for f in 0..PER_DIR {
+            write(&fresh.join(format!("n{f:03}")), "new\n");
+            new_files += 1;
+        }
+        new_dirs += 1;
+    }
+    sh("sync");
+    let manifest = fs.dir.path().join("manifest.json");
+    std::fs::write(&manifest, MANIFEST).unwrap();
+    let (btrfs_long, _) = diff(&fs, &manifest, &["--engine", "btrfs", "--long"]);
+    let (walk_long, _) = diff(&fs, &manifest, &["--engine", "walk", "--long"]);
+    let count = |prefix: &str| btrfs_long.lines().filter(|l| l.starts_with(prefix)).count();
+    assert_eq!(
+        (
+            count("modified "),
+            count("new      file"),
+            count("new      dir")
+        ),
+        (modified, new_files, new_dirs),
+        "btrfs engine:\n{btrfs_long}"
+    );
+    assert!(
+        walk_long == btrfs_long,
+        "the engines disagree on a large tree:\n{}",
+        line_diff(&btrfs_long, &walk_long)
+    );
+}
+
+/// The lines only one side has, for a readable failure.
+fn line_diff(btrfs: &str, walk: &str) -> String {
+    let a: std::collections::BTreeSet<&str> = btrfs.lines().collect();
+    let b: std::collections::BTreeSet<&str> = walk.lines().collect();
+    let mut out = String::new();
+    for line in a.difference(&b) {
+        out.push_str(&format!("only btrfs: {line}\n"));
+    }
+    for line in b.difference(&a) {
+        out.push_str(&format!("only walk:  {line}\n"));
+    }
+    out
 }
 
 #[test]

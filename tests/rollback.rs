@@ -80,33 +80,34 @@ fn ls(path: &std::path::Path) -> Vec<String> {
     names
 }
 
+/// Old-root names are timestamps.
+fn redact_stamps(s: &str) -> String {
+    let mut result = String::new();
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if i + 16 <= bytes.len()
+            && bytes[i..i + 8].iter().all(u8::is_ascii_digit)
+            && bytes[i + 8] == b'T'
+            && bytes[i + 9..i + 15].iter().all(u8::is_ascii_digit)
+            && bytes[i + 15] == b'Z'
+        {
+            result.push_str("<STAMP>");
+            i += 16;
+        } else {
+            result.push(bytes[i] as char);
+            i += 1;
+        }
+    }
+    result
+}
+
 /// Replace the parts of rasa's output that vary between runs.
 fn redact(text: &str, fs: &LoopBtrfs) -> String {
     let mut out = text
         .replace(&fs.device.display().to_string(), "<DEVICE>")
         .replace(&fs.dir.path().display().to_string(), "<TMP>");
-    // Old-root names are timestamps.
-    let re_stamp = |s: &str| -> String {
-        let mut result = String::new();
-        let bytes = s.as_bytes();
-        let mut i = 0;
-        while i < bytes.len() {
-            if i + 16 <= bytes.len()
-                && bytes[i..i + 8].iter().all(u8::is_ascii_digit)
-                && bytes[i + 8] == b'T'
-                && bytes[i + 9..i + 15].iter().all(u8::is_ascii_digit)
-                && bytes[i + 15] == b'Z'
-            {
-                result.push_str("<STAMP>");
-                i += 16;
-            } else {
-                result.push(bytes[i] as char);
-                i += 1;
-            }
-        }
-        result
-    };
-    out = re_stamp(&out);
+    out = redact_stamps(&out);
     out.lines()
         .map(|l| {
             if l.contains(" ms") && l.contains("in place in") {

@@ -18,8 +18,10 @@ use super::tree::{self, SearchKey, DIR_INDEX_KEY, DIR_ITEM_KEY, INODE_ITEM_KEY, 
 pub const INODE_EXTREF_KEY: u32 = 13;
 
 /// TREE_SEARCH_V2's buffer. The v1 search that `tree::search` uses returns 4 KiB per call:
-/// about ten inodes' worth of items, so 100,000 new files cost some 12,000 ioctls, each
-/// starting again from the top of the tree. One MiB per call needs a few dozen.
+/// about ten inodes' worth of items, so 100,000 new files cost some 12,000 ioctls. Larger
+/// buffers are not better: the kernel faults in the rest of the buffer once per leaf, and a
+/// directory's entries fill it before the search can skip them. 8 to 32 KiB measured the same
+/// (`cargo xtask bench diff`); 64 KiB and more were slower.
 const SEARCH_V2_BUF: usize = 1 << 14;
 
 #[repr(C)]
@@ -144,86 +146,196 @@ impl InodeItem {
     }
 }
 
-/// One name of an inode: the directory that holds it and the name in it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InodeName {
-    pub parent: u64,
-    pub name: Vec<u8>,
+/// One name of an inode: the directory that holds it, and where the name is in
+/// [`Changed::bytes`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct NameAt {
+    parent: u64,
+    bytes: (usize, usize),
 }
 
 #[derive(Clone, Debug)]
 pub struct ChangedInode {
     pub ino: u64,
     pub item: InodeItem,
-    pub names: Vec<InodeName>,
-    /// For a symlink: its target (stored inline in the tree).
-    pub symlink_target: Option<Vec<u8>>,
+    /// Its names: a range of [`Changed::names`].
+    names: (usize, usize),
+    /// For a symlink: where its target (stored inline in the tree) is in [`Changed::bytes`].
+    symlink_target: Option<(usize, usize)>,
+}
+
+/// The changed inodes of one search. Their names and symlink targets live in two shared
+/// buffers rather than in a few small allocations per inode: a large diff meets one new inode
+/// per file, and allocating and freeing for each showed up as a tenth of its time.
+#[derive(Default)]
+pub struct Changed {
+    pub inodes: Vec<ChangedInode>,
+    names: Vec<NameAt>,
+    bytes: Vec<u8>,
+}
+
+impl Changed {
+    /// Each name of `inode`, as (directory inode, name).
+    pub fn names<'a>(&'a self, inode: &ChangedInode) -> impl Iterator<Item = (u64, &'a [u8])> {
+        self.names[inode.names.0..inode.names.1]
+            .iter()
+            .map(|n| (n.parent, &self.bytes[n.bytes.0..n.bytes.1]))
+    }
+
+    pub fn symlink_target(&self, inode: &ChangedInode) -> Option<&[u8]> {
+        inode
+            .symlink_target
+            .map(|(start, end)| &self.bytes[start..end])
+    }
+
+    /// Empty, keeping the memory for the next search.
+    pub fn clear(&mut self) {
+        self.inodes.clear();
+        self.names.clear();
+        self.bytes.clear();
+    }
+
+    fn add_name(&mut self, parent: u64, name: &[u8]) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(name);
+        self.names.push(NameAt {
+            parent,
+            bytes: (start, self.bytes.len()),
+        });
+    }
+
+    /// Add the names in an INODE_REF or INODE_EXTREF item; returns the range of
+    /// [`Changed::names`] they took.
+    fn add_refs(&mut self, item: &ItemRef<'_>) -> (usize, usize) {
+        let first = self.names.len();
+        let data = item.data;
+        match item.item_type {
+            // struct btrfs_inode_ref { __le64 index; __le16 name_len; } name, repeated;
+            // the parent is the key's offset.
+            INODE_REF_KEY => {
+                let mut pos = 0;
+                while pos + 10 <= data.len() {
+                    let len = u16::from_le_bytes([data[pos + 8], data[pos + 9]]) as usize;
+                    let start = pos + 10;
+                    let Some(name) = data.get(start..start + len) else {
+                        break;
+                    };
+                    self.add_name(item.offset, name);
+                    pos = start + len;
+                }
+            }
+            // struct btrfs_inode_extref { __le64 parent; __le64 index; __le16 name_len; }
+            // name, repeated (for inodes with more hard links in one directory than fit in
+            // one ref).
+            INODE_EXTREF_KEY => {
+                let mut pos = 0;
+                while pos + 18 <= data.len() {
+                    let parent = u64::from_le_bytes(data[pos..pos + 8].try_into().unwrap());
+                    let len = u16::from_le_bytes([data[pos + 16], data[pos + 17]]) as usize;
+                    let start = pos + 18;
+                    let Some(name) = data.get(start..start + len) else {
+                        break;
+                    };
+                    self.add_name(parent, name);
+                    pos = start + len;
+                }
+            }
+            _ => {}
+        }
+        (first, self.names.len())
+    }
+
+    /// Add a symlink's target from its inline EXTENT_DATA item (btrfs_symlink always writes
+    /// an uncompressed inline extent).
+    fn add_symlink_target(&mut self, item: &ItemRef<'_>) -> Option<(usize, usize)> {
+        let data = item.data;
+        if data.len() < INLINE_DATA_START || data[20] != FILE_EXTENT_INLINE || data[16] != 0 {
+            return None;
+        }
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(&data[INLINE_DATA_START..]);
+        Some((start, self.bytes.len()))
+    }
 }
 
 pub fn is_symlink(mode: u32) -> bool {
     mode & nix::libc::S_IFMT == nix::libc::S_IFLNK
 }
 
-fn parse_inode_refs(item: &ItemRef<'_>, names: &mut Vec<InodeName>) {
-    let data = item.data;
-    match item.item_type {
-        // struct btrfs_inode_ref { __le64 index; __le16 name_len; } name, repeated;
-        // the parent is the key's offset.
-        INODE_REF_KEY => {
-            let mut pos = 0;
-            while pos + 10 <= data.len() {
-                let len = u16::from_le_bytes([data[pos + 8], data[pos + 9]]) as usize;
-                let start = pos + 10;
-                let Some(name) = data.get(start..start + len) else {
-                    break;
-                };
-                names.push(InodeName {
-                    parent: item.offset,
-                    name: name.to_vec(),
-                });
-                pos = start + len;
-            }
+/// The inode numbers a search for changes covers: after the subvolume's top directory, and
+/// below the objectids from -256 up, which are reserved (orphans, free-space cache and such).
+const FIRST_INODE: u64 = super::FIRST_FREE_OBJECTID + 1;
+const LAST_INODE: u64 = u64::MAX - 256;
+
+/// The first objectid at or after `from` that has an item in a leaf written after `after`.
+fn first_changed_from(
+    fs: BorrowedFd<'_>,
+    tree_id: u64,
+    after: u64,
+    from: u64,
+) -> Result<Option<u64>> {
+    let mut key = SearchKey::range(tree_id, (from, 0, 0), (LAST_INODE, u32::MAX, u64::MAX));
+    key.min_transid = after.saturating_add(1);
+    let mut first = None;
+    search_v2(fs, key, 4096, |item| {
+        first = Some(item.objectid);
+        false
+    })?;
+    Ok(first)
+}
+
+/// Split the inodes that may have changed after `after` into about `parts` ranges of inode
+/// numbers, so that several threads can search them at once: the kernel copies every item of
+/// a changed leaf to user space one by one, and that copying is most of a diff's time.
+/// Equal ranges of numbers are close to equal work because btrfs hands out inode numbers in
+/// order of creation, so what changed since the blank is mostly one dense run of numbers.
+/// Empty when nothing changed.
+pub fn changed_ranges(
+    fs: BorrowedFd<'_>,
+    tree_id: u64,
+    after: u64,
+    parts: u64,
+) -> Result<Vec<(u64, u64)>> {
+    let Some(first) = first_changed_from(fs, tree_id, after, FIRST_INODE)? else {
+        return Ok(Vec::new());
+    };
+    // The last such objectid, by bisection: each probe is one search that stops at the first
+    // item, a few microseconds.
+    let (mut low, mut high) = (first, LAST_INODE);
+    while low < high {
+        let middle = low + (high - low).div_ceil(2);
+        match first_changed_from(fs, tree_id, after, middle)? {
+            Some(found) => low = found,
+            None => high = middle - 1,
         }
-        // struct btrfs_inode_extref { __le64 parent; __le64 index; __le16 name_len; } name,
-        // repeated (for inodes with more hard links in one directory than fit in one ref).
-        INODE_EXTREF_KEY => {
-            let mut pos = 0;
-            while pos + 18 <= data.len() {
-                let parent = u64::from_le_bytes(data[pos..pos + 8].try_into().unwrap());
-                let len = u16::from_le_bytes([data[pos + 16], data[pos + 17]]) as usize;
-                let start = pos + 18;
-                let Some(name) = data.get(start..start + len) else {
-                    break;
-                };
-                names.push(InodeName {
-                    parent,
-                    name: name.to_vec(),
-                });
-                pos = start + len;
-            }
-        }
-        _ => {}
     }
+    let last = low;
+    let span = last - first + 1;
+    let parts = parts.clamp(1, span);
+    let step = span.div_ceil(parts);
+    Ok((0..parts)
+        .map(|i| first + i * step)
+        .take_while(|&start| start <= last)
+        .map(|start| (start, start.saturating_add(step - 1).min(last)))
+        .collect())
 }
 
-fn parse_inline_symlink(item: &ItemRef<'_>) -> Option<Vec<u8>> {
-    // btrfs_symlink always writes an uncompressed inline extent.
-    let data = item.data;
-    (data.len() >= INLINE_DATA_START && data[20] == FILE_EXTENT_INLINE && data[16] == 0)
-        .then(|| data[INLINE_DATA_START..].to_vec())
-}
-
-/// Every inode of subvolume `tree_id` whose inode item was written after transaction `after`
-/// (the top directory, orphans and internal objects left out).
-pub fn changed_inodes(fs: BorrowedFd<'_>, tree_id: u64, after: u64) -> Result<Vec<ChangedInode>> {
+/// Every inode numbered within `range` of subvolume `tree_id` whose inode item was written
+/// after transaction `after` (unlinked inodes left out), into `changed` (emptied first).
+pub fn changed_inodes(
+    fs: BorrowedFd<'_>,
+    tree_id: u64,
+    after: u64,
+    range: (u64, u64),
+    changed: &mut Changed,
+) -> Result<()> {
     let mut key = SearchKey::range(
         tree_id,
-        (super::FIRST_FREE_OBJECTID + 1, 0, 0),
-        // Objectids from -256 up are reserved (orphans, free-space cache and the like).
-        (u64::MAX - 256, u32::MAX, u64::MAX),
+        (range.0.max(FIRST_INODE), 0, 0),
+        (range.1.min(LAST_INODE), u32::MAX, u64::MAX),
     );
     key.min_transid = after.saturating_add(1);
-    let mut changed: Vec<ChangedInode> = Vec::new();
+    changed.clear();
     loop {
         // A directory's entries (DIR_ITEM, DIR_INDEX) come after its inode and refs and are
         // two thirds of a new tree's items, none of them needed here: at the first one, stop
@@ -235,31 +347,39 @@ pub fn changed_inodes(fs: BorrowedFd<'_>, tree_id: u64, after: u64) -> Result<Ve
                 INODE_ITEM_KEY => {
                     if let Some(inode) = InodeItem::parse(item.data) {
                         if inode.transid > after && inode.nlink > 0 {
-                            changed.push(ChangedInode {
+                            let names_end = changed.names.len();
+                            changed.inodes.push(ChangedInode {
                                 ino: item.objectid,
                                 item: inode,
-                                names: Vec::new(),
+                                names: (names_end, names_end),
                                 symlink_target: None,
                             });
                         }
                     }
                 }
-                INODE_REF_KEY | INODE_EXTREF_KEY => {
-                    if let Some(last) = changed.last_mut().filter(|c| c.ino == item.objectid) {
-                        parse_inode_refs(item, &mut last.names);
-                    }
+                // Refs follow their inode item, so its names stay one contiguous range.
+                INODE_REF_KEY | INODE_EXTREF_KEY
+                    if changed
+                        .inodes
+                        .last()
+                        .is_some_and(|c| c.ino == item.objectid) =>
+                {
+                    let (_, end) = changed.add_refs(item);
+                    changed.inodes.last_mut().unwrap().names.1 = end;
                 }
                 DIR_ITEM_KEY | DIR_INDEX_KEY => {
                     resume_at = Some(item.objectid + 1);
                     return false;
                 }
-                EXTENT_DATA_KEY if item.offset == 0 => {
-                    if let Some(last) = changed
-                        .last_mut()
-                        .filter(|c| c.ino == item.objectid && is_symlink(c.item.mode))
-                    {
-                        last.symlink_target = parse_inline_symlink(item);
-                    }
+                EXTENT_DATA_KEY
+                    if item.offset == 0
+                        && changed
+                            .inodes
+                            .last()
+                            .is_some_and(|c| c.ino == item.objectid && is_symlink(c.item.mode)) =>
+                {
+                    let target = changed.add_symlink_target(item);
+                    changed.inodes.last_mut().unwrap().symlink_target = target;
                 }
                 _ => {}
             }
@@ -276,34 +396,43 @@ pub fn changed_inodes(fs: BorrowedFd<'_>, tree_id: u64, after: u64) -> Result<Ve
     }
     // An inode whose item changed but whose refs or symlink extent sit in a leaf that did not
     // change (a file written in place, a chmod) still needs them: look them up directly.
-    for inode in &mut changed {
-        if inode.names.is_empty() {
+    for i in 0..changed.inodes.len() {
+        let ChangedInode {
+            ino,
+            item,
+            names,
+            symlink_target,
+        } = changed.inodes[i].clone();
+        if names.0 == names.1 {
             let key = SearchKey::range(
                 tree_id,
-                (inode.ino, INODE_REF_KEY, 0),
-                (inode.ino, INODE_EXTREF_KEY, u64::MAX),
+                (ino, INODE_REF_KEY, 0),
+                (ino, INODE_EXTREF_KEY, u64::MAX),
             );
-            let ino = inode.ino;
-            search_v2(fs, key, 4096, |item| {
-                if item.objectid == ino {
-                    parse_inode_refs(item, &mut inode.names);
+            let first = changed.names.len();
+            search_v2(fs, key, 4096, |ref_item| {
+                if ref_item.objectid == ino {
+                    changed.add_refs(ref_item);
                 }
                 true
             })?;
+            changed.inodes[i].names = (first, changed.names.len());
         }
-        if is_symlink(inode.item.mode) && inode.symlink_target.is_none() {
+        if is_symlink(item.mode) && symlink_target.is_none() {
             let key = SearchKey::range(
                 tree_id,
-                (inode.ino, EXTENT_DATA_KEY, 0),
-                (inode.ino, EXTENT_DATA_KEY, 0),
+                (ino, EXTENT_DATA_KEY, 0),
+                (ino, EXTENT_DATA_KEY, 0),
             );
-            search_v2(fs, key, 4096, |item| {
-                inode.symlink_target = parse_inline_symlink(item);
+            let mut target = None;
+            search_v2(fs, key, 4096, |extent| {
+                target = changed.add_symlink_target(extent);
                 false
             })?;
+            changed.inodes[i].symlink_target = target;
         }
     }
-    Ok(changed)
+    Ok(())
 }
 
 /// Directory paths inside one subvolume, resolved with INO_LOOKUP and remembered.
@@ -353,20 +482,17 @@ mod tests {
             offset: 256,
             data: &data,
         };
-        let mut names = Vec::new();
-        parse_inode_refs(&item, &mut names);
+        let mut changed = Changed::default();
+        let range = changed.add_refs(&item);
+        let inode = ChangedInode {
+            ino: 300,
+            item: InodeItem::parse(&[0; INODE_ITEM_SIZE]).unwrap(),
+            names: range,
+            symlink_target: None,
+        };
         assert_eq!(
-            names,
-            vec![
-                InodeName {
-                    parent: 256,
-                    name: b"a".to_vec()
-                },
-                InodeName {
-                    parent: 256,
-                    name: b"\xffbc".to_vec()
-                }
-            ]
+            changed.names(&inode).collect::<Vec<_>>(),
+            vec![(256, &b"a"[..]), (256, &b"\xffbc"[..])]
         );
     }
 }

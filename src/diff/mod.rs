@@ -255,7 +255,7 @@ pub struct Outcome {
 
 pub fn run(args: Args) -> Result<u8> {
     let outcome = collect(&args)?;
-    let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut stdout = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
     if args.json {
         report::json(&outcome, &mut stdout)?;
     } else if args.nix {

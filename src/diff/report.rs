@@ -144,9 +144,10 @@ pub fn long(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
             Kind::Symlink => b"symlink",
             Kind::Other => b"other  ",
         });
-        let size = found.size.to_string();
+        let mut digits = [0u8; 20];
+        let size = decimal(found.size, &mut digits);
         line.resize(line.len() + 1 + 12usize.saturating_sub(size.len()), b' ');
-        line.extend_from_slice(size.as_bytes());
+        line.extend_from_slice(size);
         line.extend_from_slice(b"  ");
         if is_plain(&found.path) {
             line.extend_from_slice(&found.path);
@@ -157,6 +158,19 @@ pub fn long(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
         out.write_all(&line)?;
     }
     Ok(())
+}
+
+/// `n` in decimal, written at the end of `buf` (u64::MAX has 20 digits).
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut start = buf.len();
+    loop {
+        start -= 1;
+        buf[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[start..];
+        }
+    }
 }
 
 /// Printable ASCII without backslashes: printed as is.
@@ -223,6 +237,14 @@ pub fn json(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_decimals() {
+        let mut buf = [0u8; 20];
+        for n in [0, 7, 10, 4096, 1_000_000_007, u64::MAX] {
+            assert_eq!(decimal(n, &mut buf), n.to_string().as_bytes());
+        }
+    }
 
     #[test]
     fn sizes_read_well() {
