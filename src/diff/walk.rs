@@ -6,7 +6,7 @@
 //! subvolume tops (inode 256) and btrfs's empty-subvolume placeholders (inode 2): those are
 //! other filesystems or other subvolumes, which the next boot does not erase with this root.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -115,6 +115,8 @@ impl<'a> Walk<'a> {
                             drop(q);
                             wake.notify_all();
                         }
+                        // Sorted on this thread, so that the final sort only merges.
+                        found.sort_by(|a, b| a.path.cmp(&b.path));
                         found
                     })
                 })
@@ -159,24 +161,32 @@ impl<'a> Walk<'a> {
         };
         let mut dir =
             Dir::from_fd(live).with_context(|| format!("reading {}", super::escape(path)))?;
-        let mut names: Vec<CString> = Vec::new();
+        // The names, each with its NUL, in one buffer: one allocation per directory rather
+        // than one per entry.
+        let mut name_bytes: Vec<u8> = Vec::new();
+        let mut name_ends: Vec<usize> = Vec::new();
         for entry in dir.iter() {
             let entry = entry.with_context(|| format!("reading {}", super::escape(path)))?;
             let name = entry.file_name();
             if name != c"." && name != c".." {
-                names.push(name.to_owned());
+                name_bytes.extend_from_slice(name.to_bytes_with_nul());
+                name_ends.push(name_bytes.len());
             }
         }
         let visited = self
             .visited
-            .fetch_add(names.len() as u64, Ordering::Relaxed);
+            .fetch_add(name_ends.len() as u64, Ordering::Relaxed);
         if let Some(bar) = &self.progress {
-            if visited / 8192 != (visited + names.len() as u64) / 8192 {
+            if visited / 8192 != (visited + name_ends.len() as u64) / 8192 {
                 bar.set_position(visited);
             }
         }
-        for name in names {
-            let st = match fstatat(dir.as_fd(), name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+        let mut start = 0;
+        for &end in &name_ends {
+            let name = CStr::from_bytes_with_nul(&name_bytes[start..end])
+                .expect("one NUL, at the end, as readdir gave it");
+            start = end;
+            let st = match fstatat(dir.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
                 Ok(st) => st,
                 Err(nix::errno::Errno::ENOENT) => continue,
                 Err(e) => {
@@ -195,7 +205,7 @@ impl<'a> Walk<'a> {
             }
             let full = join(path, name.to_bytes());
             let target = if kind == Kind::Symlink {
-                readlinkat(dir.as_fd(), name.as_c_str())
+                readlinkat(dir.as_fd(), name)
                     .ok()
                     .map(|t| t.as_encoded_bytes().to_vec())
             } else {
@@ -211,9 +221,7 @@ impl<'a> Walk<'a> {
             let live_meta = Meta::from_stat(&st);
             let in_blank = blank
                 .as_ref()
-                .and_then(|b| {
-                    fstatat(b.as_fd(), name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW).ok()
-                })
+                .and_then(|b| fstatat(b.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW).ok())
                 .filter(|b| b.st_ino == st.st_ino && Kind::from_mode(b.st_mode) == kind);
             let status = match &in_blank {
                 None => Some(Status::New),

@@ -1,6 +1,7 @@
 //! `cargo xtask bench diff [--files N] [--dirs N]`: `rasa diff` (each engine) against seed
 //! 004's `fs-diff.sh` and plain `find`, in one hyperfine run, on a loop-file btrfs whose root
-//! holds N new files (default 100,000 in 200 directories) that the blank does not.
+//! holds N new files (default 100,000 in 200 directories) that the blank does not. Then the
+//! walk engine against `find` on a tmpfs copy of the same tree, where the walk is meant to run.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -191,8 +192,47 @@ pub fn run(args: &[String]) -> Result<()> {
         "({files} new files in {dirs} directories; kernel {})",
         sh("uname -r")?
     );
+
+    // The walk exists for roots that are not btrfs: time it where it is meant to run, on a
+    // tmpfs holding the same tree, against find there.
+    let tmpfs = dir.join("tmpfs");
+    std::fs::create_dir(&tmpfs)?;
+    sh(&format!("mount -t tmpfs rasa-bench '{}'", tmpfs.display()))?;
+    let tmpfs_mount = Unmount(tmpfs.clone());
+    sh(&format!("cp -a {t}/root/. '{}'", tmpfs.display()))?;
+    let m = tmpfs.display();
+    let walk_tmpfs = format!("{} --live-root {m}", rasa_cmd("walk"));
+    eprintln!(
+        "xtask: on tmpfs, lines printed: rasa walk {}, find {}",
+        counted(&walk_tmpfs)?,
+        counted(&format!("find {m}"))?
+    );
+    let markdown = dir.join("results-tmpfs.md");
+    deps::run(
+        Command::new("hyperfine")
+            .args(["--warmup", "2", "--min-runs", "10", "--style", "basic"])
+            .arg("--export-markdown")
+            .arg(&markdown)
+            .args(["-n", "rasa diff --engine walk (tmpfs)"])
+            .arg(&walk_tmpfs)
+            .args(["-n", "find (tmpfs)"])
+            .arg(format!("find {m}"))
+            .args(["-n", "find -printf '%y %s %p' (tmpfs)"])
+            .arg(format!("find {m} -printf '%y %s %p\\n'")),
+    )?;
+    println!("\n{}", std::fs::read_to_string(&markdown)?);
+    drop(tmpfs_mount);
     drop(fixture);
     Ok(())
+}
+
+/// Unmounts on the way out, before the fixture removes the directory.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
 }
 
 /// (command name, median seconds) from hyperfine's JSON, without a JSON parser in xtask.
