@@ -45,6 +45,7 @@ pub fn run(
     tree_id: u64,
     blank: Option<Blank<'_>>,
     rules: &Rules,
+    progress: Option<&indicatif::ProgressBar>,
 ) -> Result<Vec<Found>> {
     let after = blank.as_ref().map_or(0, |b| b.marker);
     // btrfs keeps recent inode updates in memory (delayed inodes) until a commit; the tree
@@ -73,6 +74,9 @@ pub fn run(
                         let result =
                             find_new::changed_inodes(fs, tree_id, after, range, &mut changed)
                                 .and_then(|()| resolver.resolve(&changed, &mut resolved));
+                        if let Some(bar) = progress {
+                            bar.inc(changed.inodes.len() as u64);
+                        }
                         if result.is_err() {
                             failed.store(true, Ordering::Relaxed);
                             result?;

@@ -564,7 +564,19 @@ fn from_layout(
             fd,
             marker: marker.flatten().unwrap_or(0),
         });
-        btrfs_engine::run(top.fd(), &live_fd, tree_info.id, blank_arg, &rules)?
+        let progress = spinner("{spinner} read {pos} changed inodes");
+        let found = btrfs_engine::run(
+            top.fd(),
+            &live_fd,
+            tree_info.id,
+            blank_arg,
+            &rules,
+            progress.as_ref(),
+        )?;
+        if let Some(bar) = progress {
+            bar.finish_and_clear();
+        }
+        found
     } else {
         let blank_fd = blank
             .as_ref()
@@ -591,16 +603,18 @@ fn is_running_root(tree: &OwnedFd) -> Result<bool> {
     }))
 }
 
-fn walk_all(rules: &rules::Rules, live: OwnedFd, blank: Option<OwnedFd>) -> Result<Vec<Found>> {
-    let progress = std::io::stderr().is_terminal().then(|| {
+/// A spinner on stderr when it is a terminal (a large tree on a cold cache takes a while).
+fn spinner(template: &'static str) -> Option<indicatif::ProgressBar> {
+    std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new_spinner();
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} walked {pos} entries")
-                .expect("valid template"),
-        );
+        bar.set_style(indicatif::ProgressStyle::with_template(template).expect("valid template"));
         bar.enable_steady_tick(std::time::Duration::from_millis(200));
         bar
-    });
+    })
+}
+
+fn walk_all(rules: &rules::Rules, live: OwnedFd, blank: Option<OwnedFd>) -> Result<Vec<Found>> {
+    let progress = spinner("{spinner} walked {pos} entries");
     let walk = walk::Walk::new(rules, &live, progress.clone())?;
     let found = walk.run(&live, blank.as_ref(), Vec::new(), true)?;
     if let Some(bar) = progress {
