@@ -23,7 +23,9 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use nix::fcntl::OFlag;
 use nix::libc;
+use nix::sys::stat::Mode;
 
 const FS_IMMUTABLE_FL: libc::c_long = 0x0000_0010;
 const FS_APPEND_FL: libc::c_long = 0x0000_0020;
@@ -121,156 +123,89 @@ pub fn is_type(st: &libc::stat, kind: libc::mode_t) -> bool {
 
 /// The names in a directory, without `.` and `..`, in the order the filesystem gives them.
 pub fn read_dir_names(dir: BorrowedFd<'_>) -> Result<Vec<OsString>> {
-    // fdopendir takes ownership, so hand it a duplicate.
-    let dup = check(
-        unsafe { libc::fcntl(dir.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) },
-        || "dup".into(),
-    )?;
-    // SAFETY: dup is a valid directory fd whose ownership passes to the DIR stream.
-    let stream = unsafe { libc::fdopendir(dup) };
-    if stream.is_null() {
-        unsafe { libc::close(dup) };
-        bail!("fdopendir: {}", std::io::Error::last_os_error());
-    }
-    // The duplicate shares the offset with `dir`; start from the beginning either way.
-    unsafe { libc::rewinddir(stream) };
+    // A new descriptor on the same directory, so that the listing has an offset of its own.
+    let mut stream = nix::dir::Dir::openat(
+        dir,
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .context("opening a directory to list it")?;
     let mut names = Vec::new();
-    loop {
-        // SAFETY: stream is valid until closedir below.
-        let entry = unsafe { libc::readdir64(stream) };
-        if entry.is_null() {
-            break;
-        }
-        // SAFETY: d_name is NUL-terminated inside the entry.
-        let name = unsafe { std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()) };
-        let bytes = name.to_bytes();
+    for entry in stream.iter() {
+        let entry = entry.context("listing a directory")?;
+        let bytes = entry.file_name().to_bytes();
         if bytes != b"." && bytes != b".." {
             names.push(OsString::from_vec(bytes.to_vec()));
         }
     }
-    unsafe { libc::closedir(stream) };
     Ok(names)
 }
 
 /// A path through `/proc/self/fd` that names `name` inside `dir` for the path-based xattr calls
 /// (`l*xattr`, which do not follow the final symlink). Only used for symlinks, fifos and device
 /// nodes, which cannot be opened for `f*xattr` without side effects.
-fn proc_path(dir: BorrowedFd<'_>, name: &OsStr) -> CString {
-    let mut bytes = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
-    bytes.extend_from_slice(name.as_bytes());
-    CString::new(bytes).expect("no NUL")
+fn proc_path(dir: BorrowedFd<'_>, name: &OsStr) -> PathBuf {
+    Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name)
 }
+
+/// A borrowed descriptor, for the `xattr` crate's `f*xattr` calls (it implements them for
+/// anything with a raw fd).
+struct XattrFd<'a>(BorrowedFd<'a>);
+
+impl AsRawFd for XattrFd<'_> {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl xattr::FileExt for XattrFd<'_> {}
 
 /// Where xattrs are read from or written to.
-#[derive(Clone, Copy)]
-enum XattrTarget<'a> {
+pub enum XattrSource<'a> {
     Fd(BorrowedFd<'a>),
-    Path(&'a CString),
+    Path(PathBuf),
 }
 
-fn list_xattrs(target: XattrTarget<'_>) -> Result<Vec<CString>> {
-    let mut buf = vec![0u8; 1024];
-    loop {
-        // SAFETY: buf is valid for buf.len() bytes.
-        let n = unsafe {
-            match target {
-                XattrTarget::Fd(fd) => {
-                    libc::flistxattr(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
-                }
-                XattrTarget::Path(p) => {
-                    libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-                }
-            }
-        };
-        if n < 0 {
-            match errno() {
-                libc::ERANGE => {
-                    buf.resize(buf.len() * 4, 0);
-                    continue;
-                }
-                libc::ENOTSUP => return Ok(Vec::new()),
-                _ => return Err(std::io::Error::last_os_error()).context("listing xattrs"),
-            }
+impl XattrSource<'_> {
+    fn list(&self) -> std::io::Result<xattr::XAttrs> {
+        match self {
+            XattrSource::Fd(fd) => xattr::FileExt::list_xattr(&XattrFd(*fd)),
+            XattrSource::Path(path) => xattr::list(path),
         }
-        buf.truncate(n as usize);
-        return Ok(buf
-            .split(|b| *b == 0)
-            .filter(|s| !s.is_empty())
-            .map(|s| CString::new(s).expect("split at NUL"))
-            .collect());
+    }
+
+    fn get(&self, name: &OsStr) -> std::io::Result<Option<Vec<u8>>> {
+        match self {
+            XattrSource::Fd(fd) => xattr::FileExt::get_xattr(&XattrFd(*fd), name),
+            XattrSource::Path(path) => xattr::get(path, name),
+        }
+    }
+
+    fn set(&self, name: &OsStr, value: &[u8]) -> Result<()> {
+        match self {
+            XattrSource::Fd(fd) => xattr::FileExt::set_xattr(&XattrFd(*fd), name, value),
+            XattrSource::Path(path) => xattr::set(path, name, value),
+        }
+        .with_context(|| format!("setting xattr {name:?}"))
     }
 }
 
-fn get_xattr(target: XattrTarget<'_>, name: &CString) -> Result<Option<Vec<u8>>> {
-    let mut buf = vec![0u8; 256];
-    loop {
-        // SAFETY: buf is valid for buf.len() bytes, name is NUL-terminated.
-        let n = unsafe {
-            match target {
-                XattrTarget::Fd(fd) => libc::fgetxattr(
-                    fd.as_raw_fd(),
-                    name.as_ptr(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                ),
-                XattrTarget::Path(p) => libc::lgetxattr(
-                    p.as_ptr(),
-                    name.as_ptr(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                ),
-            }
-        };
-        if n < 0 {
-            match errno() {
-                libc::ERANGE => {
-                    buf.resize(buf.len() * 4, 0);
-                    continue;
-                }
-                libc::ENODATA => return Ok(None),
-                _ => {
-                    return Err(std::io::Error::last_os_error())
-                        .with_context(|| format!("reading xattr {name:?}"))
-                }
-            }
-        }
-        buf.truncate(n as usize);
-        return Ok(Some(buf));
-    }
-}
-
-fn set_xattr(target: XattrTarget<'_>, name: &CString, value: &[u8]) -> Result<()> {
-    // SAFETY: pointers valid for the given lengths.
-    let ret = unsafe {
-        match target {
-            XattrTarget::Fd(fd) => libc::fsetxattr(
-                fd.as_raw_fd(),
-                name.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                0,
-            ),
-            XattrTarget::Path(p) => libc::lsetxattr(
-                p.as_ptr(),
-                name.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                0,
-            ),
-        }
-    };
-    check(ret, || format!("setting xattr {name:?}")).map(|_| ())
-}
-
-/// Every xattr of the source, capabilities last (see the module comment for why).
-pub fn read_xattrs_sorted(source: XattrSource<'_>) -> Result<Vec<(CString, Vec<u8>)>> {
-    let target = match &source {
-        XattrSource::Fd(fd) => XattrTarget::Fd(*fd),
-        XattrSource::Path(p) => XattrTarget::Path(p),
+/// Every xattr of the source, capabilities last (see the module comment for why). None on a
+/// filesystem without xattrs.
+pub fn read_xattrs_sorted(source: &XattrSource<'_>) -> Result<Vec<(OsString, Vec<u8>)>> {
+    let names = match source.list() {
+        Ok(names) => names,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
+        Err(e) => return Err(e).context("listing xattrs"),
     };
     let mut out = Vec::new();
-    for name in list_xattrs(target)? {
-        if let Some(value) = get_xattr(target, &name)? {
+    for name in names {
+        // Gone between the listing and now: nothing to copy.
+        if let Some(value) = source
+            .get(&name)
+            .with_context(|| format!("reading xattr {name:?}"))?
+        {
             out.push((name, value));
         }
     }
@@ -278,14 +213,9 @@ pub fn read_xattrs_sorted(source: XattrSource<'_>) -> Result<Vec<(CString, Vec<u
     Ok(out)
 }
 
-pub enum XattrSource<'a> {
-    Fd(BorrowedFd<'a>),
-    Path(CString),
-}
-
 /// Xattrs of `name` in `dir` (any file type), for comparisons.
-pub fn xattrs_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Vec<(CString, Vec<u8>)>> {
-    read_xattrs_sorted(XattrSource::Path(proc_path(dir, name)))
+pub fn xattrs_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Vec<(OsString, Vec<u8>)>> {
+    read_xattrs_sorted(&XattrSource::Path(proc_path(dir, name)))
 }
 
 /// The `chattr` flags of an open regular file or directory (0 where unsupported).
@@ -765,8 +695,9 @@ fn finish_fd(
     check(unsafe { libc::fchmod(raw, st.st_mode & 0o7777) }, || {
         "setting the mode".into()
     })?;
-    for (name, value) in read_xattrs_sorted(XattrSource::Fd(src))? {
-        set_xattr(XattrTarget::Fd(dst), &name, &value)?;
+    let target = XattrSource::Fd(dst);
+    for (name, value) in read_xattrs_sorted(&XattrSource::Fd(src))? {
+        target.set(&name, &value)?;
     }
     let times = timespecs(st);
     check(unsafe { libc::futimens(raw, times.as_ptr()) }, || {
@@ -817,9 +748,9 @@ fn finish_at(
             || "setting the mode".into(),
         )?;
     }
-    let dst_path = proc_path(dst_dir, dst_name);
-    for (name, value) in read_xattrs_sorted(XattrSource::Path(proc_path(src_dir, src_name)))? {
-        set_xattr(XattrTarget::Path(&dst_path), &name, &value)?;
+    let target = XattrSource::Path(proc_path(dst_dir, dst_name));
+    for (name, value) in read_xattrs_sorted(&XattrSource::Path(proc_path(src_dir, src_name)))? {
+        target.set(&name, &value)?;
     }
     let times = timespecs(st);
     check(
