@@ -11,95 +11,21 @@
 use std::collections::HashMap;
 use std::os::fd::BorrowedFd;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
-use super::tree::{self, SearchKey, DIR_INDEX_KEY, DIR_ITEM_KEY, INODE_ITEM_KEY, INODE_REF_KEY};
+use super::tree::{
+    self, ItemRef, SearchKey, DIR_INDEX_KEY, DIR_ITEM_KEY, INODE_ITEM_KEY, INODE_REF_KEY,
+};
 
 pub const INODE_EXTREF_KEY: u32 = 13;
 
-/// TREE_SEARCH_V2's buffer. The v1 search that `tree::search` uses returns 4 KiB per call:
-/// about ten inodes' worth of items, so 100,000 new files cost some 12,000 ioctls. Larger
+/// The search buffer for the diff. 4 KiB holds about ten inodes' worth of items, so 100,000
+/// new files would cost some 12,000 ioctls. Larger
 /// buffers are not better: the kernel faults in the rest of the buffer once per leaf, and a
 /// directory's entries fill it before the search can skip them. 8 to 32 KiB measured the same
 /// (`cargo xtask bench diff`); 64 KiB and more were slower.
 const SEARCH_V2_BUF: usize = 1 << 14;
 
-#[repr(C)]
-struct SearchArgsV2Header {
-    key: SearchKey,
-    buf_size: u64,
-}
-
-const _: () = assert!(std::mem::size_of::<SearchArgsV2Header>() == 112);
-
-mod ioctl {
-    nix::ioctl_readwrite!(tree_search_v2, 0x94, 17, super::SearchArgsV2Header);
-}
-
-/// One item, borrowed from the search buffer.
-pub struct ItemRef<'a> {
-    pub objectid: u64,
-    pub item_type: u32,
-    pub offset: u64,
-    pub data: &'a [u8],
-}
-
-/// Like [`tree::search`], with TREE_SEARCH_V2 and a large buffer, lending each item instead
-/// of copying it (the diff of a large tree reads hundreds of thousands of items).
-pub fn search_v2(
-    fs: BorrowedFd<'_>,
-    key: SearchKey,
-    buf_len: usize,
-    mut visit: impl FnMut(&ItemRef<'_>) -> bool,
-) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let header_len = std::mem::size_of::<SearchArgsV2Header>();
-    // u64 storage keeps the header aligned.
-    let buf_len = buf_len.max(4096);
-    let mut storage = vec![0u64; (header_len + buf_len).div_ceil(8)];
-    let base = storage.as_mut_ptr() as *mut u8;
-    let mut next = key;
-    loop {
-        next.nr_items = u32::MAX;
-        // SAFETY: `storage` starts with a properly aligned header followed by buf_len
-        // bytes, which is what buf_size tells the kernel it may write.
-        let header = unsafe { &mut *(base as *mut SearchArgsV2Header) };
-        header.key = next;
-        header.buf_size = buf_len as u64;
-        unsafe { ioctl::tree_search_v2(fs.as_raw_fd(), header) }
-            .context("btrfs tree search (v2)")?;
-        let found = header.key.nr_items;
-        if found == 0 {
-            return Ok(());
-        }
-        // SAFETY: the buffer part of `storage`, initialised (zeroed, then written by the kernel).
-        let buf = unsafe { std::slice::from_raw_parts(base.add(header_len) as *const u8, buf_len) };
-        let mut pos = 0usize;
-        let mut last = (0u64, 0u32, 0u64);
-        for _ in 0..found {
-            let h = &buf[pos..pos + 32];
-            let objectid = u64::from_ne_bytes(h[8..16].try_into().unwrap());
-            let offset = u64::from_ne_bytes(h[16..24].try_into().unwrap());
-            let item_type = u32::from_ne_bytes(h[24..28].try_into().unwrap());
-            let len = u32::from_ne_bytes(h[28..32].try_into().unwrap()) as usize;
-            pos += 32;
-            let item = ItemRef {
-                objectid,
-                item_type,
-                offset,
-                data: &buf[pos..pos + len],
-            };
-            pos += len;
-            last = (objectid, item_type, offset);
-            if !visit(&item) {
-                return Ok(());
-            }
-        }
-        if !next.continue_after(last) {
-            return Ok(());
-        }
-    }
-}
 const EXTENT_DATA_KEY: u32 = tree::EXTENT_DATA_KEY;
 /// `sizeof(struct btrfs_inode_item)`.
 const INODE_ITEM_SIZE: usize = 160;
@@ -277,7 +203,7 @@ fn first_changed_from(
     let mut key = SearchKey::range(tree_id, (from, 0, 0), (LAST_INODE, u32::MAX, u64::MAX));
     key.min_transid = after.saturating_add(1);
     let mut first = None;
-    search_v2(fs, key, 4096, |item| {
+    tree::search(fs, key, 4096, |item| {
         first = Some(item.objectid);
         false
     })?;
@@ -342,7 +268,7 @@ pub fn changed_inodes(
         // and search again from the next inode. The buffer is kept small so that the kernel
         // has not copied much of them by then.
         let mut resume_at = None;
-        search_v2(fs, key, SEARCH_V2_BUF, |item| {
+        tree::search(fs, key, SEARCH_V2_BUF, |item| {
             match item.item_type {
                 INODE_ITEM_KEY => {
                     if let Some(inode) = InodeItem::parse(item.data) {
@@ -410,7 +336,7 @@ pub fn changed_inodes(
                 (ino, INODE_EXTREF_KEY, u64::MAX),
             );
             let first = changed.names.len();
-            search_v2(fs, key, 4096, |ref_item| {
+            tree::search(fs, key, 4096, |ref_item| {
                 if ref_item.objectid == ino {
                     changed.add_refs(ref_item);
                 }
@@ -425,7 +351,7 @@ pub fn changed_inodes(
                 (ino, EXTENT_DATA_KEY, 0),
             );
             let mut target = None;
-            search_v2(fs, key, 4096, |extent| {
+            tree::search(fs, key, 4096, |extent| {
                 target = changed.add_symlink_target(extent);
                 false
             })?;

@@ -1,4 +1,4 @@
-//! TREE_SEARCH (v1) and INO_LOOKUP: reading btrfs metadata trees directly.
+//! TREE_SEARCH_V2 and INO_LOOKUP: reading btrfs metadata trees directly.
 //!
 //! Both need CAP_SYS_ADMIN. rasa uses them where it must not depend on paths: to find the
 //! child subvolumes of a subvolume by id (pruning), and to walk the items of a subvolume's tree
@@ -36,14 +36,6 @@ pub struct SearchKey {
     unused4: u64,
 }
 
-const SEARCH_BUF: usize = 4096 - std::mem::size_of::<SearchKey>();
-
-#[repr(C)]
-struct SearchArgs {
-    key: SearchKey,
-    buf: [u8; SEARCH_BUF],
-}
-
 #[repr(C)]
 struct InoLookupArgs {
     treeid: u64,
@@ -52,12 +44,11 @@ struct InoLookupArgs {
 }
 
 const _: () = assert!(std::mem::size_of::<SearchKey>() == 104);
-const _: () = assert!(std::mem::size_of::<SearchArgs>() == 4096);
 const _: () = assert!(std::mem::size_of::<InoLookupArgs>() == 4096);
 
 mod ioctl {
     use super::*;
-    nix::ioctl_readwrite!(tree_search, 0x94, 17, SearchArgs);
+    nix::ioctl_readwrite!(tree_search_v2, 0x94, 17, SearchArgsV2Header);
     nix::ioctl_readwrite!(ino_lookup, 0x94, 18, InoLookupArgs);
 }
 
@@ -79,52 +70,71 @@ impl SearchKey {
     }
 }
 
-/// One item found by a search: its key and its bytes.
-#[derive(Debug, Clone)]
-pub struct Item {
+#[repr(C)]
+struct SearchArgsV2Header {
+    key: SearchKey,
+    buf_size: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<SearchArgsV2Header>() == 112);
+
+/// One item, borrowed from the search buffer.
+pub struct ItemRef<'a> {
     pub objectid: u64,
     pub item_type: u32,
     pub offset: u64,
-    pub data: Vec<u8>,
+    pub data: &'a [u8],
 }
 
-/// Visit every item in the key range, in key order. `visit` returns false to stop early.
+/// Visit every item in the key range, in key order; `visit` returns false to stop early.
 ///
-/// The kernel fills one 4 KiB buffer per call; the next call continues from the key after the
-/// last one returned (the usual btrfs-progs loop, with the (objectid, type, offset) carry).
-/// Note that TREE_SEARCH's min/max_type and offset bound the whole key lexicographically,
-/// not each field separately, so callers filter types themselves where the range spans objects.
+/// The kernel fills a buffer of `buf_len` bytes (at least 4 KiB) per call; the next call
+/// continues from the key after the last one returned (the usual btrfs-progs loop, with the
+/// (objectid, type, offset) carry). Each item is lent from the buffer, not copied: the diff of
+/// a large tree reads hundreds of thousands of them. Note that TREE_SEARCH's min/max type and
+/// offset bound the whole key lexicographically, not each field separately, so callers filter
+/// types themselves where the range spans objects.
 pub fn search(
     fs: BorrowedFd<'_>,
     key: SearchKey,
-    mut visit: impl FnMut(&Item) -> bool,
+    buf_len: usize,
+    mut visit: impl FnMut(&ItemRef<'_>) -> bool,
 ) -> Result<()> {
-    // SAFETY: all-zero is a valid SearchArgs.
-    let mut args: Box<SearchArgs> = unsafe { Box::new(std::mem::zeroed()) };
-    args.key = key;
+    let header_len = std::mem::size_of::<SearchArgsV2Header>();
+    // u64 storage keeps the header aligned.
+    let buf_len = buf_len.max(4096);
+    let mut storage = vec![0u64; (header_len + buf_len).div_ceil(8)];
+    let base = storage.as_mut_ptr() as *mut u8;
+    let mut next = key;
     loop {
-        args.key.nr_items = u32::MAX;
-        // SAFETY: args is a valid search_args; the kernel writes at most SEARCH_BUF bytes.
-        unsafe { ioctl::tree_search(fs.as_raw_fd(), &mut *args) }.context("btrfs tree search")?;
-        let found = args.key.nr_items;
+        next.nr_items = u32::MAX;
+        // SAFETY: `storage` starts with a properly aligned header followed by buf_len
+        // bytes, which is what buf_size tells the kernel it may write.
+        let header = unsafe { &mut *(base as *mut SearchArgsV2Header) };
+        header.key = next;
+        header.buf_size = buf_len as u64;
+        unsafe { ioctl::tree_search_v2(fs.as_raw_fd(), header) }
+            .context("btrfs tree search (v2)")?;
+        let found = header.key.nr_items;
         if found == 0 {
             return Ok(());
         }
+        // SAFETY: the buffer part of `storage`, initialised (zeroed, then written by the kernel).
+        let buf = unsafe { std::slice::from_raw_parts(base.add(header_len) as *const u8, buf_len) };
         let mut pos = 0usize;
         let mut last = (0u64, 0u32, 0u64);
         for _ in 0..found {
-            let header = &args.buf[pos..pos + 32];
-            let read_u64 = |at: usize| u64::from_ne_bytes(header[at..at + 8].try_into().unwrap());
-            let objectid = read_u64(8);
-            let offset = read_u64(16);
-            let item_type = u32::from_ne_bytes(header[24..28].try_into().unwrap());
-            let len = u32::from_ne_bytes(header[28..32].try_into().unwrap()) as usize;
+            let h = &buf[pos..pos + 32];
+            let objectid = u64::from_ne_bytes(h[8..16].try_into().unwrap());
+            let offset = u64::from_ne_bytes(h[16..24].try_into().unwrap());
+            let item_type = u32::from_ne_bytes(h[24..28].try_into().unwrap());
+            let len = u32::from_ne_bytes(h[28..32].try_into().unwrap()) as usize;
             pos += 32;
-            let item = Item {
+            let item = ItemRef {
                 objectid,
                 item_type,
                 offset,
-                data: args.buf[pos..pos + len].to_vec(),
+                data: &buf[pos..pos + len],
             };
             pos += len;
             last = (objectid, item_type, offset);
@@ -132,12 +142,11 @@ pub fn search(
                 return Ok(());
             }
         }
-        if !args.key.continue_after(last) {
+        if !next.continue_after(last) {
             return Ok(());
         }
     }
 }
-
 impl SearchKey {
     /// Move the lower bound just past `last`, the last key a search returned; false when
     /// nothing can follow it within the upper bound.
@@ -183,7 +192,7 @@ pub fn child_subvolumes(fs: BorrowedFd<'_>, parent_id: u64) -> Result<Vec<ChildR
         (parent_id, ROOT_REF_KEY, u64::MAX),
     );
     let mut children = Vec::new();
-    search(fs, key, |item| {
+    search(fs, key, 4096, |item| {
         if item.objectid == parent_id && item.item_type == ROOT_REF_KEY && item.data.len() >= 18 {
             // struct btrfs_root_ref { __le64 dirid; __le64 sequence; __le16 name_len; } name
             let dirid = u64::from_le_bytes(item.data[0..8].try_into().unwrap());
