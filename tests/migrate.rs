@@ -506,25 +506,26 @@ fn bind_mounted_entries_are_already_persisted() {
     ");
 }
 
-#[test]
-fn crash_mid_copy_then_rerun_finishes() {
+/// The live tree and its manifest, after a `migrate --apply` that the failpoint stopped; None
+/// when the test is skipped (no failpoints compiled in, or no root).
+fn crashed_at(test: &str, failpoint: &str) -> Option<(Fixture, PathBuf, Output)> {
     if !cfg!(feature = "failpoints") {
-        common::skip::<()>(
-            "crash_mid_copy_then_rerun_finishes",
-            "needs --features failpoints",
-        );
-        return;
+        return common::skip(test, "needs --features failpoints");
     }
-    let Some(fx) = Fixture::new("crash_mid_copy_then_rerun_finishes", false) else {
-        return;
-    };
+    let fx = Fixture::new(test, false)?;
     build_live_tree(&fx.live);
     let manifest = fx.manifest(ENTRIES);
-    let crashed = fx.migrate_env(
-        &manifest,
-        &["--apply"],
-        &[("RASA_FAILPOINT", "migrate-copied-file")],
-    );
+    let crashed = fx.migrate_env(&manifest, &["--apply"], &[("RASA_FAILPOINT", failpoint)]);
+    Some((fx, manifest, crashed))
+}
+
+#[test]
+fn crash_mid_copy_then_rerun_finishes() {
+    let Some((fx, manifest, crashed)) =
+        crashed_at("crash_mid_copy_then_rerun_finishes", "migrate-copied-file")
+    else {
+        return;
+    };
     assert!(
         stderr(&crashed).contains("RASA-FAILPOINT-REACHED migrate-copied-file"),
         "{}",
@@ -555,23 +556,12 @@ fn crash_mid_copy_then_rerun_finishes() {
 
 #[test]
 fn crash_after_rename_then_rerun_finds_it_identical() {
-    if !cfg!(feature = "failpoints") {
-        common::skip::<()>(
-            "crash_after_rename_then_rerun_finds_it_identical",
-            "needs --features failpoints",
-        );
-        return;
-    }
-    let Some(fx) = Fixture::new("crash_after_rename_then_rerun_finds_it_identical", false) else {
+    let Some((fx, manifest, crashed)) = crashed_at(
+        "crash_after_rename_then_rerun_finds_it_identical",
+        "migrate-renamed-entry",
+    ) else {
         return;
     };
-    build_live_tree(&fx.live);
-    let manifest = fx.manifest(ENTRIES);
-    let crashed = fx.migrate_env(
-        &manifest,
-        &["--apply"],
-        &[("RASA_FAILPOINT", "migrate-renamed-entry")],
-    );
     assert_ne!(crashed.status.code(), Some(0));
     assert_faithful(&fx.live.join("srv/data"), &fx.live.join("persist/srv/data"));
     let rerun = fx.migrate(&manifest, &["--apply"]);
