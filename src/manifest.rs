@@ -64,6 +64,12 @@ pub struct Entry {
     pub group: String,
     /// Octal mode of the directory (for a file: of its parent directory), e.g. "0755".
     pub mode: String,
+    /// The initrd mounts this entry (impermanence's `neededForBoot` paths, such as
+    /// `/var/lib/nixos`), before NixOS's activation could create its storage copy: the copy
+    /// must already exist at the first wiping boot, so `setup`/`migrate` create it and
+    /// `check system` reports it missing.
+    #[serde(default)]
+    pub needed_for_boot: bool,
 }
 
 impl Entry {
