@@ -154,20 +154,37 @@ fn tracked_nix_files(root: &Path) -> Result<Vec<String>> {
     Ok(files)
 }
 
-fn run_captured(cmd: &mut Command) -> Result<(bool, String)> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok((out.status.success(), text))
+/// What a command printed, kept apart: stdout is the answer a check parses, stderr is only for
+/// the person reading a failure. Nix prints warnings on stderr that depend on the machine (for
+/// example "the group 'nixbld' specified in 'build-users-group' does not exist" on a machine
+/// without that group), so parsing the two mixed together passes on one machine and fails on a
+/// fresh one.
+struct Captured {
+    ok: bool,
+    stdout: String,
+    stderr: String,
 }
 
-fn outcome(result: Result<(bool, String)>) -> Outcome {
+impl Captured {
+    /// Both streams, for a failure message.
+    fn both(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+fn run_captured(cmd: &mut Command) -> Result<Captured> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    Ok(Captured {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+fn outcome(result: Result<Captured>) -> Outcome {
     match result {
-        Ok((true, _)) => Outcome::Pass,
-        Ok((false, text)) => Outcome::Fail(text),
+        Ok(c) if c.ok => Outcome::Pass,
+        Ok(c) => Outcome::Fail(c.both()),
         Err(e) => Outcome::Fail(format!("{e:#}")),
     }
 }
@@ -197,9 +214,10 @@ fn format_check(root: &Path, files: &[String]) -> Outcome {
             .args(files)
             .current_dir(root),
     ) {
-        Ok((true, _)) => Outcome::Pass,
-        Ok((false, text)) => Outcome::Fail(format!(
-            "{text}\nrun `{} {}` to format them",
+        Ok(c) if c.ok => Outcome::Pass,
+        Ok(c) => Outcome::Fail(format!(
+            "{}\nrun `{} {}` to format them",
+            c.both(),
             FORMATTER.0,
             files.join(" ")
         )),
@@ -227,7 +245,7 @@ fn lock_matches_inputs(root: &Path) -> Outcome {
 fn check_lock(root: &Path) -> Result<Vec<String>> {
     use serde_json::Value;
     let lock = read_json(root, "flake.lock")?;
-    let (ok, text) = run_captured(
+    let evaluated = run_captured(
         Command::new("nix-instantiate")
             .args([
                 "--eval",
@@ -238,10 +256,15 @@ fn check_lock(root: &Path) -> Result<Vec<String>> {
             ])
             .current_dir(root),
     )?;
-    if !ok {
-        bail!("reading the inputs of flake.nix: {text}");
+    if !evaluated.ok {
+        bail!("reading the inputs of flake.nix: {}", evaluated.both());
     }
-    let inputs: Value = serde_json::from_str(text.lines().last().unwrap_or_default())?;
+    let inputs: Value = serde_json::from_str(&evaluated.stdout).with_context(|| {
+        format!(
+            "the inputs of flake.nix are not JSON on stdout: {}",
+            evaluated.both()
+        )
+    })?;
     let nodes = &lock["nodes"];
     let mut problems = Vec::new();
     if lock["version"] != 7 || lock["root"] != "root" {
@@ -356,8 +379,8 @@ fn impermanence_nar_hash(root: &Path) -> Outcome {
             .arg(&dir),
     );
     match hashed {
-        Ok((true, text)) => {
-            let got = text.lines().last().unwrap_or_default().trim();
+        Ok(c) if c.ok => {
+            let got = c.stdout.trim();
             if got == want {
                 Outcome::Pass
             } else {
@@ -369,7 +392,7 @@ fn impermanence_nar_hash(root: &Path) -> Outcome {
                 ))
             }
         }
-        Ok((false, text)) => Outcome::Fail(text),
+        Ok(c) => Outcome::Fail(c.both()),
         Err(e) => Outcome::Fail(format!("{e:#}")),
     }
 }
@@ -426,16 +449,17 @@ fn module_tests(root: &Path) -> Vec<(String, Outcome)> {
             .arg(tool.parent().unwrap())
             .current_dir(root),
     );
-    let text = match result {
-        Ok((true, text)) => text,
-        Ok((false, text)) => return vec![(name.into(), Outcome::Fail(text))],
+    let captured = match result {
+        Ok(c) if c.ok => c,
+        Ok(c) => return vec![(name.into(), Outcome::Fail(c.both()))],
         Err(e) => return vec![(name.into(), Outcome::Fail(format!("{e:#}")))],
     };
-    // stderr may carry evaluation warnings before the JSON on the last line.
-    let json = text.lines().last().unwrap_or_default();
-    match parse_results(json) {
+    match parse_results(&captured.stdout) {
         Ok(results) => results,
-        Err(e) => vec![(name.into(), Outcome::Fail(format!("{e:#}\n{text}")))],
+        Err(e) => vec![(
+            name.into(),
+            Outcome::Fail(format!("{e:#}\n{}", captured.both())),
+        )],
     }
 }
 
@@ -458,4 +482,33 @@ fn parse_results(json: &str) -> Result<Vec<(String, Outcome)>> {
             Ok((name, outcome))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Nix warns on stderr about the machine it runs on (a fresh machine has no `nixbld` group),
+    /// and the warning has nothing to do with the answer on stdout. Force such a warning
+    /// whatever this machine has, and the check must still read the inputs.
+    #[test]
+    fn the_lock_check_reads_stdout_only_whatever_nix_warns_on_stderr() {
+        if !on_path("nix-instantiate") {
+            panic!("nix-instantiate is not installed: `cargo xtask nix-checks` installs nix-bin");
+        }
+        // Only this test in the xtask crate touches the environment.
+        std::env::set_var(
+            "NIX_CONFIG",
+            "build-users-group = rasa-test-group-that-does-not-exist",
+        );
+        let warned = run_captured(Command::new("nix-instantiate").args(["--eval", "-E", "1"]))
+            .expect("nix-instantiate runs");
+        assert!(
+            warned.stderr.contains("does not exist"),
+            "the test needs nix to warn on stderr, and it printed: {}",
+            warned.both()
+        );
+        let problems = check_lock(&project_root()).expect("the lock check runs");
+        assert!(problems.is_empty(), "{problems:#?}");
+    }
 }

@@ -54,10 +54,14 @@ pub fn run(args: &[String]) -> Result<()> {
         println!("clippy: SKIPPED: `cargo clippy` is not installed with this toolchain");
     }
 
-    eprintln!("== cargo test (with failpoints; btrfs tests need root)");
+    // The Nix checks install nix-bin, which the xtask's own tests run; install it first so
+    // that the order of the suites cannot decide whether a test finds its tools.
+    nix_checks::install_tools()?;
+
+    eprintln!("== cargo test (rasa with failpoints, and xtask; btrfs tests need root)");
     let mut cargo = Command::new("cargo");
     cargo
-        .args(["test", "-p", "rasa", "--features", "failpoints"])
+        .args(["test", "--workspace", "--features", "rasa/failpoints"])
         .current_dir(&root)
         .stdout(Stdio::piped());
     if ci {
