@@ -5,12 +5,31 @@
 #     --arg nixosEval ../shared/tools/nixos-eval
 { nixpkgsLib, impermanence, nixosEval }:
 let
-  tool = import nixosEval { inherit nixpkgsLib impermanence; };
-  bare = import nixosEval { inherit nixpkgsLib; };
+  # The stub's writeTextFile drops checkPhase, and it has no pkgsBuildHost: keep both visible, with
+  # the build platform's rasa told apart from the one the configuration runs.
+  extraPkgs = {
+    writeTextFile = args: {
+      type = "derivation";
+      inherit (args) name text;
+      checkPhase = args.checkPhase or "";
+      outPath = "/nix/store/stub-${args.name}";
+    };
+    pkgsBuildHost = {
+      callPackage = _: _: {
+        type = "derivation";
+        name = "rasa-build-host";
+        outPath = "/nix/store/stub-rasa-build-host";
+        meta.mainProgram = "rasa";
+      };
+    };
+  };
+  tool = import nixosEval { inherit nixpkgsLib impermanence extraPkgs; };
+  bare = import nixosEval { inherit nixpkgsLib extraPkgs; };
   unitPath = ../vm/rollback.service;
   cases = import ./cases.nix {
     inherit (tool) lib;
     rasa = tool.pkgs.rasa;
+    checker = extraPkgs.pkgsBuildHost.callPackage null { };
     eval = modules: (tool.eval ([ ../../modules/rasa.nix ] ++ modules)).config;
     evalWithoutImpermanence = modules: (bare.eval ([ ../../modules/rasa.nix ] ++ modules)).config;
     unitFile = if builtins.pathExists unitPath then builtins.readFile unitPath else null;

@@ -164,6 +164,19 @@ fn run_captured(cmd: &mut Command) -> Result<(bool, String)> {
     Ok((out.status.success(), text))
 }
 
+/// Success and stdout alone (what a tool prints as its result), or on failure stdout and stderr
+/// together to show; stderr carries warnings (nix's about a missing `nixbld` group, evaluation
+/// traces) that are no part of the result.
+fn run_stdout(cmd: &mut Command) -> Result<(bool, String)> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok((true, stdout))
+    } else {
+        Ok((false, format!("{stdout}{}", String::from_utf8_lossy(&out.stderr))))
+    }
+}
+
 fn outcome(result: Result<(bool, String)>) -> Outcome {
     match result {
         Ok((true, _)) => Outcome::Pass,
@@ -412,7 +425,7 @@ fn module_tests(root: &Path) -> Vec<(String, Outcome)> {
             Outcome::Skip(format!("{} is missing", tool.display())),
         )];
     }
-    let result = run_captured(
+    let result = run_stdout(
         Command::new("nix-instantiate")
             .args(["--eval", "--strict", "--json", "tests/nix/run.nix"])
             .arg("--arg")
@@ -431,9 +444,7 @@ fn module_tests(root: &Path) -> Vec<(String, Outcome)> {
         Ok((false, text)) => return vec![(name.into(), Outcome::Fail(text))],
         Err(e) => return vec![(name.into(), Outcome::Fail(format!("{e:#}")))],
     };
-    // stderr may carry evaluation warnings before the JSON on the last line.
-    let json = text.lines().last().unwrap_or_default();
-    match parse_results(json) {
+    match parse_results(&text) {
         Ok(results) => results,
         Err(e) => vec![(name.into(), Outcome::Fail(format!("{e:#}\n{text}")))],
     }
