@@ -181,7 +181,7 @@ in
 
       warnings = lib.concatMap
         (name: map
-          (y: "rasa: rasa.presets.${name} keeps ${y.path} whole, but the configuration keeps ${lib.concatMapStringsSep ", " (k: "${k.path} (${k.how})") y.inside} inside it, so the preset leaves ${y.path} to the configuration. Programs that rename new files over old ones lose such state; to keep all of ${y.path}, replace those entries with \"${y.path}\" in environment.persistence.\"${cfg.storageRoot}\".directories.")
+          (y: "rasa: rasa.presets.${name} keeps ${y.path} whole, but the configuration keeps ${lib.concatMapStringsSep ", " (k: "${k.path} (${k.how})") y.inside} inside it, so the preset leaves ${y.path} to the configuration. Programs that rename new files over old ones lose state kept as single files; to keep all of ${y.path}, remove those and add \"${y.path}\" to environment.persistence.\"${cfg.storageRoot}\".directories.")
           (yielded name))
         enabledPresets;
 

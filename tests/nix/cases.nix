@@ -103,6 +103,42 @@ let
     };
 
   manifestOf = config: builtins.fromJSON config.system.build.rasaManifest.text;
+
+  # Pairs of persisted paths where one is the other or inside it: each path must be kept once.
+  persistedTwice = config:
+    let
+      paths = rlib.persistedPaths config.environment.persistence;
+      indexed = lib.imap0 (i: p: p // { inherit i; }) paths;
+    in
+    lib.concatMap
+      (a: map (b: "${a.path} (${a.storageRoot}) and ${b.path} (${b.storageRoot})")
+        (lib.filter (b: b.i > a.i && (rlib.covers a.path b.path || rlib.covers b.path a.path)) indexed))
+      indexed;
+
+  # The checks every configuration of the corpus (corpus.nix) must pass with rasa on top.
+  corpusCases = c:
+    let
+      config = eval c.modules;
+      unit = config.boot.initrd.systemd.services.rollback;
+      deviceUnit = "${lib.replaceStrings [ "/" ] [ "-" ] (lib.removePrefix "/" (lib.replaceStrings [ "-" ] [ "\\x2d" ] c.device))}.device";
+      manifestPaths = map (e: e.path) (manifestOf config).entries;
+    in
+    [
+      (expect "corpus: ${c.name}: no failed assertion, rasa's or impermanence's" (failed config) [ ])
+      (expect "corpus: ${c.name}: every path persisted once" (persistedTwice config) [ ])
+      (expect "corpus: ${c.name}: the rollback is ordered after the unlock and before /sysroot"
+        {
+          requires = unit.requires;
+          unlocksMissing = lib.filter (u: !(lib.elem u unit.after)) c.unlocks;
+          before = unit.before;
+          device = lib.elemAt (systemdArgv unit.serviceConfig.ExecStart) 3;
+        }
+        { requires = [ deviceUnit ]; unlocksMissing = [ ]; before = [ "sysroot.mount" ]; inherit (c) device; })
+      ((expect "corpus: ${c.name}: the manifest covers what it persisted"
+        (lib.filter (p: !(lib.elem p manifestPaths)) c.persisted) [ ])
+      // { manifest = config.system.build.rasaManifest.text; })
+    ];
+  rlib = import ../../modules/lib.nix { inherit lib; };
   entry = storageRoot: path: kind: user: group: mode: { inherit storageRoot path kind user group mode; neededForBoot = false; };
   bootEntry = storageRoot: path: kind: user: group: mode: entry storageRoot path kind user group mode // { neededForBoot = true; };
 in
@@ -173,6 +209,110 @@ in
       }
   )
 
+  (
+    let
+      # A device and subvolume names systemd would change if they were not escaped for ExecStart:
+      # a C escape, environment variables, %-specifiers, quotes and a lone semicolon.
+      device = "/dev/disk/by-label/My\\x20Disk";
+      names = { root = "root$HOME"; blank = "blank%h"; oldRoots = "old'roots\"\\n"; persist = ";"; };
+      config = eval [
+        encrypted
+        {
+          fileSystems."/".device = lib.mkForce device;
+          fileSystems."/".options = lib.mkForce [ "subvol=${names.root}" ];
+          fileSystems."/persist".device = lib.mkForce device;
+          fileSystems."/persist".options = lib.mkForce [ "subvol=${names.persist}" ];
+          rasa.subvolumes = names;
+          rasa.retention.keepDays = 3;
+        }
+      ];
+      args = [ "--device" device "--root" names.root "--blank" names.blank "--old-roots" names.oldRoots "--persist" names.persist "--keep" "5" "--keep-days" "3" ];
+    in
+    expect "ExecStart: systemd passes device and subvolume names to rasa unchanged (C escapes, $, %, quotes, ;)"
+      {
+        rollback = systemdArgv config.boot.initrd.systemd.services.rollback.serviceConfig.ExecStart;
+        prune = systemdArgv config.systemd.services.rasa-prune.serviceConfig.ExecStart;
+      }
+      { rollback = [ exe "rollback" ] ++ args; prune = [ exe "prune" ] ++ args; }
+  )
+
+  (
+    let
+      # The guides' hand-written unit (../shared/seeds/000), in the user's own file.
+      handWritten = {
+        _file = "/etc/nixos/impermanence.nix";
+        boot.initrd.systemd.services.rollback = {
+          description = "Rollback BTRFS root subvolume to a pristine state";
+          wantedBy = [ "initrd.target" ];
+          after = [ "systemd-cryptsetup@cryptroot.service" ];
+          before = [ "sysroot.mount" ];
+          unitConfig.DefaultDependencies = "no";
+          serviceConfig.Type = "oneshot";
+          script = ''
+            mount --mkdir /dev/mapper/cryptroot /mnt
+            btrfs subvolume delete /mnt/root
+            btrfs subvolume create /mnt/root
+            umount /mnt
+          '';
+        };
+      };
+      config = eval [ encrypted handWritten ];
+      unit = config.boot.initrd.systemd.services.rollback;
+      # The unit as a whole, as the initrd's unit file would be written from it.
+      evaluates = (builtins.tryEval (builtins.deepSeq { inherit (unit) description after unitConfig serviceConfig script; } true)).success;
+    in
+    expect "a hand-written rollback unit next to rasa: one rasa assertion that says what to delete, not a merge error"
+      { messages = ours config; inherit evaluates; }
+      {
+        messages = [
+          "rasa: boot.initrd.systemd.services.rollback is also defined in /etc/nixos/impermanence.nix: a hand-written rollback (a `script` that deletes and recreates the root) next to rasa's unit of the same name. rasa's unit replaces it: delete the whole `boot.initrd.systemd.services.rollback = { ... };` definition there."
+        ];
+        evaluates = true;
+      }
+  )
+
+  (mustFail "a path persisted both through rasa's options and directly" [
+    encrypted
+    { rasa.directories = [ "/var/lib/libvirt" ]; }
+    { _file = "/etc/nixos/persist.nix"; environment.persistence."/persist".directories = [ "/var/lib/libvirt" ]; }
+  ] [
+    "rasa: /var/lib/libvirt is persisted both through rasa's options (rasa.directories, rasa.files or rasa.users) and directly in environment.persistence (in /etc/nixos/persist.nix): delete it from one of the two."
+  ])
+
+  (mustFail "the configuration's storage root is not rasa.storageRoot" [
+    encrypted
+    { environment.persistence."/persist/system".directories = [ "/etc/nixos" ]; }
+  ] [
+    ''rasa: the configuration keeps its state in environment.persistence."/persist/system", but rasa.storageRoot is "/persist", where rasa's presets and options would keep theirs: set rasa.storageRoot = "/persist/system";''
+  ])
+
+  (
+    let
+      # Each preset path kept by the configuration in another way: persisted under another
+      # storage root, a parent persisted, its own file system, an /etc link, a tmpfiles link.
+      config = eval [
+        encrypted
+        {
+          rasa.storageRoot = "/persist/system";
+          networking.networkmanager.enable = true;
+          virtualisation.docker.enable = true;
+          hardware.bluetooth.enable = true;
+          services.openssh.enable = true;
+          environment.persistence."/persist/system" = {
+            directories = [ "/var/lib" "/var/db/sudo" ];
+            files = [ "/etc/ssh/ssh_host_ed25519_key" ];
+          };
+          environment.etc."NetworkManager/system-connections".source = "/persist/system/etc/NetworkManager/system-connections";
+          environment.etc."machine-id".source = "/persist/system/etc/machine-id";
+        }
+      ];
+      paths = map (p: p.path) (rlib.persistedPaths config.environment.persistence);
+    in
+    expect "presets add nothing the configuration keeps (a parent, a file system, /etc, another root), and leave ssh host keys it keeps alone"
+      { inherit paths; twice = persistedTwice config; failed = failed config; hostKeys = config.services.openssh.hostKeys; }
+      { paths = [ "/var/lib" "/var/db/sudo" "/etc/ssh/ssh_host_ed25519_key" ]; twice = [ ]; failed = [ ]; hostKeys = [ ]; }
+  )
+
   (expect "a good configuration fails no assertion (rasa's or impermanence's)"
     (lib.filter (m: lib.hasPrefix "rasa:" m || lib.hasInfix "environment.persistence" m) (failed (eval [ encrypted ])))
     [ ])
@@ -213,7 +353,7 @@ in
   (expect "retention is an unsigned 32-bit number (types.ints.u32): what rasa reads, no more, no less"
     (map
       (retention: (builtins.tryEval (builtins.deepSeq (eval [ encrypted { rasa = { inherit retention; }; } ]).rasa.retention null)).success)
-      [ { keep = -1; } { keepDays = 4294967296; } { keep = 0; keepDays = 4294967295; } ])
+      [{ keep = -1; } { keepDays = 4294967296; } { keep = 0; keepDays = 4294967295; }])
     [ false false true ])
   (mustFail "a mode the manifest cannot hold" [ encrypted { rasa.directories = [{ directory = "/var/lib/odd"; mode = "u+rwx"; }]; } ] [
     ''rasa: /var/lib/odd (in /persist) has a mode that cannot be written as an octal mode for rasa's manifest; give its mode in octal, for example mode = "0700";''
@@ -270,7 +410,7 @@ in
     expect "manifest: /var/log kept (needed for boot) when it is no filesystem of its own, written once and checked by the build platform's rasa"
       {
         varLog = lib.filter (e: e.path == "/var/log") (manifestOf config).entries;
-        checked = lib.hasInfix ''${checker}/bin/rasa check manifest "$target"'' file.checkPhase;
+        checked = lib.hasInfix ''${checker}/bin/rasa check manifest "$target"'' (file.checkPhase or "");
         etc = config.environment.etc."rasa/manifest.json".source == file;
         topLevel = lib.hasInfix "ln -s ${file} $out/rasa-manifest.json" config.system.systemBuilderCommands;
       }
@@ -344,3 +484,4 @@ in
       }
   )
 ]
+++ lib.concatMap corpusCases (import ./corpus.nix { inherit lib rasa; })
