@@ -34,10 +34,58 @@ let
     evalWithoutImpermanence = modules: (bare.eval ([ ../../modules/rasa.nix ] ++ modules)).config;
     unitFile = if builtins.pathExists unitPath then builtins.readFile unitPath else null;
   };
+  # The flake's outputs with stub inputs: what `nix flake check` of older Nix (2.8) insists on for
+  # the values it can see without building (Nix cannot fetch nixpkgs here).
+  flake =
+    let
+      outputs = (import ../../flake.nix).outputs {
+        self = outputs // { outPath = toString ../..; inputs = { inherit nixpkgs impermanenceInput; }; };
+        inherit nixpkgs;
+        impermanence = impermanenceInput;
+      };
+      nixpkgs = { inherit (tool) lib; legacyPackages = tool.lib.genAttrs [ "x86_64-linux" "aarch64-linux" ] (_: tool.pkgs); };
+      impermanenceInput.nixosModules.impermanence = import (impermanence + "/nixos.nix");
+    in
+    outputs;
+  isModule = m: builtins.isFunction m || (builtins.isAttrs m && !(m ? outPath));
+  flakeCases = [
+    {
+      name = "flake: every nixosModules value is a module (a function or an attribute set, not a path)";
+      status = if builtins.all isModule (builtins.attrValues flake.nixosModules) then "pass" else "fail";
+      detail = builtins.toJSON (builtins.mapAttrs (_: m: builtins.typeOf m) flake.nixosModules);
+    }
+    (
+      let
+        config = (bare.eval [
+          flake.nixosModules.default
+          {
+            boot.initrd.systemd.enable = true;
+            fileSystems."/" = { device = "/dev/vda2"; fsType = "btrfs"; options = [ "subvol=root" ]; };
+            fileSystems."/persist" = { device = "/dev/vda2"; fsType = "btrfs"; options = [ "subvol=persist" ]; neededForBoot = true; };
+            rasa = { enable = true; package = tool.pkgs.rasa; };
+          }
+        ]).config;
+        failed = bare.failedAssertions config;
+      in
+      {
+        name = "flake: nixosModules.default (impermanence bundled) evaluates a configuration with no failed assertion";
+        status = if failed == [ ] then "pass" else "fail";
+        detail = builtins.toJSON failed;
+      }
+    )
+    (
+      let names = builtins.attrNames flake.checks.x86_64-linux; want = [ "clippy" "deadnix" "formatter" "rustfmt" ]; in
+      {
+        name = "flake: nix flake check runs what CI runs (clippy, rustfmt, deadnix, the formatter)";
+        status = if builtins.all (n: builtins.elem n names) want then "pass" else "fail";
+        detail = "checks: ${builtins.toJSON names}";
+      }
+    )
+  ];
   # One case that cannot evaluate is reported as failed instead of hiding the others.
   run = case:
     let tried = builtins.tryEval (builtins.deepSeq case case); in
     if tried.success then tried.value
     else { name = "(a case that does not evaluate)"; status = "fail"; detail = "evaluate tests/nix/run.nix by hand to see the error"; };
 in
-map run cases
+map run (cases ++ flakeCases)

@@ -173,7 +173,10 @@ fn run_stdout(cmd: &mut Command) -> Result<(bool, String)> {
     if out.status.success() {
         Ok((true, stdout))
     } else {
-        Ok((false, format!("{stdout}{}", String::from_utf8_lossy(&out.stderr))))
+        Ok((
+            false,
+            format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)),
+        ))
     }
 }
 
@@ -444,29 +447,87 @@ fn module_tests(root: &Path) -> Vec<(String, Outcome)> {
         Ok((false, text)) => return vec![(name.into(), Outcome::Fail(text))],
         Err(e) => return vec![(name.into(), Outcome::Fail(format!("{e:#}")))],
     };
-    match parse_results(&text) {
-        Ok(results) => results,
-        Err(e) => vec![(name.into(), Outcome::Fail(format!("{e:#}\n{text}")))],
-    }
+    let (mut results, manifests) = match parse_results(&text) {
+        Ok(parsed) => parsed,
+        Err(e) => return vec![(name.into(), Outcome::Fail(format!("{e:#}\n{text}")))],
+    };
+    results.extend(check_manifests(root, &manifests));
+    results
 }
 
-/// tests/nix/run.nix prints a JSON list of `{name, status, detail}`.
-fn parse_results(json: &str) -> Result<Vec<(String, Outcome)>> {
-    let value: serde_json::Value = serde_json::from_str(json).context("reading the results")?;
-    let items = value.as_array().context("the results are not a list")?;
-    items
+/// `rasa check manifest` (the binary built from this tree) on each manifest a module test
+/// rendered, as the build of a NixOS system does in the manifest's checkPhase.
+fn check_manifests(root: &Path, manifests: &[(String, String)]) -> Vec<(String, Outcome)> {
+    if manifests.is_empty() {
+        return Vec::new();
+    }
+    let named = |case: &str| format!("module: {case}: rasa check manifest");
+    let built = run_captured(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args(["build", "--quiet", "-p", "rasa", "--bin", "rasa"])
+            .current_dir(root),
+    );
+    if let Err(why) = match built {
+        Ok((true, _)) => Ok(()),
+        Ok((false, text)) => Err(text),
+        Err(e) => Err(format!("{e:#}")),
+    } {
+        let why = format!("building rasa for `rasa check manifest` failed:\n{why}");
+        return manifests
+            .iter()
+            .map(|(case, _)| (named(case), Outcome::Fail(why.clone())))
+            .collect();
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let rasa = target.join("debug/rasa");
+    let dir = target.join("tmp/nix-manifests");
+    manifests
         .iter()
-        .map(|item| {
-            let field = |key: &str| item.get(key).and_then(|v| v.as_str()).unwrap_or_default();
-            let name = format!("module: {}", field("name"));
-            let detail = field("detail").to_owned();
-            let outcome = match field("status") {
-                "pass" => Outcome::Pass,
-                "skip" => Outcome::Skip(detail),
-                "fail" => Outcome::Fail(detail),
-                other => bail!("unknown status {other:?} for {name}"),
+        .enumerate()
+        .map(|(i, (case, text))| {
+            let file = dir.join(format!("{i}.json"));
+            let written = std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::write(&file, text))
+                .with_context(|| format!("writing {}", file.display()));
+            let result = written.and_then(|()| {
+                run_captured(Command::new(&rasa).args(["check", "manifest"]).arg(&file))
+            });
+            let outcome = match result {
+                Ok((true, _)) => Outcome::Pass,
+                Ok((false, out)) => Outcome::Fail(format!("{out}\nthe manifest:\n{text}")),
+                Err(e) => Outcome::Fail(format!("{e:#}")),
             };
-            Ok((name, outcome))
+            (named(case), outcome)
         })
         .collect()
+}
+
+/// Each case's outcome, and the manifests to check as (case name, text).
+type Parsed = (Vec<(String, Outcome)>, Vec<(String, String)>);
+
+/// tests/nix/run.nix prints a JSON list of `{name, status, detail}`, some with the `manifest`
+/// text they rendered.
+fn parse_results(json: &str) -> Result<Parsed> {
+    let value: serde_json::Value = serde_json::from_str(json).context("reading the results")?;
+    let items = value.as_array().context("the results are not a list")?;
+    let mut results = Vec::new();
+    let mut manifests = Vec::new();
+    for item in items {
+        let field = |key: &str| item.get(key).and_then(|v| v.as_str()).unwrap_or_default();
+        let name = format!("module: {}", field("name"));
+        let detail = field("detail").to_owned();
+        let outcome = match field("status") {
+            "pass" => Outcome::Pass,
+            "skip" => Outcome::Skip(detail),
+            "fail" => Outcome::Fail(detail),
+            other => bail!("unknown status {other:?} for {name}"),
+        };
+        if let Some(text) = item.get("manifest").and_then(|v| v.as_str()) {
+            manifests.push((field("name").to_owned(), text.to_owned()));
+        }
+        results.push((name, outcome));
+    }
+    Ok((results, manifests))
 }
