@@ -82,10 +82,57 @@ let
       }
     )
   ];
+  # The VM tests' scripts, as the test driver runs them: every `mount` onto a directory the booted
+  # root has. After a wiping boot the root is the empty blank, so a mount point must be made by the
+  # same command (mkdir -p, mount --mkdir) or lie under /run or /tmp.
+  vmScripts =
+    let
+      nodes.machine.system.build.toplevel = "/nix/store/stub-toplevel";
+      script = test: if builtins.isFunction test.testScript then test.testScript { inherit nodes; } else test.testScript;
+    in
+    {
+      encrypted-btrfs-rollback = script (import ../../checks/encrypted-btrfs-rollback.nix { self = flake; });
+      migrate = script (import ../../checks/migrate.nix { self = flake; migrate = "/nix/store/stub-migrate"; });
+    };
+  mountsWithoutMountPoint = text:
+    let
+      inherit (tool) lib;
+      commands = lib.concatMap
+        (line: let m = builtins.match ''.*machine[.](succeed|execute)[(]f?"(.*)"[)].*'' line; in lib.optional (m != null) (lib.elemAt m 1))
+        (lib.splitString "\n" text);
+      bad = cmd:
+        let
+          mount = builtins.match "(.*&& )?mount (.*)" cmd;
+          target = lib.last (lib.splitString " " cmd);
+        in
+        mount != null
+        && !(lib.hasPrefix "/run/" target || lib.hasPrefix "/tmp/" target)
+        && !(lib.hasInfix "--mkdir" cmd || lib.hasInfix "mkdir -p ${target} && " cmd);
+    in
+    lib.filter bad commands;
+  vmCases = tool.lib.mapAttrsToList
+    (name: text:
+      let bad = mountsWithoutMountPoint text; in
+      {
+        name = "VM test ${name}: no mount onto a directory the blank root lacks";
+        status = if bad == [ ] then "pass" else "fail";
+        detail = builtins.toJSON bad;
+      })
+    vmScripts;
+  neededForBootCase =
+    let
+      flat = builtins.replaceStrings [ "\n" ] [ " " ] vmScripts.encrypted-btrfs-rollback;
+      ordered = builtins.match ''.*create_needed_for_boot[(]"/dev/mapper/cryptroot".*bootctl set-default nixos-generation-1-specialisation-rasa[.]conf.*'' flat;
+    in
+    {
+      name = "VM test encrypted-btrfs-rollback: makes the needed-for-boot sources before the first wiping boot";
+      status = if ordered != null then "pass" else "fail";
+      detail = "expected create_needed_for_boot(...) before the wiping specialisation is chosen";
+    };
   # One case that cannot evaluate is reported as failed instead of hiding the others.
   run = case:
     let tried = builtins.tryEval (builtins.deepSeq case case); in
     if tried.success then tried.value
     else { name = "(a case that does not evaluate)"; status = "fail"; detail = "evaluate tests/nix/run.nix by hand to see the error"; };
 in
-map run (cases ++ flakeCases)
+map run (cases ++ flakeCases ++ vmCases ++ [ neededForBootCase ])
