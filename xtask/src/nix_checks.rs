@@ -115,6 +115,10 @@ pub fn run(_args: &[String]) -> Result<(usize, usize, usize)> {
     for (name, outcome) in module_tests(&root) {
         tally.record(&name, outcome);
     }
+    tally.record(
+        "docs/options.md is what the module declares",
+        options_doc(&root),
+    );
 
     println!(
         "nix-checks: {} passed, {} failed, {} skipped",
@@ -502,6 +506,53 @@ fn check_manifests(root: &Path, manifests: &[(String, String)]) -> Vec<(String, 
             (named(case), outcome)
         })
         .collect()
+}
+
+/// docs/options.md against tests/nix/options-doc.nix (lib.optionAttrSetToDocList over the
+/// module's options); with RASA_UPDATE_DOCS=1 it is rewritten instead.
+fn options_doc(root: &Path) -> Outcome {
+    let lib = match checkout("RASA_NIXPKGS_LIB", "lib/default.nix") {
+        Ok(lib) => lib,
+        Err(why) => return Outcome::Skip(format!("{why}: the nixpkgs lib generates the document")),
+    };
+    let tool = root.join("../shared/tools/nixos-eval");
+    if !tool.join("default.nix").is_file() {
+        return Outcome::Skip(format!("{} is missing", tool.display()));
+    }
+    let generated = run_stdout(
+        Command::new("nix-instantiate")
+            .args(["--eval", "--strict", "--json", "tests/nix/options-doc.nix"])
+            .arg("--arg")
+            .arg("nixpkgsLib")
+            .arg(lib.join("lib"))
+            .arg("--arg")
+            .arg("nixosEval")
+            .arg(&tool)
+            .current_dir(root),
+    );
+    let text = match generated {
+        Ok((true, json)) => match serde_json::from_str::<String>(&json) {
+            Ok(text) => text,
+            Err(e) => return Outcome::Fail(format!("tests/nix/options-doc.nix: {e}\n{json}")),
+        },
+        Ok((false, out)) => return Outcome::Fail(out),
+        Err(e) => return Outcome::Fail(format!("{e:#}")),
+    };
+    let path = root.join("docs/options.md");
+    if std::env::var_os("RASA_UPDATE_DOCS").is_some() {
+        return match std::fs::write(&path, &text) {
+            Ok(()) => Outcome::Pass,
+            Err(e) => Outcome::Fail(format!("writing {}: {e}", path.display())),
+        };
+    }
+    match std::fs::read_to_string(&path) {
+        Ok(committed) if committed == text => Outcome::Pass,
+        Ok(_) | Err(_) => Outcome::Fail(
+            "docs/options.md is not what the module declares: regenerate it with \
+             RASA_UPDATE_DOCS=1 cargo xtask nix-checks (with RASA_NIXPKGS_LIB set)"
+                .into(),
+        ),
+    }
 }
 
 /// Each case's outcome, and the manifests to check as (case name, text).
