@@ -3,6 +3,13 @@
 { config, lib, pkgs, ... }:
 let
   inherit (lib) mkOption types literalExpression;
+  # A subvolume at the top level of the filesystem, as `rasa` accepts it (src/layout.rs,
+  # check_name): rasa refuses anything else, so the type does.
+  subvolumeName = types.addCheck (types.strMatching "[^/]+")
+    (name: name != "." && name != ".." && lib.stringLength name <= 200)
+  // {
+    description = "subvolume name (at the top level: no \"/\", not \".\" or \"..\", at most 200 bytes)";
+  };
 in
 {
   options.rasa = {
@@ -30,13 +37,13 @@ in
 
     subvolumes = {
       root = mkOption {
-        type = types.str;
+        type = subvolumeName;
         default = "root";
         example = "@";
         description = "The subvolume `/` is mounted from, reset on every boot.";
       };
       blank = mkOption {
-        type = types.nullOr types.str;
+        type = types.nullOr subvolumeName;
         default = "root-blank";
         example = null;
         description = ''
@@ -45,13 +52,13 @@ in
         '';
       };
       oldRoots = mkOption {
-        type = types.str;
+        type = subvolumeName;
         default = "old_roots";
         example = "previous-roots";
         description = "The directory at the top level where previous roots are kept for recovery, one per boot.";
       };
       persist = mkOption {
-        type = types.str;
+        type = subvolumeName;
         default = "persist";
         example = "@persist";
         description = ''

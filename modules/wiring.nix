@@ -82,7 +82,6 @@ let
       { option = "rasa.subvolumes.persist"; value = sv.persist; }
     ]
     ++ lib.optional (sv.blank != null) { option = "rasa.subvolumes.blank"; value = sv.blank; };
-  plainName = name: name != "" && name != "." && name != ".." && !(lib.hasInfix "/" name);
   collisions = lib.concatLists (lib.imap0
     (i: a: map (b: { inherit a b; }) (lib.filter (b: b.value == a.value) (lib.drop (i + 1) namedSubvolumes)))
     namedSubvolumes);
@@ -140,12 +139,6 @@ let
         message = ''rasa: boot.initrd.systemd.services.rollback is also defined in ${lib.concatStringsSep ", " (lib.unique (map (d: d.file) foreignRollback))}: a hand-written rollback (a `script` that deletes and recreates the root) next to rasa's unit of the same name. rasa's unit replaces it: delete the whole `boot.initrd.systemd.services.rollback = { ... };` definition there.'';
       }
     ]
-    ++ map
-      (s: {
-        assertion = plainName s.value;
-        message = ''rasa: ${s.option} = "${s.value}" is not a plain subvolume name; give the name of a subvolume at the top level of the filesystem, without "/".'';
-      })
-      namedSubvolumes
     ++ map
       (c: {
         assertion = false;

@@ -347,9 +347,11 @@ in
   (mustFail "blank and old roots are the same" [ encrypted { rasa.subvolumes.oldRoots = "root-blank"; } ] [
     ''rasa: rasa.subvolumes.oldRoots and rasa.subvolumes.blank are both "root-blank"; the root, the blank, the old roots and the persistent subvolume must be different: give rasa.subvolumes.blank another name.''
   ])
-  (mustFail "a subvolume name with a slash" [ encrypted { rasa.subvolumes.oldRoots = "snapshots/old"; } ] [
-    ''rasa: rasa.subvolumes.oldRoots = "snapshots/old" is not a plain subvolume name; give the name of a subvolume at the top level of the filesystem, without "/".''
-  ])
+  (expect "subvolume names are plain names at the top level (an option type)"
+    (map
+      (subvolumes: (builtins.tryEval (builtins.deepSeq (eval [ encrypted { rasa = { inherit subvolumes; }; } ]).rasa.subvolumes null)).success)
+      [{ oldRoots = "snapshots/old"; } { blank = ".."; } { root = ""; } { blank = null; } { oldRoots = "old roots$%"; }])
+    [ false false false true true ])
   (expect "retention is an unsigned 32-bit number (types.ints.u32): what rasa reads, no more, no less"
     (map
       (retention: (builtins.tryEval (builtins.deepSeq (eval [ encrypted { rasa = { inherit retention; }; } ]).rasa.retention null)).success)
