@@ -135,6 +135,11 @@ let
         message = ''rasa: rasa.subvolumes.root = "${sv.root}" ends in .rasa-new, which rasa reserves for the root it is preparing; rename the root subvolume.'';
       }
       {
+        # The manifest check refuses such a root too (src/check/manifest.rs); said here, with the fix.
+        assertion = !(lib.any (top: cfg.storageRoot == top || lib.hasPrefix "${top}/" cfg.storageRoot) [ "/nix" "/boot" ]);
+        message = ''rasa: rasa.storageRoot = "${cfg.storageRoot}" is inside ${if lib.hasPrefix "/boot" cfg.storageRoot then "/boot" else "/nix"}, which survives every boot by itself and which rasa never treats as kept state; give the persistent subvolume a mount point of its own and set rasa.storageRoot to it: ${fsExample "/persist" "persist"} rasa.storageRoot = "/persist";${lib.optionalString (sv.persist != "persist") " rasa.subvolumes.persist = \"persist\";"}'';
+      }
+      {
         assertion = ownsRollbackUnit;
         message = ''rasa: boot.initrd.systemd.services.rollback is also defined in ${lib.concatStringsSep ", " (lib.unique (map (d: d.file) foreignRollback))}: a hand-written rollback (a `script` that deletes and recreates the root) next to rasa's unit of the same name. rasa's unit replaces it: delete the whole `boot.initrd.systemd.services.rollback = { ... };` definition there.'';
       }

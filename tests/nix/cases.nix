@@ -279,6 +279,17 @@ in
     "rasa: /var/lib/libvirt is persisted both through rasa's options (rasa.directories, rasa.files or rasa.users) and directly in environment.persistence (in /etc/nixos/persist.nix): delete it from one of the two."
   ])
 
+  (mustFail "a storage root inside /nix (\"/nix/persist\")" [
+    encrypted
+    {
+      rasa.storageRoot = "/nix/persist";
+      rasa.subvolumes.persist = "nix";
+      fileSystems."/nix".neededForBoot = true;
+    }
+  ] [
+    ''rasa: rasa.storageRoot = "/nix/persist" is inside /nix, which survives every boot by itself and which rasa never treats as kept state; give the persistent subvolume a mount point of its own and set rasa.storageRoot to it: fileSystems."/persist" = { device = "/dev/mapper/cryptroot"; fsType = "btrfs"; options = [ "subvol=persist" ]; neededForBoot = true; }; rasa.storageRoot = "/persist"; rasa.subvolumes.persist = "persist";''
+  ])
+
   (mustFail "the configuration's storage root is not rasa.storageRoot" [
     encrypted
     { environment.persistence."/persist/system".directories = [ "/etc/nixos" ]; }
