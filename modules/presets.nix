@@ -101,6 +101,7 @@ let
 
   # The storage roots the configuration itself uses, outside rasa.
   ownRoots = lib.unique (map (p: p.storageRoot) (lib.optionals hasImpermanence (pathsOf (definedOutside [ thisFile wiringFile ]))));
+  storeRoots = lib.filter (r: lib.any (top: r == top || lib.hasPrefix "${top}/" r) [ "/nix" "/boot" ]) ownRoots;
   # Paths persisted through rasa's own options and also directly.
   throughRasa = lib.optionals hasImpermanence (pathsOf (definedIn [ wiringFile ]));
   direct = definedOutside [ thisFile wiringFile ];
@@ -187,8 +188,12 @@ in
 
       assertions = [
         {
-          assertion = ownRoots == [ ] || lib.elem cfg.storageRoot ownRoots;
+          assertion = ownRoots == [ ] || lib.elem cfg.storageRoot ownRoots || storeRoots != [ ];
           message = ''rasa: the configuration keeps its state in environment.persistence.${lib.concatMapStringsSep " and " (r: ''"${r}"'') ownRoots}, but rasa.storageRoot is "${cfg.storageRoot}", where rasa's presets and options would keep theirs: set rasa.storageRoot = "${lib.head (ownRoots ++ [ "" ])}";'';
+        }
+        {
+          assertion = storeRoots == [ ];
+          message = ''rasa: the configuration keeps its state in environment.persistence.${lib.concatMapStringsSep " and " (r: ''"${r}"'') storeRoots}, inside /nix or /boot, which survive every boot by themselves and which rasa never treats as kept state (rasa check manifest refuses such a storage root): move that state to the persistent subvolume's own mount point and rename the attribute to environment.persistence."${cfg.storageRoot}".'';
         }
         {
           assertion = twice == [ ];

@@ -290,6 +290,13 @@ in
     ''rasa: rasa.storageRoot = "/nix/persist" is inside /nix, which survives every boot by itself and which rasa never treats as kept state; give the persistent subvolume a mount point of its own and set rasa.storageRoot to it: fileSystems."/persist" = { device = "/dev/mapper/cryptroot"; fsType = "btrfs"; options = [ "subvol=persist" ]; neededForBoot = true; }; rasa.storageRoot = "/persist"; rasa.subvolumes.persist = "persist";''
   ])
 
+  (mustFail "the configuration keeps its state in /nix/persist" [
+    encrypted
+    { environment.persistence."/nix/persist".directories = [ "/etc/nixos" ]; }
+  ] [
+    ''rasa: the configuration keeps its state in environment.persistence."/nix/persist", inside /nix or /boot, which survive every boot by themselves and which rasa never treats as kept state (rasa check manifest refuses such a storage root): move that state to the persistent subvolume's own mount point and rename the attribute to environment.persistence."/persist".''
+  ])
+
   (mustFail "the configuration's storage root is not rasa.storageRoot" [
     encrypted
     { environment.persistence."/persist/system".directories = [ "/etc/nixos" ]; }
