@@ -20,7 +20,7 @@ in
       default = pkgs.callPackage ../nix/package.nix { };
       defaultText = literalExpression "pkgs.callPackage <rasa>/nix/package.nix { }";
       example = literalExpression "inputs.rasa.packages.\${pkgs.system}.default";
-      description = "The rasa package, used in the initrd, by the prune service and for the build-time manifest check.";
+      description = "The rasa package, used in the initrd and by the prune service. The build-time manifest check runs rasa built from the same source for the build platform (`pkgs.pkgsBuildHost`), so that cross builds can run it.";
     };
 
     device = mkOption {
