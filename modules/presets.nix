@@ -71,7 +71,7 @@ let
     ++ lib.concatMap
       (rule:
         let fields = lib.filter (f: f != "") (lib.splitString " " (lib.replaceStrings [ "\t" ] [ " " ] rule)); in
-        lib.optional (lib.length fields >= 2 && lib.elem (lib.head fields) [ "L" "L+" "L?" ])
+        lib.optional (lib.length fields >= 2 && builtins.match "L[-+!=~^?]*" (lib.head fields) != null)
           { path = lib.elemAt fields 1; how = "a systemd.tmpfiles.rules link"; })
       config.systemd.tmpfiles.rules;
 
