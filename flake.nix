@@ -43,8 +43,10 @@
         });
 
       # Without impermanence, for configurations that import it themselves: importing it twice
-      # would declare environment.persistence twice.
-      nixosModules.rasa = ./modules/rasa.nix;
+      # would declare environment.persistence twice. A module value, not a path: older Nix
+      # (2.8's `nix flake check`: "module must be a function or an attribute set") rejects paths
+      # here; tests/nix/run.nix checks every nixosModules value.
+      nixosModules.rasa = import ./modules/rasa.nix;
       nixosModules.default = {
         imports = [ impermanence.nixosModules.impermanence self.nixosModules.rasa ];
       };

@@ -69,6 +69,21 @@
         machine.succeed("umount /mnt")
 
 
+    def create_needed_for_boot(device, manifest):
+        """Make the storage copies of the manifest's needed-for-boot entries (/var/lib/nixos), as
+        `rasa setup` and the disko example do, before the first wiping boot: the initrd bind-mounts
+        them before the activation script that would create them runs."""
+        import json
+        entries = json.loads(machine.succeed(f"cat {manifest}"))["entries"]
+        needed = [e for e in entries if e.get("neededForBoot")]
+        assert needed, "the manifest has no needed-for-boot entry (/var/lib/nixos)"
+        machine.succeed(f"mkdir -p /run/rasa-persist && mount -o subvol=persist {device} /run/rasa-persist")
+        for e in needed:
+            assert e["storageRoot"] == "/persist", e
+            machine.succeed(f"install -d -o {e['user']} -g {e['group']} -m {e['mode']} /run/rasa-persist{e['path']}")
+        machine.succeed("umount /run/rasa-persist")
+
+
     def write_kept():
         """Write the kept state (its directory is made by impermanence, or by the test)."""
         machine.succeed("install -o alice -g users -m 0640 /dev/null /var/lib/rasa-test/data")

@@ -1,5 +1,5 @@
-# `nix flake check`: the package (with its unit tests), the module evaluated by a full NixOS, and
-# the VM tests, which boot the encrypted btrfs machine (they need KVM).
+# `nix flake check`: the package (with its unit tests), the module evaluated by a full NixOS, the VM
+# tests, which boot the encrypted btrfs machine (they need KVM), and the linters CI runs.
 { pkgs, self }:
 let
   system = pkgs.stdenv.hostPlatform.system;
@@ -13,3 +13,4 @@ in
     migrate = self.apps.${system}.migrate.program;
   });
 }
+  // import ./lint.nix { inherit pkgs self; }

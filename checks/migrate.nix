@@ -65,6 +65,8 @@ in
           machine.wait_for_unit("multi-user.target")
           machine.fail("test -e /test_flag")
           check_kept()
+          # Copied by migrate before this first wiping boot, so the initrd could mount it.
+          machine.succeed("findmnt /var/lib/nixos && test -s /var/lib/nixos/uid-map")
           machine.succeed("rasa check system >&2")
     '';
 }

@@ -18,6 +18,7 @@ let
     }).config;
   results = import ../tests/nix/cases.nix {
     inherit lib rasa;
+    checker = pkgs.pkgsBuildHost.callPackage ../nix/package.nix { };
     eval = evalWith self.nixosModules.default;
     evalWithoutImpermanence = evalWith self.nixosModules.rasa;
     unitFile = if builtins.pathExists unitPath then builtins.readFile unitPath else null;

@@ -63,6 +63,10 @@
                 btrfs subvolume create "$top/root-blank"
                 btrfs property set -ts "$top/root-blank" ro true
                 mkdir -m 0700 "$top/old_roots"
+                # What the initrd mounts from the storage root before NixOS's activation could
+                # create it (the manifest's neededForBoot entries; `rasa check system` lists them):
+                # without it the first wiping boot fails to mount /var/lib/nixos.
+                install -d -m 0755 "$top/persist/var/lib/nixos"
               '';
             };
           };

@@ -1,8 +1,9 @@
 # The manifest (schema: src/manifest.rs, docs/manifest.md), rendered from the final
 # environment.persistence: rasa's own options, presets, and anything configured there directly,
 # system-wide and per user (and Home Manager's home.persistence, which impermanence also honours).
-{ lib, config, pkgs, rasa, extraFiles }:
+{ lib, config, pkgs, utils, checker, extraFiles }:
 let
+  rlib = import ./lib.nix { inherit lib; };
   cfg = config.rasa;
   sv = cfg.subvolumes;
 
@@ -17,30 +18,7 @@ let
     system ++ users ++ homeManager;
 
   groupOf = user: group: if group != null then group else config.users.users.${user}.group;
-
-  # impermanence takes any mode `mkdir --mode` takes; the manifest wants octal. Absolute
-  # symbolic modes ("u=rwx,g=rx,o=") convert; mkdir starts them from a=rwx.
-  octalMode = mode:
-    let
-      octal = builtins.match "([0-7]?)([0-7]{3})" mode;
-      clauses = map (builtins.match "([ugoa]+)=([rwx]*)") (lib.splitString "," mode);
-      bits = perms: lib.foldl' (n: c: n + { r = 4; w = 2; x = 1; }.${c}) 0 (lib.stringToCharacters perms);
-      apply = digits: clause:
-        let
-          who = lib.stringToCharacters (lib.head clause);
-          set = class: lib.elem class who || lib.elem "a" who;
-          value = bits (lib.elemAt clause 1);
-        in
-        {
-          u = if set "u" then value else digits.u;
-          g = if set "g" then value else digits.g;
-          o = if set "o" then value else digits.o;
-        };
-      symbolic = lib.foldl' apply { u = 7; g = 7; o = 7; } clauses;
-    in
-    if octal != null then "${if lib.head octal == "" then "0" else lib.head octal}${lib.last octal}"
-    else if lib.all (c: c != null) clauses then "0${toString symbolic.u}${toString symbolic.g}${toString symbolic.o}"
-    else null;
+  inherit (rlib) octalMode;
 
   directoryEntry = d: {
     storageRoot = d.persistentStoragePath;
@@ -49,6 +27,9 @@ let
     inherit (d) user;
     group = groupOf d.user d.group;
     mode = octalMode d.mode;
+    # impermanence mounts these directories in the initrd (nixos.nix: the dirPaths in
+    # utils.pathsNeededForBoot), before the activation script that would create their copy.
+    neededForBoot = lib.elem d.dirPath utils.pathsNeededForBoot;
   };
   fileEntry = f: {
     storageRoot = f.persistentStoragePath;
@@ -57,6 +38,7 @@ let
     inherit (f.parentDirectory) user;
     group = groupOf f.parentDirectory.user f.parentDirectory.group;
     mode = octalMode f.parentDirectory.mode;
+    neededForBoot = false;
   };
   extraEntry = path: {
     storageRoot = cfg.storageRoot;
@@ -65,6 +47,7 @@ let
     user = "root";
     group = "root";
     mode = "0755";
+    neededForBoot = false;
   };
 
   entries = lib.sort (a: b: if a.storageRoot == b.storageRoot then a.path < b.path else a.storageRoot < b.storageRoot) (
@@ -84,17 +67,18 @@ let
     inherit (cfg) diffIgnore;
   };
 
-  text = builtins.toJSON value + "\n";
-  file = pkgs.writeText "rasa-manifest.json" text;
+  # One derivation, the checked one: a wrong manifest fails nixos-rebuild here, not the next boot
+  # or a migration.
+  file = pkgs.writeTextFile {
+    name = "rasa-manifest.json";
+    text = builtins.toJSON value + "\n";
+    checkPhase = ''
+      ${lib.getExe' checker "rasa"} check manifest "$target"
+    '';
+  };
 in
 {
   inherit file entries;
-
-  # A wrong manifest fails nixos-rebuild here, not the next boot or a migration.
-  checked = pkgs.runCommand "rasa-manifest-checked.json" { nativeBuildInputs = [ rasa ]; } ''
-    rasa check manifest ${file}
-    cp ${file} $out
-  '';
 
   assertions = map
     (e: {

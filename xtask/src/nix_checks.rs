@@ -115,6 +115,10 @@ pub fn run(_args: &[String]) -> Result<(usize, usize, usize)> {
     for (name, outcome) in module_tests(&root) {
         tally.record(&name, outcome);
     }
+    tally.record(
+        "docs/options.md is what the module declares",
+        options_doc(&root),
+    );
 
     println!(
         "nix-checks: {} passed, {} failed, {} skipped",
@@ -454,34 +458,143 @@ fn module_tests(root: &Path) -> Vec<(String, Outcome)> {
         Ok(c) => return vec![(name.into(), Outcome::Fail(c.both()))],
         Err(e) => return vec![(name.into(), Outcome::Fail(format!("{e:#}")))],
     };
-    match parse_results(&captured.stdout) {
-        Ok(results) => results,
-        Err(e) => vec![(
-            name.into(),
-            Outcome::Fail(format!("{e:#}\n{}", captured.both())),
-        )],
+    let (mut results, manifests) = match parse_results(&captured.stdout) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            return vec![(
+                name.into(),
+                Outcome::Fail(format!("{e:#}\n{}", captured.both())),
+            )]
+        }
+    };
+    results.extend(check_manifests(root, &manifests));
+    results
+}
+
+/// `rasa check manifest` (the binary built from this tree) on each manifest a module test
+/// rendered, as the build of a NixOS system does in the manifest's checkPhase.
+fn check_manifests(root: &Path, manifests: &[(String, String)]) -> Vec<(String, Outcome)> {
+    if manifests.is_empty() {
+        return Vec::new();
+    }
+    let named = |case: &str| format!("module: {case}: rasa check manifest");
+    let built = run_captured(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args(["build", "--quiet", "-p", "rasa", "--bin", "rasa"])
+            .current_dir(root),
+    );
+    if let Err(why) = match built {
+        Ok(c) if c.ok => Ok(()),
+        Ok(c) => Err(c.both()),
+        Err(e) => Err(format!("{e:#}")),
+    } {
+        let why = format!("building rasa for `rasa check manifest` failed:\n{why}");
+        return manifests
+            .iter()
+            .map(|(case, _)| (named(case), Outcome::Fail(why.clone())))
+            .collect();
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let rasa = target.join("debug/rasa");
+    let dir = target.join("tmp/nix-manifests");
+    manifests
+        .iter()
+        .enumerate()
+        .map(|(i, (case, text))| {
+            let file = dir.join(format!("{i}.json"));
+            let written = std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::write(&file, text))
+                .with_context(|| format!("writing {}", file.display()));
+            let result = written.and_then(|()| {
+                run_captured(Command::new(&rasa).args(["check", "manifest"]).arg(&file))
+            });
+            let outcome = match result {
+                Ok(c) if c.ok => Outcome::Pass,
+                Ok(c) => Outcome::Fail(format!("{}\nthe manifest:\n{text}", c.both())),
+                Err(e) => Outcome::Fail(format!("{e:#}")),
+            };
+            (named(case), outcome)
+        })
+        .collect()
+}
+
+/// docs/options.md against tests/nix/options-doc.nix (lib.optionAttrSetToDocList over the
+/// module's options); with RASA_UPDATE_DOCS=1 it is rewritten instead.
+fn options_doc(root: &Path) -> Outcome {
+    let lib = match checkout("RASA_NIXPKGS_LIB", "lib/default.nix") {
+        Ok(lib) => lib,
+        Err(why) => return Outcome::Skip(format!("{why}: the nixpkgs lib generates the document")),
+    };
+    let tool = root.join("../shared/tools/nixos-eval");
+    if !tool.join("default.nix").is_file() {
+        return Outcome::Skip(format!("{} is missing", tool.display()));
+    }
+    let generated = run_captured(
+        Command::new("nix-instantiate")
+            .args(["--eval", "--strict", "--json", "tests/nix/options-doc.nix"])
+            .arg("--arg")
+            .arg("nixpkgsLib")
+            .arg(lib.join("lib"))
+            .arg("--arg")
+            .arg("nixosEval")
+            .arg(&tool)
+            .current_dir(root),
+    );
+    let text = match generated {
+        Ok(c) if c.ok => match serde_json::from_str::<String>(&c.stdout) {
+            Ok(text) => text,
+            Err(e) => {
+                return Outcome::Fail(format!("tests/nix/options-doc.nix: {e}\n{}", c.both()))
+            }
+        },
+        Ok(c) => return Outcome::Fail(c.both()),
+        Err(e) => return Outcome::Fail(format!("{e:#}")),
+    };
+    let path = root.join("docs/options.md");
+    if std::env::var_os("RASA_UPDATE_DOCS").is_some() {
+        return match std::fs::write(&path, &text) {
+            Ok(()) => Outcome::Pass,
+            Err(e) => Outcome::Fail(format!("writing {}: {e}", path.display())),
+        };
+    }
+    match std::fs::read_to_string(&path) {
+        Ok(committed) if committed == text => Outcome::Pass,
+        Ok(_) | Err(_) => Outcome::Fail(
+            "docs/options.md is not what the module declares: regenerate it with \
+             RASA_UPDATE_DOCS=1 cargo xtask nix-checks (with RASA_NIXPKGS_LIB set)"
+                .into(),
+        ),
     }
 }
 
-/// tests/nix/run.nix prints a JSON list of `{name, status, detail}`.
-fn parse_results(json: &str) -> Result<Vec<(String, Outcome)>> {
+/// Each case's outcome, and the manifests to check as (case name, text).
+type Parsed = (Vec<(String, Outcome)>, Vec<(String, String)>);
+
+/// tests/nix/run.nix prints a JSON list of `{name, status, detail}`, some with the `manifest`
+/// text they rendered.
+fn parse_results(json: &str) -> Result<Parsed> {
     let value: serde_json::Value = serde_json::from_str(json).context("reading the results")?;
     let items = value.as_array().context("the results are not a list")?;
-    items
-        .iter()
-        .map(|item| {
-            let field = |key: &str| item.get(key).and_then(|v| v.as_str()).unwrap_or_default();
-            let name = format!("module: {}", field("name"));
-            let detail = field("detail").to_owned();
-            let outcome = match field("status") {
-                "pass" => Outcome::Pass,
-                "skip" => Outcome::Skip(detail),
-                "fail" => Outcome::Fail(detail),
-                other => bail!("unknown status {other:?} for {name}"),
-            };
-            Ok((name, outcome))
-        })
-        .collect()
+    let mut results = Vec::new();
+    let mut manifests = Vec::new();
+    for item in items {
+        let field = |key: &str| item.get(key).and_then(|v| v.as_str()).unwrap_or_default();
+        let name = format!("module: {}", field("name"));
+        let detail = field("detail").to_owned();
+        let outcome = match field("status") {
+            "pass" => Outcome::Pass,
+            "skip" => Outcome::Skip(detail),
+            "fail" => Outcome::Fail(detail),
+            other => bail!("unknown status {other:?} for {name}"),
+        };
+        if let Some(text) = item.get("manifest").and_then(|v| v.as_str()) {
+            manifests.push((field("name").to_owned(), text.to_owned()));
+        }
+        results.push((name, outcome));
+    }
+    Ok((results, manifests))
 }
 
 #[cfg(test)]

@@ -1,0 +1,142 @@
+# rasa's options, declared apart from what they do (wiring.nix, presets.nix), so that the option
+# documentation (docs/options.md) is generated from this file and the presets module.
+{ config, lib, pkgs, ... }:
+let
+  inherit (lib) mkOption types literalExpression;
+  # A subvolume at the top level of the filesystem, as `rasa` accepts it (src/layout.rs,
+  # check_name): rasa refuses anything else, so the type does.
+  subvolumeName = types.addCheck (types.strMatching "[^/]+")
+    (name: name != "." && name != ".." && lib.stringLength name <= 200)
+  // {
+    description = "subvolume name (at the top level: no \"/\", not \".\" or \"..\", at most 200 bytes)";
+  };
+in
+{
+  options.rasa = {
+    enable = lib.mkEnableOption "a blank btrfs root on every boot, with opted-in state kept in the storage root (rasa)";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.callPackage ../nix/package.nix { };
+      defaultText = literalExpression "pkgs.callPackage <rasa>/nix/package.nix { }";
+      example = literalExpression "inputs.rasa.packages.\${pkgs.system}.default";
+      description = "The rasa package, used in the initrd and by the prune service. The build-time manifest check runs rasa built from the same source for the build platform (`pkgs.pkgsBuildHost`), so that cross builds can run it.";
+    };
+
+    device = mkOption {
+      type = types.nullOr types.str;
+      default = config.fileSystems."/".device or null;
+      defaultText = literalExpression ''config.fileSystems."/".device'';
+      example = "/dev/mapper/cryptroot";
+      description = ''
+        The block device that holds the btrfs filesystem. On LUKS, the unlocked device
+        (`/dev/mapper/<name>`); the rollback is then ordered after that device's unlock, found in
+        {option}`boot.initrd.luks.devices`.
+      '';
+    };
+
+    subvolumes = {
+      root = mkOption {
+        type = subvolumeName;
+        default = "root";
+        example = "@";
+        description = "The subvolume `/` is mounted from, reset on every boot.";
+      };
+      blank = mkOption {
+        type = types.nullOr subvolumeName;
+        default = "root-blank";
+        example = null;
+        description = ''
+          The read-only subvolume every boot starts from (a snapshot of it becomes the new root).
+          `null` starts every boot from a new empty subvolume instead (`rasa rollback --empty`).
+        '';
+      };
+      oldRoots = mkOption {
+        type = subvolumeName;
+        default = "old_roots";
+        example = "previous-roots";
+        description = "The directory at the top level where previous roots are kept for recovery, one per boot.";
+      };
+      persist = mkOption {
+        type = subvolumeName;
+        default = "persist";
+        example = "@persist";
+        description = ''
+          The persistent subvolume, mounted at {option}`rasa.storageRoot`. rasa never touches it;
+          the name is checked against the others so that a typo cannot make it the root.
+        '';
+      };
+    };
+
+    retention = {
+      keep = mkOption {
+        type = types.ints.u32;
+        default = 5;
+        example = 10;
+        description = "The newest old roots always kept. 0 keeps none by count.";
+      };
+      keepDays = mkOption {
+        type = types.ints.u32;
+        default = 7;
+        example = 30;
+        description = "Old roots retired less than this many days ago are kept as well. 0 keeps none by age.";
+      };
+    };
+
+    storageRoot = mkOption {
+      type = types.strMatching "/[^/].*[^/]|/[^/]";
+      default = "/persist";
+      example = "/nix/persist";
+      description = ''
+        Where the persistent subvolume is mounted; the persisted copy of `/a/b` is at
+        `<storageRoot>/a/b`. Its filesystem must be `neededForBoot`.
+      '';
+    };
+
+    directories = mkOption {
+      type = types.listOf (types.either types.str (types.attrsOf types.anything));
+      default = [ ];
+      example = literalExpression ''[ "/var/lib/libvirt" { directory = "/var/lib/private/foo"; mode = "0700"; } ]'';
+      description = ''
+        Directories to keep, passed to `environment.persistence.<storageRoot>.directories`
+        (impermanence's syntax: a path, or `{ directory; user; group; mode; }`).
+      '';
+    };
+
+    files = mkOption {
+      type = types.listOf (types.either types.str (types.attrsOf types.anything));
+      default = [ ];
+      example = literalExpression ''[ "/etc/nix/id_rsa" { file = "/etc/foo.conf"; parentDirectory.mode = "0700"; } ]'';
+      description = "Files to keep, passed to `environment.persistence.<storageRoot>.files`.";
+    };
+
+    users = mkOption {
+      type = types.attrsOf (types.submodule {
+        options = {
+          directories = mkOption {
+            type = types.listOf (types.either types.str (types.attrsOf types.anything));
+            default = [ ];
+            example = [ "Documents" { directory = ".ssh"; mode = "0700"; } ];
+            description = "Directories relative to the user's home.";
+          };
+          files = mkOption {
+            type = types.listOf (types.either types.str (types.attrsOf types.anything));
+            default = [ ];
+            example = [ ".bash_history" ];
+            description = "Files relative to the user's home.";
+          };
+        };
+      });
+      default = { };
+      example = literalExpression ''{ alice.directories = [ "Documents" { directory = ".ssh"; mode = "0700"; } ]; }'';
+      description = "Per-user state, passed to `environment.persistence.<storageRoot>.users`.";
+    };
+
+    diffIgnore = mkOption {
+      type = types.listOf types.str;
+      default = [ "/var/cache/**" "/home/*/.cache/**" "/root/.cache/**" ];
+      example = [ "/var/cache/**" "/home/*/.mozilla/firefox/*/cache2/**" ];
+      description = "Glob patterns of absolute paths that `rasa diff` leaves out of its report.";
+    };
+  };
+}
