@@ -111,7 +111,13 @@ pub fn open_verified(
         return Err(CHANGED);
     }
     if kind == Kind::File {
-        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()))?;
+        // Only O_NONBLOCK goes: O_NOATIME stays, so inspecting never changes what it reads.
+        let status =
+            OFlag::from_bits_truncate(nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)?);
+        nix::fcntl::fcntl(
+            &fd,
+            nix::fcntl::FcntlArg::F_SETFL(status & !OFlag::O_NONBLOCK),
+        )?;
     }
     Ok(fd)
 }

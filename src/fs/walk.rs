@@ -146,7 +146,10 @@ impl Walk {
                 self.leave()?;
                 continue;
             };
-            let dir = self.current.as_ref().expect("a frame has its directory open");
+            let dir = self
+                .current
+                .as_ref()
+                .expect("a frame has its directory open");
             // Gone since the listing: nothing to see.
             let Some(st) = lstat_at(dir.as_fd(), &name)? else {
                 continue;
