@@ -22,7 +22,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use nix::fcntl::OFlag;
 use nix::libc;
 use nix::sys::stat::Mode;
@@ -403,8 +403,7 @@ impl<'p> Copier<'p> {
             }
             self.links.insert(key, rel.clone());
         }
-        let context = || format!("copying {}", rel.display());
-        match kind {
+        let result = match kind {
             libc::S_IFDIR => {
                 self.copy_dir(src_dir, src_name, &st, dst_dir, dst_name, dst_root, &rel)
             }
@@ -419,15 +418,15 @@ impl<'p> Copier<'p> {
                 self.stats.skipped_sockets.push(shown);
                 Ok(())
             }
-            _ => bail!("unknown file type {:o}", kind),
-        }
-        // The innermost path names the file; the levels above it add nothing (a 2,000-level
-        // tree would repeat the path 2,000 times).
-        .map_err(|e| {
+            _ => Err(anyhow::anyhow!("unknown file type {:o}", kind)),
+        };
+        // The innermost path names the file, as the user knows it; the levels above it add
+        // nothing (a 2,000-level tree would repeat the path 2,000 times).
+        result.map_err(|e| {
             if e.downcast_ref::<CopyingAt>().is_some() {
                 e
             } else {
-                e.context(CopyingAt(context()))
+                e.context(CopyingAt(format!("copying {}", self.shown(&rel))))
             }
         })
     }

@@ -200,6 +200,18 @@ pub fn open_dir_beneath(start: BorrowedFd<'_>, parts: &[OsString]) -> nix::Resul
     Ok(Beneath::Dir(current, current_st))
 }
 
+/// Raise this process's soft limit of open files to its hard limit. The soft limit (often
+/// 1024) exists for programs using select(2); rasa does not, and a copy of a deep tree keeps a
+/// source and a destination directory open per level.
+pub fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
 /// The components of an absolute, normalized path (`/a/b` -> `["a", "b"]`); `/` is empty.
 pub fn components(path: &OsStr) -> Vec<OsString> {
     path.as_encoded_bytes()
