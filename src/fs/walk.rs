@@ -14,7 +14,7 @@
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use nix::fcntl::OFlag;
 use nix::sys::stat::{FileStat, Mode};
@@ -29,9 +29,12 @@ const BTRFS_SUBVOLUME_ROOT_INO: u64 = 256;
 pub struct MountRoots(HashSet<(u64, u64)>);
 
 impl MountRoots {
-    pub fn current() -> MountRoots {
+    /// The mounts at or below `root` (an absolute path): only those can be inside a tree
+    /// walked there, and a hung network mount elsewhere is never looked at.
+    pub fn below(root: &Path) -> MountRoots {
         let roots = crate::toplevel::mounts()
             .into_iter()
+            .filter(|m| m.mount_point.starts_with(root))
             .filter_map(|m| std::fs::symlink_metadata(&m.mount_point).ok())
             .map(|md| {
                 use std::os::unix::fs::MetadataExt;

@@ -40,7 +40,7 @@ pub fn apply(plan: &mut Plan, live: BorrowedFd<'_>, live_root: &Path) -> Result<
         .progress_chars("=> "),
     );
     // Mounts are read again: one made since the plan is not copied either.
-    let mounts = MountRoots::current();
+    let mounts = MountRoots::below(live_root);
     for planned in plan.entries.iter_mut() {
         let result = if planned.will_copy() {
             bar.set_message(planned.path.clone());

@@ -224,7 +224,7 @@ pub fn plan(
             .into_iter()
             .map(|m| m.mount_point)
             .collect(),
-        mount_roots: MountRoots::current(),
+        mount_roots: MountRoots::below(live_root),
     };
     let mut entries = Vec::new();
     for (entry, owner) in manifest.entries.iter().zip(owners) {
@@ -431,7 +431,7 @@ fn decide(entry: &Entry, cx: &Inspection<'_>) -> Result<Decision> {
     if let Some(st) = &storage_st {
         if fs::identity(st) == fs::identity(&live_st) {
             let full = cx.live_root.join(entry.path.trim_start_matches('/'));
-            let bind = cx.mount_points.iter().any(|m| *m == full);
+            let bind = cx.mount_points.contains(&full);
             return Ok(Decision::AlreadyPersisted(if bind {
                 "bind-mounted from storage (impermanence is active)"
             } else {
