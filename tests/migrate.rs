@@ -1221,3 +1221,39 @@ fn needed_for_boot_entry_is_created_empty_in_storage() {
         stdout(&again)
     );
 }
+
+/// `rasa migrate | head`: a reader that went away is not a crash (no panic on EPIPE).
+#[test]
+fn closed_stdout_is_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live");
+    std::fs::create_dir_all(live.join("persist")).unwrap();
+    std::fs::create_dir_all(live.join("srv/data")).unwrap();
+    let manifest = dir.path().join("manifest.json");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"{{"version": 1,
+  "rollback": {{"device": "/dev/null", "root": "root", "blank": null, "oldRoots": "old_roots",
+    "persist": "persist", "keep": 5, "keepDays": 7}},
+  "entries": [{}]}}"#,
+            entry("/persist", "/srv/data", "directory")
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(RASA)
+        .arg("migrate")
+        .arg("--manifest")
+        .arg(&manifest)
+        .arg("--live-root")
+        .arg(&live)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // No reader from here on: the plan's first write gets EPIPE.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+}

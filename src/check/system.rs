@@ -99,15 +99,14 @@ pub fn run(args: Args) -> Result<u8> {
             ok: bool,
             checks: &'a [Item],
         }
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&Json {
+        log::print_stdout(
+            &(serde_json::to_string_pretty(&Json {
                 ok: !failed,
-                checks: &report.items
-            })?
-        );
+                checks: &report.items,
+            })? + "\n"),
+        )?;
     } else {
-        print!("{}", render(&report.items, log::stdout_colour()));
+        log::print_stdout(&render(&report.items, log::stdout_colour()))?;
     }
     Ok(if failed { exit::PROBLEMS } else { exit::OK })
 }

@@ -114,7 +114,7 @@ pub fn run(args: Args) -> Result<u8> {
     } else {
         render::render(&report)
     };
-    print_stdout(&text)?;
+    log::print_stdout(&text)?;
     let unresolved = report.entries.iter().any(PlannedEntry::unresolved);
     Ok(if unresolved { exit::PROBLEMS } else { exit::OK })
 }
@@ -154,14 +154,4 @@ fn open_live_root(live_root: &Path) -> Result<(OwnedFd, PathBuf)> {
     let absolute = std::fs::canonicalize(live_root).map_err(bad)?;
     let file = std::fs::File::open(&absolute).map_err(bad)?;
     Ok((file.into(), absolute))
-}
-
-/// Print on stdout; a reader that went away (`rasa migrate | head`) is not an error.
-pub(crate) fn print_stdout(text: &str) -> Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => Ok(other?),
-    }
 }
