@@ -1200,9 +1200,14 @@ fn needed_for_boot_entry_is_created_empty_in_storage() {
     let Some(fx) = Fixture::new("needed_for_boot_entry_is_created_empty_in_storage", false) else {
         return;
     };
+    // And one inside a directory entry that is copied: created inside the finished copy.
+    std::fs::create_dir_all(fx.live.join("srv/state")).unwrap();
+    std::fs::write(fx.live.join("srv/state/file"), b"state").unwrap();
     let manifest = fx.manifest(
         r#"{"storageRoot": "/persist", "path": "/var/lib/nixos", "kind": "directory", "user": "nobody", "group": "root", "mode": "0750", "neededForBoot": true},
-           {"storageRoot": "/persist", "path": "/var/lib/other", "kind": "directory", "user": "root", "group": "root", "mode": "0755"}"#,
+           {"storageRoot": "/persist", "path": "/var/lib/other", "kind": "directory", "user": "root", "group": "root", "mode": "0755"},
+           {"storageRoot": "/persist", "path": "/srv/state/keys", "kind": "directory", "user": "nobody", "group": "root", "mode": "0700", "neededForBoot": true},
+           {"storageRoot": "/persist", "path": "/srv/state", "kind": "directory", "user": "root", "group": "root", "mode": "0755"}"#,
     );
     let plan = fx.migrate(&manifest, &[]);
     assert!(stdout(&plan).contains("create empty"), "{}", stdout(&plan));
@@ -1214,6 +1219,14 @@ fn needed_for_boot_entry_is_created_empty_in_storage() {
     assert_eq!(md.gid(), 0);
     assert_eq!(md.permissions().mode() & 0o7777, 0o750);
     assert!(!fx.live.join("persist/var/lib/other").exists());
+    let keys = std::fs::symlink_metadata(fx.live.join("persist/srv/state/keys")).unwrap();
+    assert!(keys.is_dir());
+    assert_eq!(keys.uid(), NOBODY);
+    assert_eq!(keys.permissions().mode() & 0o7777, 0o700);
+    assert_eq!(
+        std::fs::read(fx.live.join("persist/srv/state/file")).unwrap(),
+        b"state"
+    );
     let again = fx.migrate(&manifest, &[]);
     assert!(
         stdout(&again).contains("only in storage"),

@@ -59,6 +59,18 @@ pub fn apply(plan: &mut Plan, live: BorrowedFd<'_>, live_root: &Path) -> Result<
         }
     }
     bar.finish_and_clear();
+    // A neededForBoot entry covered by a directory entry exists in storage once that entry is
+    // copied, unless it existed nowhere: then it is created empty, as on its own.
+    for planned in plan.entries.iter_mut() {
+        if planned.action == Action::Covered && planned.needed_for_boot {
+            let (_, storage_parent, name) = open_both_sides(planned, live, live_root)?;
+            if fs::lstat_at(storage_parent.as_fd(), &name)?.is_none() {
+                create_empty(planned, live, live_root).with_context(|| {
+                    format!("creating {} (needed for boot)", planned.storage_path)
+                })?;
+            }
+        }
+    }
     Ok(())
 }
 

@@ -93,6 +93,8 @@ pub struct PlannedEntry {
     /// The manifest's user, group and mode, resolved.
     #[serde(skip)]
     pub owner: Owner,
+    #[serde(skip)]
+    pub needed_for_boot: bool,
 }
 
 impl PlannedEntry {
@@ -125,6 +127,7 @@ impl PlannedEntry {
             backup: None,
             storage_root: entry.storage_root.clone(),
             owner,
+            needed_for_boot: entry.needed_for_boot,
         };
         let parent = Path::new(&entry.path).parent().unwrap_or(Path::new("/"));
         let mut sized = |size: fs::Measure| {
