@@ -382,3 +382,41 @@ fn check_system_fails_while_a_needed_for_boot_copy_is_missing() {
     let out = m.check(&[]);
     assert_eq!(out.status.code(), Some(0), "{}", m.report(&out));
 }
+
+/// The NixOS profile is a chain of absolute symlinks (system -> system-2-link ->
+/// /nix/store/...-nixos-system): under --live-root they must be resolved inside the live root,
+/// not on the machine running rasa, or the users.mutableUsers warning is never given.
+#[test]
+fn check_system_reads_the_profile_through_its_symlinks_inside_the_live_root() {
+    let Some(m) =
+        Machine::new("check_system_reads_the_profile_through_its_symlinks_inside_the_live_root")
+    else {
+        return;
+    };
+    let store = m.live.join("nix/store");
+    std::fs::create_dir_all(store.join("abc-nixos-system")).unwrap();
+    std::fs::write(
+        store.join("abc-users-groups.json"),
+        r#"{"mutableUsers": true, "users": []}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        store.join("abc-nixos-system/activate"),
+        "#!/bin/sh\nperl update-users-groups.pl /nix/store/abc-users-groups.json\n",
+    )
+    .unwrap();
+    let profiles = m.live.join("nix/var/nix/profiles");
+    std::fs::create_dir_all(&profiles).unwrap();
+    std::os::unix::fs::symlink(
+        "/nix/store/abc-nixos-system",
+        profiles.join("system-2-link"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("system-2-link", profiles.join("system")).unwrap();
+    let out = m.check(&[]);
+    let report = m.report(&out);
+    assert!(
+        report.contains("! users.mutableUsers is true but /etc/shadow is not persisted"),
+        "{report}"
+    );
+}

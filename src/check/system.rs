@@ -268,7 +268,7 @@ fn inspect(args: &Args, report: &mut Report) {
         check_storage(live, manifest, &layout.persist, persist_id, report);
         check_entries(live, manifest, report);
         check_records(live, manifest, report);
-        check_mutable_users(live, manifest, &args.live_root, report);
+        check_mutable_users(live, manifest, report);
     }
 
     match old_roots::scan(top.fd(), &layout.old_roots) {
@@ -564,7 +564,7 @@ fn check_records(live: &OwnedFd, manifest: &Manifest, report: &mut Report) {
 /// With `users.mutableUsers = true`, passwords set with `passwd` live in /etc/shadow on the
 /// root, and a wiped root forgets them. NixOS passes the setting to its activation script in a
 /// users-groups.json in the store, which is cheap to read.
-fn check_mutable_users(live: &OwnedFd, manifest: &Manifest, live_root: &Path, report: &mut Report) {
+fn check_mutable_users(live: &OwnedFd, manifest: &Manifest, report: &mut Report) {
     let persisted = manifest
         .entries
         .iter()
@@ -572,12 +572,20 @@ fn check_mutable_users(live: &OwnedFd, manifest: &Manifest, live_root: &Path, re
     if persisted {
         return;
     }
+    // Read as the system under --live-root sees it: the profile is a chain of absolute
+    // symlinks into its own /nix/store.
+    let read = |path: &str| {
+        fs::read_in_root(live.as_fd(), Path::new(path))
+            .ok()
+            .flatten()
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+    };
     let activate = [
-        "nix/var/nix/profiles/system/activate",
-        "run/current-system/activate",
+        "/nix/var/nix/profiles/system/activate",
+        "/run/current-system/activate",
     ]
     .iter()
-    .find_map(|p| std::fs::read_to_string(live_root.join(p)).ok());
+    .find_map(|p| read(p));
     let Some(activate) = activate else { return };
     let Some(spec) = activate
         .split(|c: char| c.is_whitespace() || c == '\'' || c == '"')
@@ -585,13 +593,12 @@ fn check_mutable_users(live: &OwnedFd, manifest: &Manifest, live_root: &Path, re
     else {
         return;
     };
-    let Ok(text) = std::fs::read_to_string(live_root.join(spec.trim_start_matches('/'))) else {
+    let Some(text) = read(spec) else {
         return;
     };
     let mutable = serde_json::from_str::<serde_json::Value>(&text)
         .ok()
         .and_then(|v| v.get("mutableUsers").and_then(|m| m.as_bool()));
-    let _ = live;
     if mutable == Some(true) {
         report.warn(
             "users.mutableUsers is true but /etc/shadow is not persisted: passwords changed with \

@@ -200,6 +200,30 @@ pub fn open_dir_beneath(start: BorrowedFd<'_>, parts: &[OsString]) -> nix::Resul
     Ok(Beneath::Dir(current, current_st))
 }
 
+/// Read the regular file at `path` as the system under `root` sees it: symlinks (the NixOS
+/// profile links, absolute ones included) are resolved inside `root`, as if it were `/`, never
+/// on the machine running rasa; a FIFO or device there is refused without blocking. `None`
+/// when it does not exist.
+pub fn read_in_root(root: BorrowedFd<'_>, path: &std::path::Path) -> nix::Result<Option<Vec<u8>>> {
+    use nix::fcntl::{OpenHow, ResolveFlag};
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let relative = path.strip_prefix("/").unwrap_or(path);
+    let fd = match nix::fcntl::openat2(root, relative, how) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT | Errno::ENOTDIR) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if Kind::of(&fstat(fd.as_fd())?) != Kind::File {
+        return Err(Errno::EINVAL);
+    }
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut bytes)
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(Errno::EIO as i32)))?;
+    Ok(Some(bytes))
+}
+
 /// Raise this process's soft limit of open files to its hard limit. The soft limit (often
 /// 1024) exists for programs using select(2); rasa does not, and a copy of a deep tree keeps a
 /// source and a destination directory open per level.
