@@ -106,8 +106,8 @@ impl Walk {
     /// Back up one level: re-open `..` and check it is the directory we came from.
     fn leave(&mut self) -> nix::Result<()> {
         self.stack.pop();
-        self.rel.pop();
         let Some(parent) = self.stack.last() else {
+            self.rel.pop();
             self.current = None;
             return Ok(());
         };
@@ -118,9 +118,11 @@ impl Walk {
             OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::empty(),
         )?;
+        // An error names the directory being left (still in `rel`).
         if identity(&fstat(up.as_fd())?) != parent.id {
             return Err(CHANGED);
         }
+        self.rel.pop();
         self.current = Some(up);
         Ok(())
     }
@@ -249,5 +251,34 @@ mod tests {
         let m = measure(root.as_fd(), OsStr::new("deep"), &MountRoots::default()).unwrap();
         assert_eq!(m.items, 3001);
         assert!(m.mount_points.is_empty());
+    }
+
+    #[test]
+    fn a_directory_moved_during_the_walk_stops_it_instead_of_walking_elsewhere() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("a/b/c")).unwrap();
+        std::fs::create_dir_all(tmp.path().join("a/z")).unwrap();
+        std::fs::create_dir(tmp.path().join("elsewhere")).unwrap();
+        let root: OwnedFd = std::fs::File::open(tmp.path()).unwrap().into();
+        let walk = Walk::new(root.as_fd(), OsStr::new("a"), MountRoots::default()).unwrap();
+        let mut outcome = Vec::new();
+        for event in walk {
+            match event {
+                Ok(event) => {
+                    if event.rel == Path::new("a/b/c") {
+                        std::fs::rename(tmp.path().join("a/b"), tmp.path().join("elsewhere/b"))
+                            .unwrap();
+                    }
+                    outcome.push(Ok(event.rel));
+                }
+                Err((rel, e)) => outcome.push(Err((rel, e))),
+            }
+        }
+        // Whether z was listed before b or not, the walk never goes on from `elsewhere`.
+        assert_eq!(
+            outcome.last().unwrap().as_ref().unwrap_err(),
+            &(PathBuf::from("a/b"), CHANGED),
+            "{outcome:?}"
+        );
     }
 }
