@@ -1297,3 +1297,29 @@ fn closed_stdout_is_not_a_crash() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
 }
+
+/// An entry that contains its storage root (/srv/data stored in /srv/data/store) would copy
+/// storage into itself: refused, nothing changed.
+#[test]
+fn entry_containing_a_storage_root_is_refused() {
+    let Some(fx) = Fixture::new("entry_containing_a_storage_root_is_refused", false) else {
+        return;
+    };
+    std::fs::create_dir_all(fx.live.join("srv/data/store")).unwrap();
+    std::fs::write(fx.live.join("srv/data/file"), b"data").unwrap();
+    let manifest = fx.manifest(&entry("/srv/data/store", "/srv/data", "directory"));
+    let out = fx.migrate(&manifest, &["--apply"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the entry /srv/data contains the storage root /srv/data/store"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read_dir(fx.live.join("srv/data/store"))
+            .unwrap()
+            .count(),
+        0,
+        "nothing changed"
+    );
+}

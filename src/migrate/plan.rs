@@ -254,9 +254,27 @@ fn covering_entry<'m>(manifest: &'m Manifest, entry: &Entry) -> Option<&'m Entry
 }
 
 /// A storage root at or below an entry's storage path would be copied over, or renamed away
-/// by `--on-conflict replace-with-backup`, with everything stored in it.
+/// by `--on-conflict replace-with-backup`, with everything stored in it; one at or below an
+/// entry's live path would be copied into itself. (Migrate's guard at its destructive step;
+/// the manifest rules refuse the same layouts for every command.)
 fn refuse_storage_roots_inside_entries(manifest: &Manifest) -> Result<()> {
     for entry in &manifest.entries {
+        if let Some(root) = manifest
+            .entries
+            .iter()
+            .map(|e| &e.storage_root)
+            .find(|root| Path::new(root).starts_with(&entry.path))
+        {
+            return Err(refuse(
+                format!(
+                    "the entry {} contains the storage root {root}: migrating it would copy \
+                     storage into itself",
+                    entry.path
+                ),
+                "persist the paths inside it that hold state instead, or move the storage root \
+                 out of it (e.g. /persist), then rebuild and rerun",
+            ));
+        }
         let stored = entry.storage_path();
         if let Some(other) = manifest
             .entries
