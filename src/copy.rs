@@ -22,7 +22,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use nix::fcntl::OFlag;
 use nix::libc;
 use nix::sys::stat::Mode;
@@ -56,6 +56,27 @@ const COPYABLE_FLAGS: libc::c_long = 0x1
 /// Of those, the ones every Linux filesystem with flags supports (i a d A S D); a destination
 /// that refuses the rest still gets these, immutable and append-only above all.
 const CORE_FLAGS: libc::c_long = FS_IMMUTABLE_FL | FS_APPEND_FL | 0x40 | 0x80 | 0x8 | 0x1_0000;
+
+/// The path a copy error happened at, added once (see `copy_inner`).
+#[derive(Debug)]
+struct CopyingAt(String);
+
+impl std::fmt::Display for CopyingAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn changed_while_copied(e: nix::Error) -> anyhow::Error {
+    if e == crate::fs::CHANGED {
+        anyhow::anyhow!(
+            "it was replaced while being copied (it is not the file rasa inspected); rerun when \
+             it is quiet"
+        )
+    } else {
+        anyhow::Error::new(e).context("opening")
+    }
+}
 
 fn cstr(name: &OsStr) -> CString {
     // Names read from a directory or a path never contain NUL.
@@ -268,6 +289,9 @@ pub struct Stats {
     pub byte_copied_files: u64,
     /// Sockets left out, relative to the copied entry.
     pub skipped_sockets: Vec<String>,
+    /// Mount points left out (the copy stays on the entry's filesystem).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mount_points_left_out: Vec<String>,
     /// Files whose btrfs-only `chattr` flags (No_COW, compression) the destination filesystem
     /// does not support, relative to the copied entry.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -285,6 +309,8 @@ pub struct Copier<'p> {
     progress: &'p dyn Fn(u64),
     /// Called after each regular file is complete (crash-injection point for tests).
     after_file: &'p dyn Fn(),
+    /// Directories below the copied entry that are left out: mount points (see fs::walk).
+    left_out: Option<&'p dyn Fn(&libc::stat) -> bool>,
     buffer: Vec<u8>,
 }
 
@@ -297,8 +323,16 @@ impl<'p> Copier<'p> {
             stats: Stats::default(),
             progress,
             after_file,
+            left_out: None,
             buffer: Vec::new(),
         }
+    }
+
+    /// Leave out (and list in the stats) the directories below the entry for which
+    /// `is_mount_point` holds, so the copy stays on the entry's filesystem.
+    pub fn leaving_out(mut self, is_mount_point: &'p dyn Fn(&libc::stat) -> bool) -> Self {
+        self.left_out = Some(is_mount_point);
+        self
     }
 
     /// Copy `src_dir/src_name` (of any type) to `dst_dir/dst_name`, which must not exist.
@@ -336,6 +370,16 @@ impl<'p> Copier<'p> {
             return Ok(());
         };
         let kind = st.st_mode & libc::S_IFMT;
+        if kind == libc::S_IFDIR
+            && rel.as_os_str() != self.names.1
+            && self
+                .left_out
+                .is_some_and(|is_mount_point| is_mount_point(&st))
+        {
+            let shown = self.shown(&rel);
+            self.stats.mount_points_left_out.push(shown);
+            return Ok(());
+        }
         if kind != libc::S_IFDIR && st.st_nlink > 1 {
             let key = (st.st_dev, st.st_ino);
             if let Some(first) = self.links.get(&key) {
@@ -359,8 +403,7 @@ impl<'p> Copier<'p> {
             }
             self.links.insert(key, rel.clone());
         }
-        let context = || format!("copying {}", rel.display());
-        match kind {
+        let result = match kind {
             libc::S_IFDIR => {
                 self.copy_dir(src_dir, src_name, &st, dst_dir, dst_name, dst_root, &rel)
             }
@@ -375,9 +418,17 @@ impl<'p> Copier<'p> {
                 self.stats.skipped_sockets.push(shown);
                 Ok(())
             }
-            _ => bail!("unknown file type {:o}", kind),
-        }
-        .with_context(context)
+            _ => Err(anyhow::anyhow!("unknown file type {:o}", kind)),
+        };
+        // The innermost path names the file, as the user knows it; the levels above it add
+        // nothing (a 2,000-level tree would repeat the path 2,000 times).
+        result.map_err(|e| {
+            if e.downcast_ref::<CopyingAt>().is_some() {
+                e
+            } else {
+                e.context(CopyingAt(format!("copying {}", self.shown(&rel))))
+            }
+        })
     }
 
     fn shown(&self, rel: &Path) -> String {
@@ -421,7 +472,7 @@ impl<'p> Copier<'p> {
         dst_root: BorrowedFd<'_>,
         rel: &Path,
     ) -> Result<()> {
-        let src = open_dir(src_dir, src_name)?;
+        let src = crate::fs::open_verified(src_dir, src_name, st).map_err(changed_while_copied)?;
         let name_c = cstr(dst_name);
         // Owner-only (and the owner is us) until every child is in place.
         let initial = st.st_mode & 0o700;
@@ -461,8 +512,10 @@ impl<'p> Copier<'p> {
         dst_name: &OsStr,
         rel: &Path,
     ) -> Result<()> {
-        let src = open_at(src_dir, src_name, libc::O_RDONLY | libc::O_NOATIME)
-            .or_else(|_| open_at(src_dir, src_name, libc::O_RDONLY))?;
+        crate::failpoint::hit("copy-before-opening-file");
+        // What was inspected, or nothing: a FIFO or another file swapped in since is refused
+        // without blocking.
+        let src = crate::fs::open_verified(src_dir, src_name, st).map_err(changed_while_copied)?;
         let name_c = cstr(dst_name);
         // SAFETY: valid fd and name; O_EXCL never opens an existing file or follows a symlink.
         let fd = unsafe {
@@ -805,27 +858,6 @@ fn clear_locking_flags(fd: BorrowedFd<'_>) {
     }
 }
 
-/// Regular-file bytes and count below `dir/name` (a file counts itself), for the plan.
-pub fn measure(dir: BorrowedFd<'_>, name: &OsStr) -> Result<(u64, u64)> {
-    let Some(st) = lstat_at(dir, name)? else {
-        return Ok((0, 0));
-    };
-    if is_type(&st, libc::S_IFREG) {
-        return Ok((st.st_size as u64, 1));
-    }
-    if !is_type(&st, libc::S_IFDIR) {
-        return Ok((0, 1));
-    }
-    let sub = open_dir(dir, name)?;
-    let (mut bytes, mut count) = (0, 1);
-    for child in read_dir_names(sub.as_fd())? {
-        let (b, c) = measure(sub.as_fd(), &child)?;
-        bytes += b;
-        count += c;
-    }
-    Ok((bytes, count))
-}
-
 /// The first difference between two trees, or `None` when they are the same in everything the
 /// copy preserves (type, owner, mode, mtime, size, content, link target, device number, xattrs,
 /// names). Sockets are ignored on both sides because the copy skips them.
@@ -835,6 +867,7 @@ pub fn first_difference(
     b_dir: BorrowedFd<'_>,
     b_name: &OsStr,
     rel: &Path,
+    left_out: &dyn Fn(&libc::stat) -> bool,
 ) -> Result<Option<String>> {
     let (Some(a), Some(b)) = (lstat_at(a_dir, a_name)?, lstat_at(b_dir, b_name)?) else {
         return Ok(Some(format!("{} exists on one side only", rel.display())));
@@ -863,8 +896,8 @@ pub fn first_difference(
         return at("extended attributes (xattrs, ACLs, capabilities)");
     }
     if kind == libc::S_IFREG {
-        let fa = open_at(a_dir, a_name, libc::O_RDONLY)?;
-        let fb = open_at(b_dir, b_name, libc::O_RDONLY)?;
+        let fa = crate::fs::open_verified(a_dir, a_name, &a).map_err(changed_while_copied)?;
+        let fb = crate::fs::open_verified(b_dir, b_name, &b).map_err(changed_while_copied)?;
         if !same_content(fa.as_fd(), fb.as_fd())? {
             return at("content");
         }
@@ -872,11 +905,15 @@ pub fn first_difference(
     if kind == libc::S_IFDIR {
         let da = open_dir(a_dir, a_name)?;
         let db = open_dir(b_dir, b_name)?;
-        let not_socket = |dir: BorrowedFd<'_>, names: Vec<OsString>| -> Result<Vec<OsString>> {
+        // Sockets and, on the live side, mount points are not copied, so not compared.
+        let kept_names = |dir: BorrowedFd<'_>,
+                          names: Vec<OsString>,
+                          left_out: &dyn Fn(&libc::stat) -> bool|
+         -> Result<Vec<OsString>> {
             let mut kept = Vec::new();
             for n in names {
                 match lstat_at(dir, &n)? {
-                    Some(st) if is_type(&st, libc::S_IFSOCK) => {}
+                    Some(st) if is_type(&st, libc::S_IFSOCK) || left_out(&st) => {}
                     Some(_) => kept.push(n),
                     None => {}
                 }
@@ -884,13 +921,14 @@ pub fn first_difference(
             kept.sort();
             Ok(kept)
         };
-        let na = not_socket(da.as_fd(), read_dir_names(da.as_fd())?)?;
-        let nb = not_socket(db.as_fd(), read_dir_names(db.as_fd())?)?;
+        let na = kept_names(da.as_fd(), read_dir_names(da.as_fd())?, left_out)?;
+        let nb = kept_names(db.as_fd(), read_dir_names(db.as_fd())?, &|_| false)?;
         if na != nb {
             return at("list of names inside");
         }
         for n in &na {
-            if let Some(d) = first_difference(da.as_fd(), n, db.as_fd(), n, &rel.join(n))? {
+            if let Some(d) = first_difference(da.as_fd(), n, db.as_fd(), n, &rel.join(n), left_out)?
+            {
                 return Ok(Some(d));
             }
         }

@@ -6,6 +6,7 @@ mod copy;
 mod diff;
 mod error;
 mod failpoint;
+mod fs;
 mod hibernation;
 mod layout;
 mod log;

@@ -288,3 +288,135 @@ fn check_system_on_a_device_without_btrfs() {
     1 passed, 1 failed, 0 warnings
     ");
 }
+
+// ---- check system: the live paths of entries (issue 12 item 20, neededForBoot) ----
+
+fn migrate_apply(m: &Machine) -> Output {
+    Command::new(RASA)
+        .args(["migrate", "--apply", "--manifest"])
+        .arg(&m.manifest)
+        .arg("--live-root")
+        .arg(&m.live)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+fn with_entries(m: &Machine, entries: &str) {
+    std::fs::write(
+        &m.manifest,
+        format!(
+            r#"{{"version": 1,
+  "rollback": {{"device": "/dev/null", "root": "root", "blank": "root-blank",
+    "oldRoots": "old_roots", "persist": "persist", "keep": 5, "keepDays": 7}},
+  "entries": [{entries}]}}"#
+        ),
+    )
+    .unwrap();
+}
+
+/// A symlinked parent (/home/alice -> /data/alice) is a failure with the fix, not an entry
+/// that "exists nowhere yet": the next boot erases what is behind it.
+#[test]
+fn check_system_fails_a_symlink_on_an_entry_path() {
+    let Some(m) = Machine::new("check_system_fails_a_symlink_on_an_entry_path") else {
+        return;
+    };
+    std::fs::create_dir_all(m.live.join("data/alice/.ssh")).unwrap();
+    std::fs::write(m.live.join("data/alice/.ssh/id_ed25519"), b"key").unwrap();
+    std::fs::create_dir_all(m.live.join("home")).unwrap();
+    std::os::unix::fs::symlink("/data/alice", m.live.join("home/alice")).unwrap();
+    with_entries(
+        &m,
+        r#"{"storageRoot": "/persist", "path": "/var/lib/app", "kind": "directory", "user": "root", "group": "root", "mode": "0755"},
+           {"storageRoot": "/persist", "path": "/home/alice/.ssh", "kind": "directory", "user": "root", "group": "root", "mode": "0700"}"#,
+    );
+    // Everything else is migrated, so the symlink is the only thing wrong.
+    let migrated = migrate_apply(&m);
+    assert_eq!(migrated.status.code(), Some(4), "{}", stderr(&migrated));
+    let out = m.check(&[]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let report = m.report(&out);
+    assert!(
+        report.contains(
+            "✗ manifest entry /home/alice/.ssh: /home/alice is a symlink to /data/alice; rasa \
+             does not follow it, and the next boot erases what is there"
+        ),
+        "{report}"
+    );
+    assert!(
+        report.contains("fix: persist the real path (the symlink's target) instead"),
+        "{report}"
+    );
+    assert!(!report.contains("exist nowhere yet"), "{report}");
+}
+
+/// An entry the initrd mounts (neededForBoot) must have its storage copy before the first
+/// wiping boot, even when there is nothing to copy; migrate creates it.
+#[test]
+fn check_system_fails_while_a_needed_for_boot_copy_is_missing() {
+    let Some(m) = Machine::new("check_system_fails_while_a_needed_for_boot_copy_is_missing") else {
+        return;
+    };
+    with_entries(
+        &m,
+        r#"{"storageRoot": "/persist", "path": "/var/lib/app", "kind": "directory", "user": "root", "group": "root", "mode": "0755"},
+           {"storageRoot": "/persist", "path": "/var/lib/nixos", "kind": "directory", "user": "root", "group": "root", "mode": "0755", "neededForBoot": true}"#,
+    );
+    let app = migrate_apply(&m);
+    assert_eq!(app.status.code(), Some(0), "{}", stderr(&app));
+    // As an older migrate (or a hand-made copy) would have left it: the needed path missing.
+    let _ = std::fs::remove_dir(m.live.join("persist/var/lib/nixos"));
+    let out = m.check(&[]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let report = m.report(&out);
+    assert!(
+        report.contains(
+            "✗ /var/lib/nixos is needed for boot (the initrd mounts it before activation) but \
+             /persist/var/lib/nixos does not exist"
+        ),
+        "{report}"
+    );
+    let migrated = migrate_apply(&m);
+    assert_eq!(migrated.status.code(), Some(0), "{}", stderr(&migrated));
+    let out = m.check(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", m.report(&out));
+}
+
+/// The NixOS profile is a chain of absolute symlinks (system -> system-2-link ->
+/// /nix/store/...-nixos-system): under --live-root they must be resolved inside the live root,
+/// not on the machine running rasa, or the users.mutableUsers warning is never given.
+#[test]
+fn check_system_reads_the_profile_through_its_symlinks_inside_the_live_root() {
+    let Some(m) =
+        Machine::new("check_system_reads_the_profile_through_its_symlinks_inside_the_live_root")
+    else {
+        return;
+    };
+    let store = m.live.join("nix/store");
+    std::fs::create_dir_all(store.join("abc-nixos-system")).unwrap();
+    std::fs::write(
+        store.join("abc-users-groups.json"),
+        r#"{"mutableUsers": true, "users": []}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        store.join("abc-nixos-system/activate"),
+        "#!/bin/sh\nperl update-users-groups.pl /nix/store/abc-users-groups.json\n",
+    )
+    .unwrap();
+    let profiles = m.live.join("nix/var/nix/profiles");
+    std::fs::create_dir_all(&profiles).unwrap();
+    std::os::unix::fs::symlink(
+        "/nix/store/abc-nixos-system",
+        profiles.join("system-2-link"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("system-2-link", profiles.join("system")).unwrap();
+    let out = m.check(&[]);
+    let report = m.report(&out);
+    assert!(
+        report.contains("! users.mutableUsers is true but /etc/shadow is not persisted"),
+        "{report}"
+    );
+}

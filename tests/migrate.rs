@@ -848,3 +848,478 @@ fn permissions_are_never_wider_than_the_source_mid_copy() {
         &fx.live.join("persist/home/nobody"),
     );
 }
+
+// ---- Safety: issue 12, items 13, 15, 16, 17, 19, 20, and neededForBoot ----
+
+fn entry(root: &str, path: &str, kind: &str) -> String {
+    format!(
+        r#"{{"storageRoot": "{root}", "path": "{path}", "kind": "{kind}", "user": "root", "group": "root", "mode": "0755"}}"#
+    )
+}
+
+/// Run `migrate --apply` stopped at a failpoint (SIGSTOP), call `change` while it is stopped,
+/// let it go on, and return what it did; a run that does not end within a minute is killed and
+/// the test fails (it hung).
+fn apply_with_change_at(
+    fx: &Fixture,
+    manifest: &Path,
+    failpoint: &str,
+    change: impl FnOnce(),
+) -> Output {
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(RASA)
+        .arg("migrate")
+        .arg("--manifest")
+        .arg(manifest)
+        .arg("--live-root")
+        .arg(&fx.live)
+        .arg("--apply")
+        .env("NO_COLOR", "1")
+        .env("RASA_FAILPOINT", failpoint)
+        .env("RASA_FAILPOINT_ACTION", "stop")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let stopped = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit(')')
+                    .next()
+                    .map(|r| r.trim_start().starts_with('T'))
+            })
+            .unwrap_or(false)
+    };
+    let start = Instant::now();
+    while !stopped() {
+        if start.elapsed() > Duration::from_secs(60) || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "rasa never reached the failpoint {failpoint}: {}",
+                stderr(&out)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    change();
+    sh(&format!("kill -CONT {pid}"));
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("migrate --apply hung after the change: {}", stderr(&out));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn swap_for_fifo(path: &Path) {
+    std::fs::remove_file(path).unwrap();
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+}
+
+/// Item 13: a file swapped for a FIFO between inspection and open is refused without blocking,
+/// and nothing incomplete appears under the final name.
+#[test]
+fn a_file_swapped_for_a_fifo_while_copied_is_refused_not_hung() {
+    let test = "a_file_swapped_for_a_fifo_while_copied_is_refused_not_hung";
+    if !cfg!(feature = "failpoints") {
+        common::skip::<()>(test, "needs --features failpoints");
+        return;
+    }
+    let Some(fx) = Fixture::new(test, false) else {
+        return;
+    };
+    std::fs::create_dir_all(fx.live.join("srv/data")).unwrap();
+    std::fs::write(fx.live.join("srv/data/log"), b"log line\n").unwrap();
+    let manifest = fx.manifest(&entry("/persist", "/srv/data", "directory"));
+    let out = apply_with_change_at(&fx, &manifest, "copy-before-opening-file", || {
+        swap_for_fifo(&fx.live.join("srv/data/log"))
+    });
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = sanitize(&stderr(&out), &fx);
+    assert!(
+        err.contains("data/log: it was replaced while being copied"),
+        "{err}"
+    );
+    assert!(!fx.live.join("persist/srv/data").exists());
+}
+
+/// Item 17: a 2,000-level tree is planned, copied and compared under a soft limit of 256 open
+/// files, and an error deep down names its path once, not once per level.
+#[test]
+fn a_2000_level_tree_migrates_and_errors_name_the_path_once() {
+    let test = "a_2000_level_tree_migrates_and_errors_name_the_path_once";
+    if !cfg!(feature = "failpoints") {
+        common::skip::<()>(test, "needs --features failpoints");
+        return;
+    }
+    let Some(fx) = Fixture::new(test, false) else {
+        return;
+    };
+    std::fs::create_dir_all(fx.live.join("srv/deep")).unwrap();
+    sh(&format!(
+        "cd {} && for i in $(seq 2000); do mkdir d && cd d; done && echo bottom > f",
+        q(&fx.live.join("srv/deep"))
+    ));
+    let manifest = fx.manifest(&entry("/persist", "/srv/deep", "directory"));
+    let low_limit = |extra: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -Sn 256 && exec {RASA} migrate --manifest {} --live-root {} {extra}",
+                q(&manifest),
+                q(&fx.live)
+            ))
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap()
+    };
+    // An error at the bottom (the file swapped for a FIFO) first: one path, one line.
+    let out = apply_with_change_at(&fx, &manifest, "copy-before-opening-file", || {
+        // Too long for one path: go down step by step.
+        sh(&format!(
+            "cd {} && for i in $(seq 2000); do cd d; done && rm f && mkfifo f",
+            q(&fx.live.join("srv/deep"))
+        ));
+    });
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.len() < 10_000,
+        "the error repeats itself ({} bytes): {}",
+        err.len(),
+        &err[..2000.min(err.len())]
+    );
+    assert_eq!(err.matches("copying ").count(), 1, "{err}");
+    sh(&format!(
+        "cd {} && for i in $(seq 2000); do cd d; done && rm f && echo bottom > f",
+        q(&fx.live.join("srv/deep"))
+    ));
+
+    let out = low_limit("--apply");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let bottom = sh(&format!(
+        "cd {} && for i in $(seq 2000); do cd d; done && cat f",
+        q(&fx.live.join("persist/srv/deep"))
+    ));
+    assert_eq!(bottom, "bottom\n");
+    let again = low_limit("");
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    assert!(stdout(&again).contains("identical"), "{}", stdout(&again));
+}
+
+/// Item 15: a tmpfs and a bind mount (same filesystem) inside an entry are left out, said so,
+/// and a rerun finds the copy identical rather than in conflict.
+#[test]
+fn mount_points_inside_an_entry_are_left_out_and_listed() {
+    mount_points_left_out(
+        "mount_points_inside_an_entry_are_left_out_and_listed",
+        false,
+    );
+}
+
+#[test]
+fn mount_points_inside_an_entry_are_left_out_when_storage_is_ext4() {
+    mount_points_left_out(
+        "mount_points_inside_an_entry_are_left_out_when_storage_is_ext4",
+        true,
+    );
+}
+
+fn mount_points_left_out(test: &str, cross_fs: bool) {
+    let Some(fx) = Fixture::new(test, cross_fs) else {
+        return;
+    };
+    let data = fx.live.join("srv/data");
+    std::fs::create_dir_all(data.join("cache")).unwrap();
+    std::fs::create_dir_all(data.join("share")).unwrap();
+    std::fs::write(data.join("kept"), b"kept").unwrap();
+    std::fs::create_dir_all(fx.live.join("elsewhere")).unwrap();
+    std::fs::write(fx.live.join("elsewhere/other"), b"not ours").unwrap();
+    sh(&format!(
+        "mount -t tmpfs rasa-test {}",
+        q(&data.join("cache"))
+    ));
+    std::fs::write(data.join("cache/big"), b"on tmpfs").unwrap();
+    sh(&format!(
+        "mount --bind {} {}",
+        q(&fx.live.join("elsewhere")),
+        q(&data.join("share"))
+    ));
+    let manifest = fx.manifest(&entry("/persist", "/srv/data", "directory"));
+    let out = fx.migrate(&manifest, &["--apply"]);
+    let again = fx.migrate(&manifest, &[]);
+    sh(&format!("umount {}", q(&data.join("cache"))));
+    sh(&format!("umount {}", q(&data.join("share"))));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("left out mount point /srv/data/cache"),
+        "{text}"
+    );
+    assert!(
+        text.contains("left out mount point /srv/data/share"),
+        "{text}"
+    );
+    let stored = fx.live.join("persist/srv/data");
+    assert_eq!(std::fs::read(stored.join("kept")).unwrap(), b"kept");
+    assert!(!stored.join("cache").exists(), "the tmpfs was copied");
+    assert!(!stored.join("share").exists(), "the bind mount was copied");
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    assert!(stdout(&again).contains("identical"), "{}", stdout(&again));
+}
+
+/// Item 16: a file entry inside a directory entry of the same storage root is covered by the
+/// directory's copy: planned once, nothing fails, no temporary file inside the copy.
+#[test]
+fn an_entry_inside_a_directory_entry_is_covered_once() {
+    covered_once("an_entry_inside_a_directory_entry_is_covered_once", false);
+}
+
+#[test]
+fn an_entry_inside_a_directory_entry_is_covered_once_on_ext4() {
+    covered_once(
+        "an_entry_inside_a_directory_entry_is_covered_once_on_ext4",
+        true,
+    );
+}
+
+fn covered_once(test: &str, cross_fs: bool) {
+    let Some(fx) = Fixture::new(test, cross_fs) else {
+        return;
+    };
+    std::fs::create_dir_all(fx.live.join("srv/data/sub")).unwrap();
+    std::fs::write(fx.live.join("srv/data/sub/inner"), b"inner").unwrap();
+    std::fs::write(fx.live.join("srv/data/top"), b"top").unwrap();
+    let manifest = fx.manifest(&format!(
+        "{}, {}, {}",
+        entry("/persist", "/srv/data/sub/inner", "file"),
+        entry("/persist", "/srv/data", "directory"),
+        entry("/persist", "/srv/data/sub", "directory"),
+    ));
+    let out = fx.migrate(&manifest, &["--apply"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out).replace("; copy)", "; reflink)");
+    insta::allow_duplicates! {
+        insta::assert_snapshot!(text, @r"
+        Migration done:
+          covered                  /srv/data/sub/inner  -> /persist/srv/data/sub/inner  (inside /srv/data, which holds it)
+          copied                   /srv/data            -> /persist/srv/data  (8 B, 4 items; reflink)
+          covered                  /srv/data/sub        -> /persist/srv/data/sub  (inside /srv/data, which holds it)
+        1 to copy (8 B), 0 already persisted, 0 identical, 0 conflicts, 0 missing, 0 skipped, 2 covered by another entry
+        ");
+    }
+    let names = sh(&format!("find {} | sort", q(&fx.live.join("persist/srv"))));
+    assert!(!names.contains("rasa-migrate"), "{names}");
+    assert_eq!(
+        std::fs::read(fx.live.join("persist/srv/data/sub/inner")).unwrap(),
+        b"inner"
+    );
+    let again = fx.migrate(&manifest, &["--apply"]);
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    assert!(stdout(&again).contains("identical"), "{}", stdout(&again));
+}
+
+/// Item 16: with storage roots /persist and /persist/home, the entry /home of /persist is
+/// stored at the other storage root: replace-with-backup must not rename it away.
+#[test]
+fn overlapping_storage_roots_are_never_renamed_away() {
+    let Some(fx) = Fixture::new("overlapping_storage_roots_are_never_renamed_away", false) else {
+        return;
+    };
+    std::fs::create_dir_all(fx.live.join("persist/home/alice")).unwrap();
+    std::fs::write(fx.live.join("persist/home/alice/notes"), b"stored").unwrap();
+    std::fs::create_dir_all(fx.live.join("home/alice")).unwrap();
+    std::fs::write(fx.live.join("home/alice/notes"), b"live").unwrap();
+    let manifest = fx.manifest(&format!(
+        "{}, {}",
+        entry("/persist", "/home", "directory"),
+        entry("/persist/home", "/alice", "directory"),
+    ));
+    let out = fx.migrate(
+        &manifest,
+        &["--apply", "--on-conflict", "replace-with-backup"],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("which is or contains the storage root /persist/home"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read(fx.live.join("persist/home/alice/notes")).unwrap(),
+        b"stored"
+    );
+    let names = sh(&format!("ls -A {}", q(&fx.live.join("persist"))));
+    assert_eq!(names, "home\n", "nothing renamed or added");
+}
+
+/// Item 19: migrate validates its manifest as `check manifest` does: a NUL byte is a clear
+/// refusal (not a panic), and so is an entry equal to its storage root.
+#[test]
+fn manifest_with_a_nul_byte_is_refused_not_a_panic() {
+    let text = r#"{"version": 1,
+  "rollback": {"device": "/dev/null", "root": "root", "blank": null, "oldRoots": "old_roots",
+    "persist": "persist", "keep": 5, "keepDays": 7},
+  "entries": [
+    {"storageRoot": "/persist", "path": "/srv/da\u0000ta", "kind": "directory", "user": "root", "group": "root", "mode": "0755"}
+  ]}"#;
+    let Some(err) = refused("manifest_with_a_nul_byte_is_refused_not_a_panic", text) else {
+        return;
+    };
+    assert!(err.contains("contains a NUL byte"), "{err}");
+    assert!(err.contains("fix: run `rasa check manifest"), "{err}");
+}
+
+#[test]
+fn entry_equal_to_its_storage_root_is_refused() {
+    let text = r#"{"version": 1,
+  "rollback": {"device": "/dev/null", "root": "root", "blank": null, "oldRoots": "old_roots",
+    "persist": "persist", "keep": 5, "keepDays": 7},
+  "entries": [
+    {"storageRoot": "/persist", "path": "/persist", "kind": "directory", "user": "root", "group": "root", "mode": "0755"}
+  ]}"#;
+    let Some(err) = refused("entry_equal_to_its_storage_root_is_refused", text) else {
+        return;
+    };
+    assert!(err.contains("is inside the storage root /persist"), "{err}");
+}
+
+/// Item 20: a symlinked parent on the live path (/home/alice -> /data/alice) is a problem with
+/// its fix and exit 4, not a skip with exit 0.
+#[test]
+fn a_symlinked_parent_is_a_problem_not_a_skip() {
+    let Some(fx) = Fixture::new("a_symlinked_parent_is_a_problem_not_a_skip", false) else {
+        return;
+    };
+    std::fs::create_dir_all(fx.live.join("data/alice/.ssh")).unwrap();
+    std::fs::write(fx.live.join("data/alice/.ssh/id_ed25519"), b"key").unwrap();
+    std::fs::create_dir_all(fx.live.join("home")).unwrap();
+    std::os::unix::fs::symlink("/data/alice", fx.live.join("home/alice")).unwrap();
+    std::fs::create_dir_all(fx.live.join("srv/data")).unwrap();
+    let manifest = fx.manifest(&format!(
+        "{}, {}",
+        entry("/persist", "/home/alice/.ssh", "directory"),
+        entry("/persist", "/srv/data", "directory"),
+    ));
+    let out = fx.migrate(&manifest, &["--apply"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    insta::assert_snapshot!(stdout(&out), @r"
+    Migration done:
+      PROBLEM                  /home/alice/.ssh  -> /persist/home/alice/.ssh  (/home/alice is a symlink to /data/alice: rasa does not copy through symlinks, and the next boot erases /home/alice/.ssh (it lives on the root, not in storage))
+        fix: persist the real path instead (/data/alice/.ssh in environment.persistence), or replace the symlink /home/alice with the directory it points to, then rerun
+      copied                   /srv/data         -> /persist/srv/data  (0 B, 1 item; reflink)
+    1 to copy (0 B), 0 already persisted, 0 identical, 0 conflicts, 0 missing, 0 skipped, 1 problems
+    Problems were left alone and the next boot erases what they name: apply each fix, then rerun.
+    ");
+}
+
+/// neededForBoot (issue 11, item 5): nothing anywhere to copy, so an empty directory with the
+/// manifest's owner and mode is created, for the initrd to mount at the first wiping boot.
+#[test]
+fn needed_for_boot_entry_is_created_empty_in_storage() {
+    let Some(fx) = Fixture::new("needed_for_boot_entry_is_created_empty_in_storage", false) else {
+        return;
+    };
+    // And one inside a directory entry that is copied: created inside the finished copy.
+    std::fs::create_dir_all(fx.live.join("srv/state")).unwrap();
+    std::fs::write(fx.live.join("srv/state/file"), b"state").unwrap();
+    let manifest = fx.manifest(
+        r#"{"storageRoot": "/persist", "path": "/var/lib/nixos", "kind": "directory", "user": "nobody", "group": "root", "mode": "0750", "neededForBoot": true},
+           {"storageRoot": "/persist", "path": "/var/lib/other", "kind": "directory", "user": "root", "group": "root", "mode": "0755"},
+           {"storageRoot": "/persist", "path": "/srv/state/keys", "kind": "directory", "user": "nobody", "group": "root", "mode": "0700", "neededForBoot": true},
+           {"storageRoot": "/persist", "path": "/srv/state", "kind": "directory", "user": "root", "group": "root", "mode": "0755"}"#,
+    );
+    let plan = fx.migrate(&manifest, &[]);
+    assert!(stdout(&plan).contains("create empty"), "{}", stdout(&plan));
+    let out = fx.migrate(&manifest, &["--apply"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let md = std::fs::symlink_metadata(fx.live.join("persist/var/lib/nixos")).unwrap();
+    assert!(md.is_dir());
+    assert_eq!(md.uid(), NOBODY);
+    assert_eq!(md.gid(), 0);
+    assert_eq!(md.permissions().mode() & 0o7777, 0o750);
+    assert!(!fx.live.join("persist/var/lib/other").exists());
+    let keys = std::fs::symlink_metadata(fx.live.join("persist/srv/state/keys")).unwrap();
+    assert!(keys.is_dir());
+    assert_eq!(keys.uid(), NOBODY);
+    assert_eq!(keys.permissions().mode() & 0o7777, 0o700);
+    assert_eq!(
+        std::fs::read(fx.live.join("persist/srv/state/file")).unwrap(),
+        b"state"
+    );
+    let again = fx.migrate(&manifest, &[]);
+    assert!(
+        stdout(&again).contains("only in storage"),
+        "{}",
+        stdout(&again)
+    );
+}
+
+/// `rasa migrate | head`: a reader that went away is not a crash (no panic on EPIPE).
+#[test]
+fn closed_stdout_is_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live");
+    std::fs::create_dir_all(live.join("persist")).unwrap();
+    std::fs::create_dir_all(live.join("srv/data")).unwrap();
+    let manifest = dir.path().join("manifest.json");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"{{"version": 1,
+  "rollback": {{"device": "/dev/null", "root": "root", "blank": null, "oldRoots": "old_roots",
+    "persist": "persist", "keep": 5, "keepDays": 7}},
+  "entries": [{}]}}"#,
+            entry("/persist", "/srv/data", "directory")
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(RASA)
+        .arg("migrate")
+        .arg("--manifest")
+        .arg(&manifest)
+        .arg("--live-root")
+        .arg(&live)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // No reader from here on: the plan's first write gets EPIPE.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+}
+
+/// An entry that contains its storage root (/srv/data stored in /srv/data/store) would copy
+/// storage into itself: refused, nothing changed.
+#[test]
+fn entry_containing_a_storage_root_is_refused() {
+    let Some(fx) = Fixture::new("entry_containing_a_storage_root_is_refused", false) else {
+        return;
+    };
+    std::fs::create_dir_all(fx.live.join("srv/data/store")).unwrap();
+    std::fs::write(fx.live.join("srv/data/file"), b"data").unwrap();
+    let manifest = fx.manifest(&entry("/srv/data/store", "/srv/data", "directory"));
+    let out = fx.migrate(&manifest, &["--apply"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the entry /srv/data contains the storage root /srv/data/store"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read_dir(fx.live.join("srv/data/store"))
+            .unwrap()
+            .count(),
+        0,
+        "nothing changed"
+    );
+}

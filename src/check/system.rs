@@ -10,16 +10,15 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use nix::libc;
 use serde::Serialize;
 
 use crate::btrfs;
-use crate::copy;
 use crate::error::exit;
+use crate::fs::{self, Beneath};
 use crate::layout::LayoutArgs;
 use crate::log;
 use crate::manifest::{self, Manifest};
-use crate::migrate;
+use crate::migrate::record;
 use crate::old_roots;
 use crate::toplevel::{self, TopLevel};
 
@@ -100,15 +99,14 @@ pub fn run(args: Args) -> Result<u8> {
             ok: bool,
             checks: &'a [Item],
         }
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&Json {
+        log::print_stdout(
+            &(serde_json::to_string_pretty(&Json {
                 ok: !failed,
-                checks: &report.items
-            })?
-        );
+                checks: &report.items,
+            })? + "\n"),
+        )?;
     } else {
-        print!("{}", render(&report.items, log::stdout_colour()));
+        log::print_stdout(&render(&report.items, log::stdout_colour()))?;
     }
     Ok(if failed { exit::PROBLEMS } else { exit::OK })
 }
@@ -270,7 +268,7 @@ fn inspect(args: &Args, report: &mut Report) {
         check_storage(live, manifest, &layout.persist, persist_id, report);
         check_entries(live, manifest, report);
         check_records(live, manifest, report);
-        check_mutable_users(live, manifest, &args.live_root, report);
+        check_mutable_users(live, manifest, report);
     }
 
     match old_roots::scan(top.fd(), &layout.old_roots) {
@@ -335,7 +333,7 @@ fn check_blank(top: &TopLevel, blank: &str, report: &mut Report) {
             return;
         }
     }
-    match copy::read_dir_names(fd.as_fd()) {
+    match fs::list(fd.as_fd()) {
         Ok(names) if names.is_empty() => {
             report.ok(format!("the blank {blank} is read-only and empty"))
         }
@@ -367,17 +365,44 @@ fn storage_roots(manifest: &Manifest) -> Vec<String> {
     roots
 }
 
-fn open_under(live: &OwnedFd, path: &str) -> Result<Option<OwnedFd>> {
-    let mut current = live.try_clone()?;
-    for part in path.split('/').filter(|p| !p.is_empty()) {
-        match copy::lstat_at(current.as_fd(), OsStr::new(part))? {
-            Some(st) if copy::is_type(&st, libc::S_IFDIR) => {
-                current = copy::open_dir(current.as_fd(), OsStr::new(part))?;
-            }
-            _ => return Ok(None),
-        }
+/// The directory at `path` under the live root, opened without following any symlink.
+fn open_under(live: &OwnedFd, path: &str) -> nix::Result<Beneath> {
+    fs::open_dir_beneath(live.as_fd(), &fs::components(OsStr::new(path)))
+}
+
+/// Where a path stands under the live root.
+enum Found {
+    Exists,
+    Absent,
+    /// Something on the way is a symlink or not a directory: the path as listed cannot be
+    /// reached without following it (described).
+    Blocked(String),
+}
+
+fn find_under(live: &OwnedFd, path: &str) -> Found {
+    let parts = fs::components(OsStr::new(path));
+    let Some((name, parents)) = parts.split_last() else {
+        return Found::Exists;
+    };
+    match fs::open_dir_beneath(live.as_fd(), parents) {
+        Ok(Beneath::Dir(dir, _)) => match fs::lstat_at(dir.as_fd(), name) {
+            Ok(Some(_)) => Found::Exists,
+            Ok(None) => Found::Absent,
+            Err(e) => Found::Blocked(format!("{path} cannot be inspected: {e}")),
+        },
+        Ok(Beneath::Missing { .. }) => Found::Absent,
+        Ok(Beneath::Symlink { at, target }) => Found::Blocked(format!(
+            "{} is a symlink to {}",
+            fs::joined(&parents[..=at]),
+            Path::new(&target).display()
+        )),
+        Ok(Beneath::NotDirectory { at, kind }) => Found::Blocked(format!(
+            "{} is {}",
+            fs::joined(&parents[..=at]),
+            kind.described()
+        )),
+        Err(e) => Found::Blocked(format!("{path} cannot be inspected: {e}")),
     }
-    Ok(Some(current))
 }
 
 fn check_storage(
@@ -393,12 +418,9 @@ fn check_storage(
              ...; fsType = \"btrfs\"; options = [ \"subvol={persist}\" ]; neededForBoot = true; }}"
         );
         match open_under(live, &root) {
-            Ok(Some(fd)) => {
+            Ok(Beneath::Dir(fd, st)) => {
                 let info = btrfs::subvol_info(fd.as_fd()).ok();
-                let top_of_subvolume = copy::lstat_at(fd.as_fd(), OsStr::new("."))
-                    .ok()
-                    .flatten()
-                    .is_some_and(|st| st.st_ino == btrfs::FIRST_FREE_OBJECTID);
+                let top_of_subvolume = st.st_ino == btrfs::FIRST_FREE_OBJECTID;
                 match (info, persist_id) {
                     (Some(info), Some(id)) if info.id == id && top_of_subvolume => {
                         report.ok(format!("storage root {root} is the {persist} subvolume"))
@@ -412,8 +434,27 @@ fn check_storage(
                     ),
                 }
             }
-            Ok(None) => report.fail(format!("storage root {root} does not exist"), fix),
-            Err(e) => report.fail(format!("cannot inspect storage root {root}: {e:#}"), fix),
+            Ok(Beneath::Missing { .. }) => {
+                report.fail(format!("storage root {root} does not exist"), fix)
+            }
+            Ok(Beneath::Symlink { at, target }) => report.fail(
+                format!(
+                    "storage root {root} goes through a symlink ({} -> {}): rasa never writes \
+                     through one",
+                    fs::joined(&fs::components(OsStr::new(&root))[..=at]),
+                    Path::new(&target).display()
+                ),
+                fix,
+            ),
+            Ok(Beneath::NotDirectory { at, kind }) => report.fail(
+                format!(
+                    "storage root {root} is not a directory ({} is {})",
+                    fs::joined(&fs::components(OsStr::new(&root))[..=at]),
+                    kind.described()
+                ),
+                fix,
+            ),
+            Err(e) => report.fail(format!("cannot inspect storage root {root}: {e}"), fix),
         }
     }
 }
@@ -423,13 +464,45 @@ fn check_entries(live: &OwnedFd, manifest: &Manifest, report: &mut Report) {
     let mut both_absent = 0;
     for entry in &manifest.entries {
         let stored = entry.storage_path();
-        let in_storage = exists_under(live, &stored.to_string_lossy());
-        if !in_storage {
-            if exists_under(live, &entry.path) {
-                absent.push(entry.path.clone());
-            } else {
-                both_absent += 1;
-            }
+        let in_storage = find_under(live, &stored.to_string_lossy());
+        let on_live = find_under(live, &entry.path);
+        if let Found::Blocked(why) = &on_live {
+            // Not "exists nowhere yet": whatever is behind the symlink lives on the root.
+            report.fail(
+                format!(
+                    "manifest entry {}: {why}; rasa does not follow it, and the next boot erases \
+                     what is there",
+                    entry.path
+                ),
+                "persist the real path (the symlink's target) instead, or replace the symlink \
+                 with the directory it points to; then run `rasa migrate --apply`",
+            );
+            continue;
+        }
+        match (in_storage, on_live) {
+            (Found::Blocked(why), _) => report.fail(
+                format!(
+                    "the storage copy of {} cannot be reached: {why}",
+                    entry.path
+                ),
+                format!(
+                    "make every directory on the way to {} a real directory (rasa never writes \
+                     through a symlink in storage)",
+                    stored.display()
+                ),
+            ),
+            (Found::Exists, _) => {}
+            (Found::Absent, _) if entry.needed_for_boot => report.fail(
+                format!(
+                    "{} is needed for boot (the initrd mounts it before activation) but {} does \
+                     not exist",
+                    entry.path,
+                    stored.display()
+                ),
+                "run `rasa migrate --apply` (it creates it, empty if there is nothing to copy)",
+            ),
+            (Found::Absent, Found::Exists) => absent.push(entry.path.clone()),
+            (Found::Absent, _) => both_absent += 1,
         }
     }
     let total = manifest.entries.len();
@@ -460,29 +533,18 @@ fn check_entries(live: &OwnedFd, manifest: &Manifest, report: &mut Report) {
     }
 }
 
-fn exists_under(live: &OwnedFd, path: &str) -> bool {
-    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-    let Some((name, parents)) = parts.split_last() else {
-        return true;
-    };
-    match open_under(live, &parents.join("/")) {
-        Ok(Some(dir)) => matches!(copy::lstat_at(dir.as_fd(), OsStr::new(name)), Ok(Some(_))),
-        _ => false,
-    }
-}
-
 fn check_records(live: &OwnedFd, manifest: &Manifest, report: &mut Report) {
     for root in storage_roots(manifest) {
-        let dir = open_under(live, &format!("{root}/{}", migrate::RECORD_DIR))
-            .ok()
-            .flatten();
-        let record = dir.and_then(|d| migrate::read_record(d.as_fd()).ok().flatten());
+        let record = match open_under(live, &root) {
+            Ok(Beneath::Dir(fd, _)) => record::read(fd.as_fd()).ok().flatten(),
+            _ => None,
+        };
         match record.as_ref().and_then(|r| r.runs.last()) {
             Some(run) => {
                 let copied = run
                     .entries
                     .iter()
-                    .filter(|e| e.action == migrate::Action::Copy)
+                    .filter(|e| e.action == record::Action::Copy)
                     .count();
                 report.info(format!(
                     "last `rasa migrate --apply` into {root}: {} ({copied} entr{} copied, {} run{} recorded)",
@@ -502,7 +564,7 @@ fn check_records(live: &OwnedFd, manifest: &Manifest, report: &mut Report) {
 /// With `users.mutableUsers = true`, passwords set with `passwd` live in /etc/shadow on the
 /// root, and a wiped root forgets them. NixOS passes the setting to its activation script in a
 /// users-groups.json in the store, which is cheap to read.
-fn check_mutable_users(live: &OwnedFd, manifest: &Manifest, live_root: &Path, report: &mut Report) {
+fn check_mutable_users(live: &OwnedFd, manifest: &Manifest, report: &mut Report) {
     let persisted = manifest
         .entries
         .iter()
@@ -510,12 +572,20 @@ fn check_mutable_users(live: &OwnedFd, manifest: &Manifest, live_root: &Path, re
     if persisted {
         return;
     }
+    // Read as the system under --live-root sees it: the profile is a chain of absolute
+    // symlinks into its own /nix/store.
+    let read = |path: &str| {
+        fs::read_in_root(live.as_fd(), Path::new(path))
+            .ok()
+            .flatten()
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+    };
     let activate = [
-        "nix/var/nix/profiles/system/activate",
-        "run/current-system/activate",
+        "/nix/var/nix/profiles/system/activate",
+        "/run/current-system/activate",
     ]
     .iter()
-    .find_map(|p| std::fs::read_to_string(live_root.join(p)).ok());
+    .find_map(|p| read(p));
     let Some(activate) = activate else { return };
     let Some(spec) = activate
         .split(|c: char| c.is_whitespace() || c == '\'' || c == '"')
@@ -523,13 +593,12 @@ fn check_mutable_users(live: &OwnedFd, manifest: &Manifest, live_root: &Path, re
     else {
         return;
     };
-    let Ok(text) = std::fs::read_to_string(live_root.join(spec.trim_start_matches('/'))) else {
+    let Some(text) = read(spec) else {
         return;
     };
     let mutable = serde_json::from_str::<serde_json::Value>(&text)
         .ok()
         .and_then(|v| v.get("mutableUsers").and_then(|m| m.as_bool()));
-    let _ = live;
     if mutable == Some(true) {
         report.warn(
             "users.mutableUsers is true but /etc/shadow is not persisted: passwords changed with \
