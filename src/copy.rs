@@ -27,6 +27,8 @@ use nix::fcntl::OFlag;
 use nix::libc;
 use nix::sys::stat::Mode;
 
+use crate::failpoint;
+
 const FS_IMMUTABLE_FL: libc::c_long = 0x0000_0010;
 const FS_APPEND_FL: libc::c_long = 0x0000_0020;
 /// Flags that stop us writing to the copy, so they go on last.
@@ -476,6 +478,7 @@ impl<'p> Copier<'p> {
         check(fd, || "creating the file".into())?;
         // SAFETY: fresh descriptor.
         let dst = unsafe { OwnedFd::from_raw_fd(fd) };
+        failpoint::hit("copy-created");
         let flags = get_flags(src.as_fd()) & COPYABLE_FLAGS;
         self.set_early_flags(dst.as_fd(), flags, rel)?;
         let size = st.st_size as u64;
@@ -588,6 +591,7 @@ fn copy_data(
             (data, if hole < 0 { size } else { hole.min(size) })
         };
         copy_range(src, dst, start, end, buffer)?;
+        failpoint::hit("copy-data-extent");
         offset = end;
     }
     // SAFETY: valid fd.
@@ -692,13 +696,16 @@ fn finish_fd(
     check(unsafe { libc::fchown(raw, st.st_uid, st.st_gid) }, || {
         "setting the owner".into()
     })?;
+    failpoint::hit("copy-owner-set");
     check(unsafe { libc::fchmod(raw, st.st_mode & 0o7777) }, || {
         "setting the mode".into()
     })?;
+    failpoint::hit("copy-mode-set");
     let target = XattrSource::Fd(dst);
     for (name, value) in read_xattrs_sorted(&XattrSource::Fd(src))? {
         target.set(&name, &value)?;
     }
+    failpoint::hit("copy-xattrs-set");
     let times = timespecs(st);
     check(unsafe { libc::futimens(raw, times.as_ptr()) }, || {
         "setting the times".into()
