@@ -191,6 +191,37 @@ impl XattrSource<'_> {
         }
         .with_context(|| format!("setting xattr {name:?}"))
     }
+
+    fn remove(&self, name: &str) -> std::io::Result<()> {
+        match self {
+            XattrSource::Fd(fd) => xattr::FileExt::remove_xattr(&XattrFd(*fd), name),
+            XattrSource::Path(path) => xattr::remove(path, name),
+        }
+    }
+}
+
+/// The xattrs that hold POSIX ACLs: the access ACL, and a directory's default ACL (inherited by
+/// what is created inside it).
+const ACL_XATTRS: [&str; 2] = ["system.posix_acl_access", "system.posix_acl_default"];
+
+/// Remove the ACLs a new file or directory inherited from the default ACL of the directory it
+/// was created in. The copy gets exactly its source's ACLs later, and until then nothing but
+/// its (owner-only) mode bits decides who may open it. A filesystem without ACLs has none.
+pub fn remove_inherited_acls(target: &XattrSource<'_>) -> Result<()> {
+    for name in ACL_XATTRS {
+        match target.remove(name) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENODATA | libc::ENOTSUP | libc::EINVAL)
+                ) => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("removing the inherited {name}"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Every xattr of the source, capabilities last (see the module comment for why). None on a
@@ -433,6 +464,10 @@ impl<'p> Copier<'p> {
             || "creating the directory".into(),
         )?;
         let dst = open_dir(dst_dir, dst_name)?;
+        failpoint::hit("copy-created");
+        // Before anything is created inside: the children must not inherit the storage's
+        // default ACL either.
+        remove_inherited_acls(&XattrSource::Fd(dst.as_fd()))?;
         let flags = get_flags(src.as_fd()) & COPYABLE_FLAGS;
         // Inherited by the children created below, as on the source.
         self.set_early_flags(dst.as_fd(), flags, rel)?;
@@ -479,6 +514,7 @@ impl<'p> Copier<'p> {
         // SAFETY: fresh descriptor.
         let dst = unsafe { OwnedFd::from_raw_fd(fd) };
         failpoint::hit("copy-created");
+        remove_inherited_acls(&XattrSource::Fd(dst.as_fd()))?;
         let flags = get_flags(src.as_fd()) & COPYABLE_FLAGS;
         self.set_early_flags(dst.as_fd(), flags, rel)?;
         let size = st.st_size as u64;
@@ -541,6 +577,8 @@ impl<'p> Copier<'p> {
             unsafe { libc::mknodat(dst_dir.as_raw_fd(), name_c.as_ptr(), mode, st.st_rdev) },
             || "creating the special file".into(),
         )?;
+        failpoint::hit("copy-created");
+        remove_inherited_acls(&XattrSource::Path(proc_path(dst_dir, dst_name)))?;
         self.stats.special_files += 1;
         finish_at(src_dir, src_name, st, dst_dir, dst_name, true)
     }

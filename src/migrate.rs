@@ -786,6 +786,7 @@ fn make_dir(dir: BorrowedFd<'_>, name: &OsStr, uid: u32, gid: u32, mode: u32) ->
             .with_context(|| format!("creating {}", Path::new(name).display()));
     }
     let fd = copy::open_dir(dir, name)?;
+    copy::remove_inherited_acls(&copy::XattrSource::Fd(fd.as_fd()))?;
     nix::unistd::fchown(&fd, Some(uid.into()), Some(gid.into())).context("fchown")?;
     nix::sys::stat::fchmod(&fd, nix::sys::stat::Mode::from_bits_truncate(mode))
         .context("fchmod")?;
