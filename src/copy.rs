@@ -4,10 +4,14 @@
 //! (every name is opened with `openat` and `O_NOFOLLOW` relative to its already-open parent),
 //! and it must never make content readable by anyone it was not readable by, not even for a
 //! moment. Each file is therefore created with at most its owner bits (the owner at creation
-//! being root), filled, handed to its final owner with `fchown`, and only then given its final
-//! mode; a directory stays owner-only until everything inside it is done. `fchown` is done
-//! before `fchmod` because the kernel clears set-user-ID bits on a change of owner, and file
-//! capabilities are written last because both `fchown` and writing content clear them.
+//! being root), and whatever ACL it inherited from the default ACL of the directory it was
+//! created in is removed at once, before any content (with group-class bits of 0 the kernel masks
+//! an inherited ACL to nothing meanwhile). It is then filled, handed to its final owner with
+//! `fchown`, given its source's xattrs with the ACLs first, and only then its final mode (see
+//! `set_xattrs` for why ACL before mode); a directory stays owner-only until everything inside
+//! it is done. `fchown` is done before the xattrs and the mode because the kernel clears file
+//! capabilities and set-user-ID bits on a change of owner, and capabilities are the last xattr
+//! because writing content clears them too (`chmod` does not).
 //!
 //! Preserved: type, owner, group, mode (with set-id and sticky bits), atime and mtime, every
 //! xattr (file capabilities, POSIX ACLs including default ACLs), hard links inside the copied
@@ -242,7 +246,14 @@ pub fn read_xattrs_sorted(source: &XattrSource<'_>) -> Result<Vec<(OsString, Vec
             out.push((name, value));
         }
     }
-    out.sort_by_key(|(name, _)| (name.as_bytes() == b"security.capability", name.clone()));
+    // ACLs first (they decide access: see `set_xattrs`), file capabilities last.
+    out.sort_by_key(|(name, _)| {
+        (
+            name.as_bytes() == b"security.capability",
+            !is_acl(name),
+            name.clone(),
+        )
+    });
     Ok(out)
 }
 
@@ -721,6 +732,28 @@ fn timespecs(st: &libc::stat) -> [libc::timespec; 2] {
     ]
 }
 
+/// Every xattr of `source` onto `target` (a copy that has its final owner but still its
+/// owner-only creation mode), ACLs first. The mode comes after: setting an access ACL sets the
+/// group-class and other mode bits from the ACL (the group class to its mask), and `chmod` sets
+/// the mask from the group bits, so mode-then-ACL would for a moment give the owning group the
+/// mask's access even where the ACL denies it. ACL-then-mode never grants anything the source
+/// does not: the ACL is the source's, and the mode (the source's, with its set-id bits) agrees
+/// with it.
+fn set_xattrs(source: &XattrSource<'_>, target: &XattrSource<'_>) -> Result<()> {
+    for (name, value) in read_xattrs_sorted(source)? {
+        target.set(&name, &value)?;
+        if is_acl(&name) {
+            failpoint::hit("copy-acl-set");
+        }
+    }
+    failpoint::hit("copy-xattrs-set");
+    Ok(())
+}
+
+fn is_acl(name: &OsStr) -> bool {
+    ACL_XATTRS.iter().any(|acl| name.as_bytes() == acl.as_bytes())
+}
+
 /// Owner, mode, xattrs, times and flags of an open regular file or directory, in the order that
 /// keeps each of them (see the module comment). True when the destination refused some flags.
 fn finish_fd(
@@ -735,15 +768,11 @@ fn finish_fd(
         "setting the owner".into()
     })?;
     failpoint::hit("copy-owner-set");
+    set_xattrs(&XattrSource::Fd(src), &XattrSource::Fd(dst))?;
     check(unsafe { libc::fchmod(raw, st.st_mode & 0o7777) }, || {
         "setting the mode".into()
     })?;
     failpoint::hit("copy-mode-set");
-    let target = XattrSource::Fd(dst);
-    for (name, value) in read_xattrs_sorted(&XattrSource::Fd(src))? {
-        target.set(&name, &value)?;
-    }
-    failpoint::hit("copy-xattrs-set");
     let times = timespecs(st);
     check(unsafe { libc::futimens(raw, times.as_ptr()) }, || {
         "setting the times".into()
@@ -786,16 +815,18 @@ fn finish_at(
         },
         || "setting the owner".into(),
     )?;
+    failpoint::hit("copy-owner-set");
+    set_xattrs(
+        &XattrSource::Path(proc_path(src_dir, src_name)),
+        &XattrSource::Path(proc_path(dst_dir, dst_name)),
+    )?;
     if chmod {
         // Not a symlink (mknodat just created it), so fchmodat cannot follow anything.
         check(
             unsafe { libc::fchmodat(raw, name_c.as_ptr(), st.st_mode & 0o7777, 0) },
             || "setting the mode".into(),
         )?;
-    }
-    let target = XattrSource::Path(proc_path(dst_dir, dst_name));
-    for (name, value) in read_xattrs_sorted(&XattrSource::Path(proc_path(src_dir, src_name)))? {
-        target.set(&name, &value)?;
+        failpoint::hit("copy-mode-set");
     }
     let times = timespecs(st);
     check(
