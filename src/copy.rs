@@ -318,6 +318,30 @@ pub struct Stats {
     pub flags_not_kept: Vec<String>,
 }
 
+/// How many times a file that changes while it is copied is copied again before the copy
+/// gives up on it.
+const COPY_TRIES: u32 = 3;
+
+/// Whether two `fstat`s of one open file saw the same version of it. The change time moves on
+/// every write, truncation and attribute change and cannot be set back (unlike the modification
+/// time, which `copytruncate` and `touch` can restore); the size catches a change within one
+/// tick of the coarse clock that stamps it.
+fn same_version(before: &libc::stat, after: &libc::stat) -> bool {
+    (
+        before.st_size,
+        before.st_ctime,
+        before.st_ctime_nsec,
+        before.st_mtime,
+        before.st_mtime_nsec,
+    ) == (
+        after.st_size,
+        after.st_ctime,
+        after.st_ctime_nsec,
+        after.st_mtime,
+        after.st_mtime_nsec,
+    )
+}
+
 /// One copy of one tree, with the hard-link map for that tree.
 pub struct Copier<'p> {
     /// Try FICLONE first (source and destination on the same btrfs).
@@ -509,8 +533,20 @@ impl<'p> Copier<'p> {
         dst_name: &OsStr,
         rel: &Path,
     ) -> Result<()> {
-        let src = open_at(src_dir, src_name, libc::O_RDONLY | libc::O_NOATIME)
-            .or_else(|_| open_at(src_dir, src_name, libc::O_RDONLY))?;
+        // Without blocking: should a fifo have taken the file's place, the check below finds
+        // it instead of an open that waits for a writer forever.
+        let src = open_at(
+            src_dir,
+            src_name,
+            libc::O_RDONLY | libc::O_NOATIME | libc::O_NONBLOCK,
+        )
+        .or_else(|_| open_at(src_dir, src_name, libc::O_RDONLY | libc::O_NONBLOCK))?;
+        let opened = nix::sys::stat::fstat(&src).context("inspecting the opened file")?;
+        if !is_type(&opened, libc::S_IFREG)
+            || (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino)
+        {
+            bail!("it was replaced by another file while being copied; rerun to copy the new one");
+        }
         let name_c = cstr(dst_name);
         // SAFETY: valid fd and name; O_EXCL never opens an existing file or follows a symlink.
         let fd = unsafe {
@@ -528,29 +564,59 @@ impl<'p> Copier<'p> {
         remove_inherited_acls(&XattrSource::Fd(dst.as_fd()))?;
         let flags = get_flags(src.as_fd()) & COPYABLE_FLAGS;
         self.set_early_flags(dst.as_fd(), flags, rel)?;
-        let size = st.st_size as u64;
-        let mut cloned = false;
-        if self.reflink && size > 0 {
-            // SAFETY: both fds valid; FICLONE takes the source fd as its argument.
-            cloned = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0;
-        }
+        let mut tries = 1;
+        let (version, cloned) = loop {
+            let before = nix::sys::stat::fstat(&src).context("inspecting the file")?;
+            let cloned = self.copy_content(src.as_fd(), dst.as_fd(), before.st_size as u64)?;
+            let after = nix::sys::stat::fstat(&src).context("inspecting the file")?;
+            if same_version(&before, &after) {
+                break (after, cloned);
+            }
+            if tries == COPY_TRIES {
+                bail!(
+                    "it changed while it was copied, {COPY_TRIES} times in a row (a log being \
+                     written or rotated?); nothing was stored for it: stop what writes to it \
+                     (or leave it out of the manifest) and rerun"
+                );
+            }
+            tries += 1;
+            // Start again from nothing: never a mix of two versions.
+            nix::unistd::ftruncate(&dst, 0).context("emptying the copy to start again")?;
+        };
+        let size = version.st_size as u64;
         if cloned {
             self.stats.reflinked_files += 1;
-        } else {
-            copy_data(src.as_fd(), dst.as_fd(), size, &mut self.buffer)?;
-            if size > 0 {
-                self.stats.byte_copied_files += 1;
-            }
+        } else if size > 0 {
+            self.stats.byte_copied_files += 1;
         }
         self.stats.files += 1;
         self.stats.bytes += size;
         (self.progress)(size);
-        if finish_fd(src.as_fd(), st, dst.as_fd(), flags)? {
+        // The owner, mode and times of the version whose content was copied.
+        if finish_fd(src.as_fd(), &version, dst.as_fd(), flags)? {
             let shown = self.shown(rel);
             self.stats.flags_not_kept.push(shown);
         }
         (self.after_file)();
         Ok(())
+    }
+
+    /// The first `size` bytes of `src` into the empty `dst`: a reflink when allowed and
+    /// possible (true), else a byte copy that keeps holes.
+    fn copy_content(
+        &mut self,
+        src: BorrowedFd<'_>,
+        dst: BorrowedFd<'_>,
+        size: u64,
+    ) -> Result<bool> {
+        if self.reflink && size > 0 {
+            // SAFETY: both fds valid; FICLONE takes the source fd as its argument.
+            if unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0 {
+                return Ok(true);
+            }
+        }
+        copy_data(src, dst, size, &mut self.buffer)?;
+        Ok(false)
     }
 
     fn copy_symlink(
@@ -751,7 +817,9 @@ fn set_xattrs(source: &XattrSource<'_>, target: &XattrSource<'_>) -> Result<()> 
 }
 
 fn is_acl(name: &OsStr) -> bool {
-    ACL_XATTRS.iter().any(|acl| name.as_bytes() == acl.as_bytes())
+    ACL_XATTRS
+        .iter()
+        .any(|acl| name.as_bytes() == acl.as_bytes())
 }
 
 /// Owner, mode, xattrs, times and flags of an open regular file or directory, in the order that

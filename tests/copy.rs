@@ -85,7 +85,11 @@ fn assert_never_wider(source: &Path, copy: &Path, when: &str) -> usize {
     let mut seen = 0;
     for rel in common::tree_paths(copy) {
         let (c, s) = (copy.join(&rel), source.join(&rel));
-        if std::fs::symlink_metadata(&c).unwrap().file_type().is_symlink() {
+        if std::fs::symlink_metadata(&c)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+        {
             continue;
         }
         for (uid, gids) in principals(&s, &c) {
@@ -155,7 +159,10 @@ fn inherited_acl_is_not_kept(test: &str, cross_fs: bool) {
 /// the source's ACLs (none where the source has none).
 #[test]
 fn default_acl_of_the_storage_directory_is_not_inherited() {
-    inherited_acl_is_not_kept("default_acl_of_the_storage_directory_is_not_inherited", false);
+    inherited_acl_is_not_kept(
+        "default_acl_of_the_storage_directory_is_not_inherited",
+        false,
+    );
 }
 
 #[test]
@@ -192,7 +199,10 @@ fn never_wider_mid_copy(test: &str, cross_fs: bool) {
     let temp = lr.live.join("persist/srv/.app.rasa-migrate");
     let mut total = 0;
     for step in STEPS {
-        sh(&format!("rm -rf {}", quoted(&lr.live.join("persist/srv/app"))));
+        sh(&format!(
+            "rm -rf {}",
+            quoted(&lr.live.join("persist/srv/app"))
+        ));
         let (status, text, stops) =
             run_stopping_at(lr.migrate(&manifest, &["--apply"]), step, |_| {
                 assert_never_wider(&source, &temp, step);
@@ -207,7 +217,10 @@ fn never_wider_mid_copy(test: &str, cross_fs: bool) {
 
 #[test]
 fn permissions_never_wider_at_any_step_of_a_reflink_copy() {
-    never_wider_mid_copy("permissions_never_wider_at_any_step_of_a_reflink_copy", false);
+    never_wider_mid_copy(
+        "permissions_never_wider_at_any_step_of_a_reflink_copy",
+        false,
+    );
 }
 
 #[test]
@@ -269,8 +282,7 @@ fn file_truncated_while_copied_is_copied_again() {
 /// stored for it.
 #[test]
 fn file_that_keeps_changing_is_reported_not_stored() {
-    let Some((lr, manifest, log)) =
-        log_fixture("file_that_keeps_changing_is_reported_not_stored")
+    let Some((lr, manifest, log)) = log_fixture("file_that_keeps_changing_is_reported_not_stored")
     else {
         return;
     };
@@ -314,8 +326,7 @@ const MIB: u64 = 1 << 20;
 /// rerun's dry run compares the data and skips the holes, so it reads a few MiB, not 512 GiB.
 #[test]
 fn rerun_on_a_sparse_256_gib_file_reads_only_its_data() {
-    let Some(lr) = LiveRoot::new("rerun_on_a_sparse_256_gib_file_reads_only_its_data", true)
-    else {
+    let Some(lr) = LiveRoot::new("rerun_on_a_sparse_256_gib_file_reads_only_its_data", true) else {
         return;
     };
     let image = lr.live.join("srv/vm/disk.img");
@@ -354,7 +365,10 @@ fn rerun_on_a_reflinked_copy_reads_nothing() {
     std::fs::create_dir_all(blob.parent().unwrap()).unwrap();
     std::fs::write(&blob, noise(32 * MIB as usize, 7)).unwrap();
     let manifest = lr.manifest(&file_entry("/srv/data/blob"));
-    let applied = lr.migrate(&manifest, &["--apply", "--json"]).output().unwrap();
+    let applied = lr
+        .migrate(&manifest, &["--apply", "--json"])
+        .output()
+        .unwrap();
     assert_eq!(applied.status.code(), Some(0), "{}", stderr(&applied));
     let json: serde_json::Value = serde_json::from_slice(&applied.stdout).unwrap();
     assert_eq!(json["entries"][0]["result"]["reflinkedFiles"], 1);
@@ -367,7 +381,10 @@ fn rerun_on_a_reflinked_copy_reads_nothing() {
         stdout(&rerun)
     );
     eprintln!("the rerun read {read} bytes");
-    assert!(read < 4 * MIB, "the rerun read {read} bytes of 32 MiB shared");
+    assert!(
+        read < 4 * MIB,
+        "the rerun read {read} bytes of 32 MiB shared"
+    );
 }
 
 /// One byte changed in the middle of a data extent that has holes on both sides, or in a hole:

@@ -391,17 +391,15 @@ pub fn access_of(path: &Path, uid: u32, gids: &[u32]) -> u32 {
     const GROUP: u16 = 8;
     const MASK: u16 = 0x10;
     const OTHER: u16 = 0x20;
-    let mask = acl
-        .iter()
-        .find(|e| e.0 == MASK)
-        .map_or(7, |e| e.1);
+    let mask = acl.iter().find(|e| e.0 == MASK).map_or(7, |e| e.1);
     if let Some(e) = acl.iter().find(|e| e.0 == USER && e.2 == uid) {
         return e.1 & mask;
     }
     let groups: Vec<u32> = acl
         .iter()
         .filter(|e| {
-            (e.0 == GROUP_OBJ && gids.contains(&meta.gid())) || (e.0 == GROUP && gids.contains(&e.2))
+            (e.0 == GROUP_OBJ && gids.contains(&meta.gid()))
+                || (e.0 == GROUP && gids.contains(&e.2))
         })
         .map(|e| e.1 & mask)
         .collect();
