@@ -33,6 +33,9 @@ use nix::sys::stat::Mode;
 
 use crate::failpoint;
 
+mod compare;
+pub use compare::same_content;
+
 const FS_IMMUTABLE_FL: libc::c_long = 0x0000_0010;
 const FS_APPEND_FL: libc::c_long = 0x0000_0020;
 /// Flags that stop us writing to the copy, so they go on last.
@@ -1046,27 +1049,6 @@ fn show(rel: &Path) -> String {
     format!("{:?}", rel.as_os_str())
         .trim_matches('"')
         .to_owned()
-}
-
-fn same_content(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> Result<bool> {
-    let mut ba = vec![0u8; 1 << 18];
-    let mut bb = vec![0u8; 1 << 18];
-    let mut pos = 0i64;
-    loop {
-        // SAFETY: buffers valid for their lengths.
-        let na = unsafe { libc::pread(a.as_raw_fd(), ba.as_mut_ptr().cast(), ba.len(), pos) };
-        let nb = unsafe { libc::pread(b.as_raw_fd(), bb.as_mut_ptr().cast(), bb.len(), pos) };
-        if na < 0 || nb < 0 {
-            return Err(std::io::Error::last_os_error()).context("reading for comparison");
-        }
-        if na != nb || ba[..na as usize] != bb[..nb as usize] {
-            return Ok(false);
-        }
-        if na == 0 {
-            return Ok(true);
-        }
-        pos += na as i64;
-    }
 }
 
 /// `syncfs` on the filesystem of `fd`, so a rename that publishes a copy never lands on disk
