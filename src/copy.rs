@@ -536,20 +536,7 @@ impl<'p> Copier<'p> {
         dst_name: &OsStr,
         rel: &Path,
     ) -> Result<()> {
-        // Without blocking: should a fifo have taken the file's place, the check below finds
-        // it instead of an open that waits for a writer forever.
-        let src = open_at(
-            src_dir,
-            src_name,
-            libc::O_RDONLY | libc::O_NOATIME | libc::O_NONBLOCK,
-        )
-        .or_else(|_| open_at(src_dir, src_name, libc::O_RDONLY | libc::O_NONBLOCK))?;
-        let opened = nix::sys::stat::fstat(&src).context("inspecting the opened file")?;
-        if !is_type(&opened, libc::S_IFREG)
-            || (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino)
-        {
-            bail!("it was replaced by another file while being copied; rerun to copy the new one");
-        }
+        let src = open_inspected(src_dir, src_name, st)?;
         let name_c = cstr(dst_name);
         // SAFETY: valid fd and name; O_EXCL never opens an existing file or follows a symlink.
         let fd = unsafe {
@@ -1010,8 +997,8 @@ pub fn first_difference(
         return at("extended attributes (xattrs, ACLs, capabilities)");
     }
     if kind == libc::S_IFREG {
-        let fa = open_at(a_dir, a_name, libc::O_RDONLY)?;
-        let fb = open_at(b_dir, b_name, libc::O_RDONLY)?;
+        let fa = open_inspected(a_dir, a_name, &a)?;
+        let fb = open_inspected(b_dir, b_name, &b)?;
         if !same_content(fa.as_fd(), fb.as_fd())? {
             return at("content");
         }
@@ -1043,6 +1030,23 @@ pub fn first_difference(
         }
     }
     Ok(None)
+}
+
+/// Open the regular file `name` for reading, without touching its access time where allowed,
+/// without blocking (a fifo put in its place must not hang the copy or the comparison), and only
+/// if it is still the inode `st` describes.
+fn open_inspected(dir: BorrowedFd<'_>, name: &OsStr, st: &libc::stat) -> Result<OwnedFd> {
+    let flags = libc::O_RDONLY | libc::O_NONBLOCK;
+    let fd = open_at(dir, name, flags | libc::O_NOATIME).or_else(|_| open_at(dir, name, flags))?;
+    let opened = nix::sys::stat::fstat(&fd).context("inspecting the opened file")?;
+    if !is_type(&opened, libc::S_IFREG) || (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino)
+    {
+        bail!(
+            "{} was replaced by another file since it was inspected; rerun",
+            Path::new(name).display()
+        );
+    }
+    Ok(fd)
 }
 
 fn show(rel: &Path) -> String {

@@ -389,16 +389,32 @@ fn rerun_on_a_reflinked_copy_reads_nothing() {
 
 /// One byte changed in the middle of a data extent that has holes on both sides, or in a hole:
 /// different, whether the extent was shared by reflink before the change or copied byte by byte.
-fn one_byte_differs(test: &str, cross_fs: bool) {
+/// With `compressed`, the btrfs stores the data compressed: extents whose address does not pin
+/// their bytes, which must be read.
+fn one_byte_differs(test: &str, cross_fs: bool, compressed: bool) {
     let Some(lr) = LiveRoot::new(test, cross_fs) else {
         return;
+    };
+    let data = if compressed {
+        sh(&format!(
+            "mount -o remount,compress-force=zstd {}",
+            quoted(&lr.fs.top)
+        ));
+        b"compressible ".repeat(MIB as usize / 13 + 1)[..MIB as usize].to_vec()
+    } else {
+        noise(MIB as usize, 3)
     };
     let dir = lr.live.join("srv/img");
     std::fs::create_dir_all(&dir).unwrap();
     for name in ["in-extent", "in-hole", "untouched"] {
         let f = std::fs::File::create(dir.join(name)).unwrap();
         f.set_len(8 * MIB).unwrap();
-        f.write_all_at(&noise(MIB as usize, 3), MIB).unwrap();
+        f.write_all_at(&data, MIB).unwrap();
+        f.sync_all().unwrap();
+    }
+    if compressed {
+        let map = sh(&format!("filefrag -v {}", quoted(&dir.join("untouched"))));
+        assert!(map.contains("encoded"), "stored compressed: {map}");
     }
     let manifest = lr.manifest(&format!(
         "{}, {}, {}",
@@ -439,10 +455,27 @@ fn one_byte_differs(test: &str, cross_fs: bool) {
 
 #[test]
 fn one_byte_changed_in_a_shared_extent_is_a_difference() {
-    one_byte_differs("one_byte_changed_in_a_shared_extent_is_a_difference", false);
+    one_byte_differs(
+        "one_byte_changed_in_a_shared_extent_is_a_difference",
+        false,
+        false,
+    );
+}
+
+#[test]
+fn one_byte_changed_in_a_compressed_shared_extent_is_a_difference() {
+    one_byte_differs(
+        "one_byte_changed_in_a_compressed_shared_extent_is_a_difference",
+        false,
+        true,
+    );
 }
 
 #[test]
 fn one_byte_changed_in_a_byte_copy_is_a_difference() {
-    one_byte_differs("one_byte_changed_in_a_byte_copy_is_a_difference", true);
+    one_byte_differs(
+        "one_byte_changed_in_a_byte_copy_is_a_difference",
+        true,
+        false,
+    );
 }
