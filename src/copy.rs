@@ -713,62 +713,48 @@ fn copy_range(
     end: i64,
     buffer: &mut Vec<u8>,
 ) -> Result<()> {
+    use nix::errno::Errno;
     let mut pos = start;
     let mut kernel_copy = true;
     while pos < end {
         let want = (end - pos) as usize;
         if kernel_copy {
-            let mut in_off = pos;
-            let mut out_off = pos;
-            // SAFETY: valid fds and offsets.
-            let n = unsafe {
-                libc::copy_file_range(
-                    src.as_raw_fd(),
-                    &mut in_off,
-                    dst.as_raw_fd(),
-                    &mut out_off,
-                    want.min(1 << 30),
-                    0,
-                )
-            };
-            if n > 0 {
-                pos += n as i64;
-                continue;
-            }
-            if n == 0 {
-                // The file shrank while we copied; what is there is copied.
-                return Ok(());
-            }
-            match errno() {
-                libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EBADF => {
+            let (mut in_off, mut out_off) = (pos, pos);
+            match nix::fcntl::copy_file_range(
+                src,
+                Some(&mut in_off),
+                dst,
+                Some(&mut out_off),
+                want.min(1 << 30),
+            ) {
+                Ok(0) => {
+                    // The file shrank while we copied: the caller sees it changed and starts again.
+                    return Ok(());
+                }
+                Ok(n) => {
+                    pos += n as i64;
+                    continue;
+                }
+                Err(
+                    Errno::EXDEV | Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP | Errno::EBADF,
+                ) => {
                     kernel_copy = false;
                 }
-                _ => return Err(std::io::Error::last_os_error()).context("copy_file_range"),
+                Err(e) => return Err(e).context("copy_file_range"),
             }
         }
         if buffer.is_empty() {
             buffer.resize(1 << 20, 0);
         }
         let chunk = want.min(buffer.len());
-        // SAFETY: buffer valid for chunk bytes.
-        let n = unsafe { libc::pread(src.as_raw_fd(), buffer.as_mut_ptr().cast(), chunk, pos) };
-        check(n as libc::c_int, || "reading".into())?;
+        let n = nix::sys::uio::pread(src, &mut buffer[..chunk], pos).context("reading")?;
         if n == 0 {
             return Ok(());
         }
         let mut written = 0usize;
-        while written < n as usize {
-            // SAFETY: buffer valid for the written range.
-            let w = unsafe {
-                libc::pwrite(
-                    dst.as_raw_fd(),
-                    buffer[written..n as usize].as_ptr().cast(),
-                    n as usize - written,
-                    pos + written as i64,
-                )
-            };
-            check(w as libc::c_int, || "writing".into())?;
-            written += w as usize;
+        while written < n {
+            written += nix::sys::uio::pwrite(dst, &buffer[written..n], pos + written as i64)
+                .context("writing")?;
         }
         pos += n as i64;
     }

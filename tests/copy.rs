@@ -479,3 +479,60 @@ fn one_byte_changed_in_a_byte_copy_is_a_difference() {
         false,
     );
 }
+
+/// A compressed extent's address is that of the whole extent, whatever part of it a file uses:
+/// a stored file that uses the same compressed extent shifted by 4 KiB has the same addresses as
+/// its source at the same offsets, and different bytes. It must be read, and found different.
+#[test]
+fn a_shifted_reference_into_a_compressed_extent_is_read() {
+    let Some(lr) = LiveRoot::new(
+        "a_shifted_reference_into_a_compressed_extent_is_read",
+        false,
+    ) else {
+        return;
+    };
+    sh(&format!(
+        "mount -o remount,compress-force=zstd {}",
+        quoted(&lr.fs.top)
+    ));
+    const K: u64 = 1024;
+    let source = lr.live.join("srv/img/disk");
+    std::fs::create_dir_all(source.parent().unwrap()).unwrap();
+    let text: String = (0..20_000).map(|i| format!("line {i:08}\n")).collect();
+    std::fs::write(&source, &text.as_bytes()[..128 * K as usize]).unwrap();
+    sh(&format!("sync {}", quoted(&source)));
+    let stored = lr.live.join("persist/srv/img/disk");
+    std::fs::create_dir_all(stored.parent().unwrap()).unwrap();
+    {
+        let (src, dst) = (
+            std::fs::File::open(&source).unwrap(),
+            std::fs::File::create(&stored).unwrap(),
+        );
+        // The source shifted by 4 KiB, then its own last 4 KiB: clones, not copies.
+        for (from, to, len) in [(4 * K, 0, 124 * K), (124 * K, 124 * K, 4 * K)] {
+            let (mut off_in, mut off_out) = (from as i64, to as i64);
+            let n = nix::fcntl::copy_file_range(
+                &src,
+                Some(&mut off_in),
+                &dst,
+                Some(&mut off_out),
+                len as usize,
+            )
+            .unwrap();
+            assert_eq!(n as u64, len);
+        }
+        dst.sync_all().unwrap();
+        dst.set_modified(std::fs::metadata(&source).unwrap().modified().unwrap())
+            .unwrap();
+    }
+    let map = sh(&format!("filefrag -v {}", quoted(&stored)));
+    assert!(map.contains("encoded") && map.contains("shared"), "{map}");
+    let manifest = lr.manifest(&file_entry("/srv/img/disk"));
+    let rerun = lr.migrate(&manifest, &[]).output().unwrap();
+    assert!(
+        stdout(&rerun).contains("content differs"),
+        "{}{}",
+        stdout(&rerun),
+        stderr(&rerun)
+    );
+}
