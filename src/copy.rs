@@ -19,6 +19,11 @@
 //! still empty, which is the only time btrfs accepts it; immutable and append-only last),
 //! symlinks as links, fifos and device nodes. Sockets are skipped and reported: a socket is
 //! only meaningful while its server runs and is recreated by it.
+//!
+//! A regular file that changes while it is copied (its size, mtime or ctime moved between an
+//! `fstat` before and one after its content) is emptied and copied again, a few times, then
+//! reported as an error: a copy is always one version the file really had, never the start of
+//! one and the end (or a zero tail) of another.
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr, OsString};
@@ -319,6 +324,10 @@ pub struct Stats {
     /// does not support, relative to the copied entry.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub flags_not_kept: Vec<String>,
+    /// Files that changed while they were copied and were copied again (each stored as one
+    /// version it really had), relative to the copied entry.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub copied_again: Vec<String>,
 }
 
 /// How many times a file that changes while it is copied is copied again before the copy
@@ -453,10 +462,15 @@ impl<'p> Copier<'p> {
 
     fn shown(&self, rel: &Path) -> String {
         let rest = rel.strip_prefix(&self.names.1).unwrap_or(rel);
-        Path::new(&self.names.0)
-            .join(rest)
-            .to_string_lossy()
-            .into_owned()
+        let shown = Path::new(&self.names.0);
+        // The entry itself (a file entry): its name, without the trailing slash `join("")` adds.
+        if rest.as_os_str().is_empty() {
+            shown.to_path_buf()
+        } else {
+            shown.join(rest)
+        }
+        .to_string_lossy()
+        .into_owned()
     }
 
     /// Set the flags btrfs wants on an empty file; a destination that has no such flags (ext4
@@ -568,6 +582,10 @@ impl<'p> Copier<'p> {
                      written or rotated?); nothing was stored for it: stop what writes to it \
                      (or leave it out of the manifest) and rerun"
                 );
+            }
+            if tries == 1 {
+                let shown = self.shown(rel);
+                self.stats.copied_again.push(shown);
             }
             tries += 1;
             // Start again from nothing: never a mix of two versions.

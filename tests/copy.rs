@@ -254,8 +254,8 @@ fn file_truncated_while_copied_is_copied_again() {
     else {
         return;
     };
-    let (status, text, stops) = run_stopping_at(
-        lr.migrate(&manifest, &["--apply"]),
+    let (status, text, stops, json) = common::run_stopping_at_with_stdout(
+        lr.migrate(&manifest, &["--apply", "--json"]),
         "copy-data-extent",
         |n| {
             if n == 0 {
@@ -276,6 +276,12 @@ fn file_truncated_while_copied_is_copied_again() {
         stored.len()
     );
     assert_eq!(stored, std::fs::read(&log).unwrap());
+    // And the result says so.
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        json["entries"][0]["result"]["copiedAgain"],
+        serde_json::json!(["app.log"])
+    );
 }
 
 /// A file that never holds still is reported after a bounded number of tries, and nothing is

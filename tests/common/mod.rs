@@ -271,12 +271,22 @@ impl Drop for LiveRoot {
 /// Run `cmd` (a rasa built with failpoints, `RASA_FAILPOINT=<step>`) with the `stop` action:
 /// each time the step is reached the process stops itself, `at_stop` looks at (or changes) the
 /// disk, and the process goes on. Returns the exit status, the stderr text and the number of
-/// stops.
+/// stops; stdout is in `stdout` (keep it small: it is read after the end).
 pub fn run_stopping_at(
+    cmd: Command,
+    step: &str,
+    at_stop: impl FnMut(usize),
+) -> (std::process::ExitStatus, String, usize) {
+    let (status, text, stops, _) = run_stopping_at_with_stdout(cmd, step, at_stop);
+    (status, text, stops)
+}
+
+/// `run_stopping_at`, also returning what the command printed on stdout.
+pub fn run_stopping_at_with_stdout(
     mut cmd: Command,
     step: &str,
     mut at_stop: impl FnMut(usize),
-) -> (std::process::ExitStatus, String, usize) {
+) -> (std::process::ExitStatus, String, usize, String) {
     use nix::sys::signal::{kill, Signal};
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     use nix::unistd::Pid;
@@ -284,10 +294,16 @@ pub fn run_stopping_at(
     let mut child = cmd
         .env("RASA_FAILPOINT", step)
         .env("RASA_FAILPOINT_ACTION", "stop")
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run rasa");
+    let mut out = child.stdout.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut v = String::new();
+        std::io::Read::read_to_string(&mut out, &mut v).unwrap();
+        v
+    });
     let pid = Pid::from_raw(child.id() as i32);
     let mut reader = std::io::BufReader::new(child.stderr.take().unwrap());
     let (mut text, mut stops) = (String::new(), 0);
@@ -307,7 +323,7 @@ pub fn run_stopping_at(
         line.clear();
     }
     let status = child.wait().unwrap();
-    (status, text, stops)
+    (status, text, stops, out_reader.join().unwrap())
 }
 
 /// Run `cmd` to its end and return its output and how many bytes it read with read-like system
