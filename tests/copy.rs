@@ -542,3 +542,47 @@ fn a_shifted_reference_into_a_compressed_extent_is_read() {
         stderr(&rerun)
     );
 }
+
+/// The directories migrate creates itself (an entry's parents, its record directory) get the
+/// manifest's owner and mode and nothing else, whatever default ACL the storage root has.
+#[test]
+fn new_parent_directories_do_not_inherit_the_storage_default_acl() {
+    let Some(lr) = LiveRoot::new(
+        "new_parent_directories_do_not_inherit_the_storage_default_acl",
+        false,
+    ) else {
+        return;
+    };
+    let file = lr.live.join("var/lib/app/state");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, b"state\n").unwrap();
+    sh(&format!(
+        "setfacl -d -m u::rwx,g::rwx,o::rwx,u:{OUTSIDER}:rwx {}",
+        quoted(&lr.live.join("persist"))
+    ));
+    let manifest = lr.manifest(&file_entry("/var/lib/app/state"));
+    let out = lr.migrate(&manifest, &["--apply"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    for rel in [
+        "var",
+        "var/lib",
+        "var/lib/app",
+        "var/lib/app/state",
+        ".rasa",
+    ] {
+        let path = lr.live.join("persist").join(rel);
+        for name in ["system.posix_acl_access", "system.posix_acl_default"] {
+            assert_eq!(
+                xattr::get(&path, name).unwrap(),
+                None,
+                "{rel}: {name}\n{}",
+                sh(&format!("getfacl -p {} 2>&1", quoted(&path)))
+            );
+        }
+        assert_eq!(
+            common::access_of(&path, OUTSIDER, &[OUTSIDER]) & 0o2,
+            0,
+            "{rel}"
+        );
+    }
+}
