@@ -281,6 +281,19 @@ pub fn run_stopping_at(
     (status, text, stops)
 }
 
+/// A child process that is killed (even while stopped) and reaped if the test panics, so that it
+/// does not keep the test's filesystems busy.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// `run_stopping_at`, also returning what the command printed on stdout.
 pub fn run_stopping_at_with_stdout(
     mut cmd: Command,
@@ -291,21 +304,23 @@ pub fn run_stopping_at_with_stdout(
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     use nix::unistd::Pid;
     use std::io::BufRead;
-    let mut child = cmd
-        .env("RASA_FAILPOINT", step)
-        .env("RASA_FAILPOINT_ACTION", "stop")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run rasa");
-    let mut out = child.stdout.take().unwrap();
+    let mut child = KillOnDrop(Some(
+        cmd.env("RASA_FAILPOINT", step)
+            .env("RASA_FAILPOINT_ACTION", "stop")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run rasa"),
+    ));
+    let child_ref = child.0.as_mut().unwrap();
+    let mut out = child_ref.stdout.take().unwrap();
     let out_reader = std::thread::spawn(move || {
         let mut v = String::new();
         std::io::Read::read_to_string(&mut out, &mut v).unwrap();
         v
     });
-    let pid = Pid::from_raw(child.id() as i32);
-    let mut reader = std::io::BufReader::new(child.stderr.take().unwrap());
+    let pid = Pid::from_raw(child_ref.id() as i32);
+    let mut reader = std::io::BufReader::new(child_ref.stderr.take().unwrap());
     let (mut text, mut stops) = (String::new(), 0);
     let mut line = String::new();
     while reader.read_line(&mut line).unwrap() > 0 {
@@ -322,7 +337,7 @@ pub fn run_stopping_at_with_stdout(
         text.push_str(&line);
         line.clear();
     }
-    let status = child.wait().unwrap();
+    let status = child.0.take().unwrap().wait().unwrap();
     (status, text, stops, out_reader.join().unwrap())
 }
 
