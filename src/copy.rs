@@ -4,10 +4,14 @@
 //! (every name is opened with `openat` and `O_NOFOLLOW` relative to its already-open parent),
 //! and it must never make content readable by anyone it was not readable by, not even for a
 //! moment. Each file is therefore created with at most its owner bits (the owner at creation
-//! being root), filled, handed to its final owner with `fchown`, and only then given its final
-//! mode; a directory stays owner-only until everything inside it is done. `fchown` is done
-//! before `fchmod` because the kernel clears set-user-ID bits on a change of owner, and file
-//! capabilities are written last because both `fchown` and writing content clear them.
+//! being root), and whatever ACL it inherited from the default ACL of the directory it was
+//! created in is removed at once, before any content (with group-class bits of 0 the kernel masks
+//! an inherited ACL to nothing meanwhile). It is then filled, handed to its final owner with
+//! `fchown`, given its source's xattrs with the ACLs first, and only then its final mode (see
+//! `set_xattrs` for why ACL before mode); a directory stays owner-only until everything inside
+//! it is done. `fchown` is done before the xattrs and the mode because the kernel clears file
+//! capabilities and set-user-ID bits on a change of owner, and capabilities are the last xattr
+//! because writing content clears them too (`chmod` does not).
 //!
 //! Preserved: type, owner, group, mode (with set-id and sticky bits), atime and mtime, every
 //! xattr (file capabilities, POSIX ACLs including default ACLs), hard links inside the copied
@@ -15,6 +19,11 @@
 //! still empty, which is the only time btrfs accepts it; immutable and append-only last),
 //! symlinks as links, fifos and device nodes. Sockets are skipped and reported: a socket is
 //! only meaningful while its server runs and is recreated by it.
+//!
+//! A regular file that changes while it is copied (its size, mtime or ctime moved between an
+//! `fstat` before and one after its content) is emptied and copied again, a few times, then
+//! reported as an error: a copy is always one version the file really had, never the start of
+//! one and the end (or a zero tail) of another.
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr, OsString};
@@ -22,10 +31,15 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use nix::fcntl::OFlag;
 use nix::libc;
 use nix::sys::stat::Mode;
+
+use crate::failpoint;
+
+mod compare;
+pub use compare::same_content;
 
 const FS_IMMUTABLE_FL: libc::c_long = 0x0000_0010;
 const FS_APPEND_FL: libc::c_long = 0x0000_0020;
@@ -210,6 +224,37 @@ impl XattrSource<'_> {
         }
         .with_context(|| format!("setting xattr {name:?}"))
     }
+
+    fn remove(&self, name: &str) -> std::io::Result<()> {
+        match self {
+            XattrSource::Fd(fd) => xattr::FileExt::remove_xattr(&XattrFd(*fd), name),
+            XattrSource::Path(path) => xattr::remove(path, name),
+        }
+    }
+}
+
+/// The xattrs that hold POSIX ACLs: the access ACL, and a directory's default ACL (inherited by
+/// what is created inside it).
+const ACL_XATTRS: [&str; 2] = ["system.posix_acl_access", "system.posix_acl_default"];
+
+/// Remove the ACLs a new file or directory inherited from the default ACL of the directory it
+/// was created in. The copy gets exactly its source's ACLs later, and until then nothing but
+/// its (owner-only) mode bits decides who may open it. A filesystem without ACLs has none.
+pub fn remove_inherited_acls(target: &XattrSource<'_>) -> Result<()> {
+    for name in ACL_XATTRS {
+        match target.remove(name) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENODATA | libc::ENOTSUP | libc::EINVAL)
+                ) => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("removing the inherited {name}"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Every xattr of the source, capabilities last (see the module comment for why). None on a
@@ -230,7 +275,14 @@ pub fn read_xattrs_sorted(source: &XattrSource<'_>) -> Result<Vec<(OsString, Vec
             out.push((name, value));
         }
     }
-    out.sort_by_key(|(name, _)| (name.as_bytes() == b"security.capability", name.clone()));
+    // ACLs first (they decide access: see `set_xattrs`), file capabilities last.
+    out.sort_by_key(|(name, _)| {
+        (
+            name.as_bytes() == b"security.capability",
+            !is_acl(name),
+            name.clone(),
+        )
+    });
     Ok(out)
 }
 
@@ -296,6 +348,34 @@ pub struct Stats {
     /// does not support, relative to the copied entry.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub flags_not_kept: Vec<String>,
+    /// Files that changed while they were copied and were copied again (each stored as one
+    /// version it really had), relative to the copied entry.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub copied_again: Vec<String>,
+}
+
+/// How many times a file that changes while it is copied is copied again before the copy
+/// gives up on it.
+const COPY_TRIES: u32 = 3;
+
+/// Whether two `fstat`s of one open file saw the same version of it. The change time moves on
+/// every write, truncation and attribute change and cannot be set back (unlike the modification
+/// time, which `copytruncate` and `touch` can restore); the size catches a change within one
+/// tick of the coarse clock that stamps it.
+fn same_version(before: &libc::stat, after: &libc::stat) -> bool {
+    (
+        before.st_size,
+        before.st_ctime,
+        before.st_ctime_nsec,
+        before.st_mtime,
+        before.st_mtime_nsec,
+    ) == (
+        after.st_size,
+        after.st_ctime,
+        after.st_ctime_nsec,
+        after.st_mtime,
+        after.st_mtime_nsec,
+    )
 }
 
 /// One copy of one tree, with the hard-link map for that tree.
@@ -433,10 +513,15 @@ impl<'p> Copier<'p> {
 
     fn shown(&self, rel: &Path) -> String {
         let rest = rel.strip_prefix(&self.names.1).unwrap_or(rel);
-        Path::new(&self.names.0)
-            .join(rest)
-            .to_string_lossy()
-            .into_owned()
+        let shown = Path::new(&self.names.0);
+        // The entry itself (a file entry): its name, without the trailing slash `join("")` adds.
+        if rest.as_os_str().is_empty() {
+            shown.to_path_buf()
+        } else {
+            shown.join(rest)
+        }
+        .to_string_lossy()
+        .into_owned()
     }
 
     /// Set the flags btrfs wants on an empty file; a destination that has no such flags (ext4
@@ -482,6 +567,10 @@ impl<'p> Copier<'p> {
             || "creating the directory".into(),
         )?;
         let dst = open_dir(dst_dir, dst_name)?;
+        failpoint::hit("copy-created");
+        // Before anything is created inside: the children must not inherit the storage's
+        // default ACL either.
+        remove_inherited_acls(&XattrSource::Fd(dst.as_fd()))?;
         let flags = get_flags(src.as_fd()) & COPYABLE_FLAGS;
         // Inherited by the children created below, as on the source.
         self.set_early_flags(dst.as_fd(), flags, rel)?;
@@ -529,31 +618,67 @@ impl<'p> Copier<'p> {
         check(fd, || "creating the file".into())?;
         // SAFETY: fresh descriptor.
         let dst = unsafe { OwnedFd::from_raw_fd(fd) };
+        failpoint::hit("copy-created");
+        remove_inherited_acls(&XattrSource::Fd(dst.as_fd()))?;
         let flags = get_flags(src.as_fd()) & COPYABLE_FLAGS;
         self.set_early_flags(dst.as_fd(), flags, rel)?;
-        let size = st.st_size as u64;
-        let mut cloned = false;
-        if self.reflink && size > 0 {
-            // SAFETY: both fds valid; FICLONE takes the source fd as its argument.
-            cloned = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0;
-        }
+        let mut tries = 1;
+        let (version, cloned) = loop {
+            let before = nix::sys::stat::fstat(&src).context("inspecting the file")?;
+            let cloned = self.copy_content(src.as_fd(), dst.as_fd(), before.st_size as u64)?;
+            let after = nix::sys::stat::fstat(&src).context("inspecting the file")?;
+            if same_version(&before, &after) {
+                break (after, cloned);
+            }
+            if tries == COPY_TRIES {
+                bail!(
+                    "it changed while it was copied, {COPY_TRIES} times in a row (a log being \
+                     written or rotated?); nothing was stored for it: stop what writes to it \
+                     (or leave it out of the manifest) and rerun"
+                );
+            }
+            if tries == 1 {
+                let shown = self.shown(rel);
+                self.stats.copied_again.push(shown);
+            }
+            tries += 1;
+            // Start again from nothing: never a mix of two versions.
+            nix::unistd::ftruncate(&dst, 0).context("emptying the copy to start again")?;
+        };
+        let size = version.st_size as u64;
         if cloned {
             self.stats.reflinked_files += 1;
-        } else {
-            copy_data(src.as_fd(), dst.as_fd(), size, &mut self.buffer)?;
-            if size > 0 {
-                self.stats.byte_copied_files += 1;
-            }
+        } else if size > 0 {
+            self.stats.byte_copied_files += 1;
         }
         self.stats.files += 1;
         self.stats.bytes += size;
         (self.progress)(size);
-        if finish_fd(src.as_fd(), st, dst.as_fd(), flags)? {
+        // The owner, mode and times of the version whose content was copied.
+        if finish_fd(src.as_fd(), &version, dst.as_fd(), flags)? {
             let shown = self.shown(rel);
             self.stats.flags_not_kept.push(shown);
         }
         (self.after_file)();
         Ok(())
+    }
+
+    /// The first `size` bytes of `src` into the empty `dst`: a reflink when allowed and
+    /// possible (true), else a byte copy that keeps holes.
+    fn copy_content(
+        &mut self,
+        src: BorrowedFd<'_>,
+        dst: BorrowedFd<'_>,
+        size: u64,
+    ) -> Result<bool> {
+        if self.reflink && size > 0 {
+            // SAFETY: both fds valid; FICLONE takes the source fd as its argument.
+            if unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0 {
+                return Ok(true);
+            }
+        }
+        copy_data(src, dst, size, &mut self.buffer)?;
+        Ok(false)
     }
 
     fn copy_symlink(
@@ -591,6 +716,8 @@ impl<'p> Copier<'p> {
             unsafe { libc::mknodat(dst_dir.as_raw_fd(), name_c.as_ptr(), mode, st.st_rdev) },
             || "creating the special file".into(),
         )?;
+        failpoint::hit("copy-created");
+        remove_inherited_acls(&XattrSource::Path(proc_path(dst_dir, dst_name)))?;
         self.stats.special_files += 1;
         finish_at(src_dir, src_name, st, dst_dir, dst_name, true)
     }
@@ -641,6 +768,7 @@ fn copy_data(
             (data, if hole < 0 { size } else { hole.min(size) })
         };
         copy_range(src, dst, start, end, buffer)?;
+        failpoint::hit("copy-data-extent");
         offset = end;
     }
     // SAFETY: valid fd.
@@ -657,62 +785,48 @@ fn copy_range(
     end: i64,
     buffer: &mut Vec<u8>,
 ) -> Result<()> {
+    use nix::errno::Errno;
     let mut pos = start;
     let mut kernel_copy = true;
     while pos < end {
         let want = (end - pos) as usize;
         if kernel_copy {
-            let mut in_off = pos;
-            let mut out_off = pos;
-            // SAFETY: valid fds and offsets.
-            let n = unsafe {
-                libc::copy_file_range(
-                    src.as_raw_fd(),
-                    &mut in_off,
-                    dst.as_raw_fd(),
-                    &mut out_off,
-                    want.min(1 << 30),
-                    0,
-                )
-            };
-            if n > 0 {
-                pos += n as i64;
-                continue;
-            }
-            if n == 0 {
-                // The file shrank while we copied; what is there is copied.
-                return Ok(());
-            }
-            match errno() {
-                libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EBADF => {
+            let (mut in_off, mut out_off) = (pos, pos);
+            match nix::fcntl::copy_file_range(
+                src,
+                Some(&mut in_off),
+                dst,
+                Some(&mut out_off),
+                want.min(1 << 30),
+            ) {
+                Ok(0) => {
+                    // The file shrank while we copied: the caller sees it changed and starts again.
+                    return Ok(());
+                }
+                Ok(n) => {
+                    pos += n as i64;
+                    continue;
+                }
+                Err(
+                    Errno::EXDEV | Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP | Errno::EBADF,
+                ) => {
                     kernel_copy = false;
                 }
-                _ => return Err(std::io::Error::last_os_error()).context("copy_file_range"),
+                Err(e) => return Err(e).context("copy_file_range"),
             }
         }
         if buffer.is_empty() {
             buffer.resize(1 << 20, 0);
         }
         let chunk = want.min(buffer.len());
-        // SAFETY: buffer valid for chunk bytes.
-        let n = unsafe { libc::pread(src.as_raw_fd(), buffer.as_mut_ptr().cast(), chunk, pos) };
-        check(n as libc::c_int, || "reading".into())?;
+        let n = nix::sys::uio::pread(src, &mut buffer[..chunk], pos).context("reading")?;
         if n == 0 {
             return Ok(());
         }
         let mut written = 0usize;
-        while written < n as usize {
-            // SAFETY: buffer valid for the written range.
-            let w = unsafe {
-                libc::pwrite(
-                    dst.as_raw_fd(),
-                    buffer[written..n as usize].as_ptr().cast(),
-                    n as usize - written,
-                    pos + written as i64,
-                )
-            };
-            check(w as libc::c_int, || "writing".into())?;
-            written += w as usize;
+        while written < n {
+            written += nix::sys::uio::pwrite(dst, &buffer[written..n], pos + written as i64)
+                .context("writing")?;
         }
         pos += n as i64;
     }
@@ -732,6 +846,30 @@ fn timespecs(st: &libc::stat) -> [libc::timespec; 2] {
     ]
 }
 
+/// Every xattr of `source` onto `target` (a copy that has its final owner but still its
+/// owner-only creation mode), ACLs first. The mode comes after: setting an access ACL sets the
+/// group-class and other mode bits from the ACL (the group class to its mask), and `chmod` sets
+/// the mask from the group bits, so mode-then-ACL would for a moment give the owning group the
+/// mask's access even where the ACL denies it. ACL-then-mode never grants anything the source
+/// does not: the ACL is the source's, and the mode (the source's, with its set-id bits) agrees
+/// with it.
+fn set_xattrs(source: &XattrSource<'_>, target: &XattrSource<'_>) -> Result<()> {
+    for (name, value) in read_xattrs_sorted(source)? {
+        target.set(&name, &value)?;
+        if is_acl(&name) {
+            failpoint::hit("copy-acl-set");
+        }
+    }
+    failpoint::hit("copy-xattrs-set");
+    Ok(())
+}
+
+fn is_acl(name: &OsStr) -> bool {
+    ACL_XATTRS
+        .iter()
+        .any(|acl| name.as_bytes() == acl.as_bytes())
+}
+
 /// Owner, mode, xattrs, times and flags of an open regular file or directory, in the order that
 /// keeps each of them (see the module comment). True when the destination refused some flags.
 fn finish_fd(
@@ -745,13 +883,12 @@ fn finish_fd(
     check(unsafe { libc::fchown(raw, st.st_uid, st.st_gid) }, || {
         "setting the owner".into()
     })?;
+    failpoint::hit("copy-owner-set");
+    set_xattrs(&XattrSource::Fd(src), &XattrSource::Fd(dst))?;
     check(unsafe { libc::fchmod(raw, st.st_mode & 0o7777) }, || {
         "setting the mode".into()
     })?;
-    let target = XattrSource::Fd(dst);
-    for (name, value) in read_xattrs_sorted(&XattrSource::Fd(src))? {
-        target.set(&name, &value)?;
-    }
+    failpoint::hit("copy-mode-set");
     let times = timespecs(st);
     check(unsafe { libc::futimens(raw, times.as_ptr()) }, || {
         "setting the times".into()
@@ -794,16 +931,18 @@ fn finish_at(
         },
         || "setting the owner".into(),
     )?;
+    failpoint::hit("copy-owner-set");
+    set_xattrs(
+        &XattrSource::Path(proc_path(src_dir, src_name)),
+        &XattrSource::Path(proc_path(dst_dir, dst_name)),
+    )?;
     if chmod {
         // Not a symlink (mknodat just created it), so fchmodat cannot follow anything.
         check(
             unsafe { libc::fchmodat(raw, name_c.as_ptr(), st.st_mode & 0o7777, 0) },
             || "setting the mode".into(),
         )?;
-    }
-    let target = XattrSource::Path(proc_path(dst_dir, dst_name));
-    for (name, value) in read_xattrs_sorted(&XattrSource::Path(proc_path(src_dir, src_name)))? {
-        target.set(&name, &value)?;
+        failpoint::hit("copy-mode-set");
     }
     let times = timespecs(st);
     check(
@@ -940,27 +1079,6 @@ fn show(rel: &Path) -> String {
     format!("{:?}", rel.as_os_str())
         .trim_matches('"')
         .to_owned()
-}
-
-fn same_content(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> Result<bool> {
-    let mut ba = vec![0u8; 1 << 18];
-    let mut bb = vec![0u8; 1 << 18];
-    let mut pos = 0i64;
-    loop {
-        // SAFETY: buffers valid for their lengths.
-        let na = unsafe { libc::pread(a.as_raw_fd(), ba.as_mut_ptr().cast(), ba.len(), pos) };
-        let nb = unsafe { libc::pread(b.as_raw_fd(), bb.as_mut_ptr().cast(), bb.len(), pos) };
-        if na < 0 || nb < 0 {
-            return Err(std::io::Error::last_os_error()).context("reading for comparison");
-        }
-        if na != nb || ba[..na as usize] != bb[..nb as usize] {
-            return Ok(false);
-        }
-        if na == 0 {
-            return Ok(true);
-        }
-        pos += na as i64;
-    }
 }
 
 /// `syncfs` on the filesystem of `fd`, so a rename that publishes a copy never lands on disk

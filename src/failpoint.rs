@@ -3,9 +3,9 @@
 //! `RASA_FAILPOINT=<step>` (or `rasa.failpoint=<step>` on the kernel command line, for the VM
 //! harness) stops rasa right after that step. `RASA_FAILPOINT_ACTION=pause` (or
 //! `rasa.failpoint_action=pause`) prints a marker and waits to be killed, so the VM harness can
-//! cut the power exactly there; `RASA_FAILPOINT_ACTION=stop` stops the process (SIGSTOP) so a
-//! test can change the disk at that exact moment and let it go on (SIGCONT); the default is to
-//! abort the process on the spot.
+//! cut the power exactly there; `stop` prints the marker and stops the process with SIGSTOP,
+//! so a test can look at (or change) the disk at that step and then let it go on with SIGCONT
+//! (the step is hit again each time it is reached); the default is to abort on the spot.
 
 #[cfg(feature = "failpoints")]
 pub fn hit(step: &str) {
@@ -26,6 +26,7 @@ pub fn hit(step: &str) {
         .or_else(|| from_cmdline("rasa.failpoint_action="));
     eprintln!("RASA-FAILPOINT-REACHED {step}");
     if action.as_deref() == Some("stop") {
+        // The test waits for the stop (waitpid WUNTRACED), so the marker cannot race it.
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
         return;
     }

@@ -8,6 +8,7 @@
 //! Everything works on file descriptors: callers open directories with `openat` and
 //! `O_NOFOLLOW`, so no path handed to this module is ever resolved through a symlink.
 
+pub mod fiemap;
 pub mod find_new;
 pub mod tree;
 

@@ -265,6 +265,9 @@ pub fn make_dir(dir: BorrowedFd<'_>, name: &OsStr, uid: u32, gid: u32, mode: u32
             Path::new(name).display()
         );
     };
+    // A default ACL on the storage directory would otherwise hand the new directory access
+    // the live one never granted.
+    copy::remove_inherited_acls(&copy::XattrSource::Fd(fd.as_fd()))?;
     nix::unistd::fchown(&fd, Some(uid.into()), Some(gid.into())).context("fchown")?;
     nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(mode)).context("fchmod")?;
     Ok(())

@@ -85,6 +85,9 @@ pub fn render(report: &Report) -> String {
             for s in &r.skipped_sockets {
                 detail.push(format!("skipped socket {s}"));
             }
+            for s in &r.copied_again {
+                detail.push(format!("{s} changed while copied, copied again"));
+            }
         }
         let _ = writeln!(
             out,

@@ -186,3 +186,304 @@ pub fn stderr(out: &Output) -> String {
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Shell-quote a path.
+pub fn quoted(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
+}
+
+/// A live root at `<top>/root` for `rasa migrate`, with the storage root `/persist` as a nested
+/// subvolume (same filesystem: reflinks) or, with `cross_fs`, an ext4 filesystem mounted there
+/// (byte copies).
+pub struct LiveRoot {
+    pub fs: LoopBtrfs,
+    pub live: PathBuf,
+    ext4: Option<PathBuf>,
+}
+
+impl LiveRoot {
+    pub fn new(test: &str, cross_fs: bool) -> Option<LiveRoot> {
+        let fs = LoopBtrfs::new(test, 400)?;
+        fs.subvolume("root");
+        let live = fs.path("root");
+        let persist = live.join("persist");
+        let mut ext4 = None;
+        if cross_fs {
+            let image = fs.dir.path().join("ext4.img");
+            std::fs::File::create(&image)
+                .unwrap()
+                .set_len(200 << 20)
+                .unwrap();
+            let dev = PathBuf::from(sh(&format!("losetup -f --show {}", quoted(&image))).trim());
+            sh(&format!("mkfs.ext4 -q -F {}", dev.display()));
+            std::fs::create_dir(&persist).unwrap();
+            sh(&format!("mount {} {}", dev.display(), quoted(&persist)));
+            ext4 = Some(dev);
+        } else {
+            sh(&format!("btrfs -q subvolume create {}", quoted(&persist)));
+        }
+        Some(LiveRoot { fs, live, ext4 })
+    }
+
+    /// A manifest with these entries (JSON objects, comma-separated).
+    pub fn manifest(&self, entries: &str) -> PathBuf {
+        let path = self.fs.dir.path().join("manifest.json");
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"version": 1,
+  "rollback": {{"device": "/dev/null", "root": "root", "blank": "root-blank",
+    "oldRoots": "old_roots", "persist": "persist", "keep": 5, "keepDays": 7}},
+  "entries": [{entries}],
+  "diffIgnore": []}}"#
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    /// `rasa migrate` on this live root (add `--apply` to copy).
+    pub fn migrate(&self, manifest: &Path, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(RASA);
+        cmd.arg("migrate")
+            .arg("--manifest")
+            .arg(manifest)
+            .arg("--live-root")
+            .arg(&self.live)
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .env_remove("JOURNAL_STREAM");
+        cmd
+    }
+}
+
+impl Drop for LiveRoot {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg(self.live.join("persist"))
+            .output();
+        if let Some(dev) = &self.ext4 {
+            let _ = Command::new("losetup").arg("-d").arg(dev).status();
+        }
+    }
+}
+
+/// Run `cmd` (a rasa built with failpoints, `RASA_FAILPOINT=<step>`) with the `stop` action:
+/// each time the step is reached the process stops itself, `at_stop` looks at (or changes) the
+/// disk, and the process goes on. Returns the exit status, the stderr text and the number of
+/// stops; stdout is in `stdout` (keep it small: it is read after the end).
+pub fn run_stopping_at(
+    cmd: Command,
+    step: &str,
+    at_stop: impl FnMut(usize),
+) -> (std::process::ExitStatus, String, usize) {
+    let (status, text, stops, _) = run_stopping_at_with_stdout(cmd, step, at_stop);
+    (status, text, stops)
+}
+
+/// A child process that is killed (even while stopped) and reaped if the test panics, so that it
+/// does not keep the test's filesystems busy.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `run_stopping_at`, also returning what the command printed on stdout.
+pub fn run_stopping_at_with_stdout(
+    mut cmd: Command,
+    step: &str,
+    mut at_stop: impl FnMut(usize),
+) -> (std::process::ExitStatus, String, usize, String) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    use nix::unistd::Pid;
+    use std::io::BufRead;
+    let mut child = KillOnDrop(Some(
+        cmd.env("RASA_FAILPOINT", step)
+            .env("RASA_FAILPOINT_ACTION", "stop")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run rasa"),
+    ));
+    let child_ref = child.0.as_mut().unwrap();
+    let mut out = child_ref.stdout.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut v = String::new();
+        std::io::Read::read_to_string(&mut out, &mut v).unwrap();
+        v
+    });
+    let pid = Pid::from_raw(child_ref.id() as i32);
+    let mut reader = std::io::BufReader::new(child_ref.stderr.take().unwrap());
+    let (mut text, mut stops) = (String::new(), 0);
+    let mut line = String::new();
+    while reader.read_line(&mut line).unwrap() > 0 {
+        if line.contains("RASA-FAILPOINT-REACHED") {
+            // Wait until it has really stopped, so that SIGCONT cannot come first.
+            match waitpid(pid, Some(WaitPidFlag::WUNTRACED)).unwrap() {
+                WaitStatus::Stopped(..) => {}
+                other => panic!("expected a stop at {step}, got {other:?}"),
+            }
+            at_stop(stops);
+            stops += 1;
+            kill(pid, Signal::SIGCONT).unwrap();
+        }
+        text.push_str(&line);
+        line.clear();
+    }
+    let status = child.0.take().unwrap().wait().unwrap();
+    (status, text, stops, out_reader.join().unwrap())
+}
+
+/// Run `cmd` to its end and return its output and how many bytes it read with read-like system
+/// calls (`rchar` of /proc/<pid>/io, read from the exited child before it is reaped).
+pub fn run_counting_reads(mut cmd: Command) -> (Output, u64) {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag};
+    use std::io::Read;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run rasa");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        out.read_to_end(&mut v).unwrap();
+        v
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        err.read_to_end(&mut v).unwrap();
+        v
+    });
+    waitid(
+        Id::Pid(nix::unistd::Pid::from_raw(child.id() as i32)),
+        WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+    )
+    .unwrap();
+    let io = std::fs::read_to_string(format!("/proc/{}/io", child.id())).unwrap();
+    let rchar = io
+        .lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("rchar in /proc/<pid>/io");
+    let status = child.wait().unwrap();
+    let output = Output {
+        status,
+        stdout: out_reader.join().unwrap(),
+        stderr: err_reader.join().unwrap(),
+    };
+    (output, rchar)
+}
+
+/// The POSIX ACL entries of a `system.posix_acl_*` xattr value: (tag, permissions, id).
+pub fn parse_acl(value: &[u8]) -> Vec<(u16, u32, u32)> {
+    assert_eq!(&value[..4], &2u32.to_le_bytes(), "ACL xattr version 2");
+    value[4..]
+        .chunks_exact(8)
+        .map(|e| {
+            (
+                u16::from_le_bytes([e[0], e[1]]),
+                u32::from(u16::from_le_bytes([e[2], e[3]])),
+                u32::from_le_bytes([e[4], e[5], e[6], e[7]]),
+            )
+        })
+        .collect()
+}
+
+/// What a (non-root) user with these groups may do with the file at `path` (rwx as 0..=7), by
+/// the kernel's rules: the owner class, the ACL's named users and groups limited by its mask,
+/// the owning group, or other. Reads the mode and `system.posix_acl_access` from the disk.
+pub fn access_of(path: &Path, uid: u32, gids: &[u32]) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).unwrap();
+    let mode = meta.mode();
+    if meta.uid() == uid {
+        return (mode >> 6) & 7;
+    }
+    let acl = xattr::get(path, "system.posix_acl_access")
+        .unwrap()
+        .map(|v| parse_acl(&v));
+    let Some(acl) = acl else {
+        if gids.contains(&meta.gid()) {
+            return (mode >> 3) & 7;
+        }
+        return mode & 7;
+    };
+    const USER: u16 = 2;
+    const GROUP_OBJ: u16 = 4;
+    const GROUP: u16 = 8;
+    const MASK: u16 = 0x10;
+    const OTHER: u16 = 0x20;
+    let mask = acl.iter().find(|e| e.0 == MASK).map_or(7, |e| e.1);
+    if let Some(e) = acl.iter().find(|e| e.0 == USER && e.2 == uid) {
+        return e.1 & mask;
+    }
+    let groups: Vec<u32> = acl
+        .iter()
+        .filter(|e| {
+            (e.0 == GROUP_OBJ && gids.contains(&meta.gid()))
+                || (e.0 == GROUP && gids.contains(&e.2))
+        })
+        .map(|e| e.1 & mask)
+        .collect();
+    if !groups.is_empty() {
+        return groups.iter().fold(0, |a, p| a | p);
+    }
+    acl.iter().find(|e| e.0 == OTHER).map_or(0, |e| e.1)
+}
+
+/// The users and groups whose access to `path` is worth checking: its owner and group, every
+/// named user and group of its ACLs, and a stranger. Root is left out (it bypasses all of it).
+pub fn principals(path: &Path) -> Vec<(u32, Vec<u32>)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).unwrap();
+    let mut out = vec![
+        (meta.uid(), vec![meta.gid()]),
+        (4242, vec![meta.gid()]),
+        (4242, vec![4242]),
+    ];
+    for name in ["system.posix_acl_access", "system.posix_acl_default"] {
+        if let Ok(Some(v)) = xattr::get(path, name) {
+            for (tag, _, id) in parse_acl(&v) {
+                match tag {
+                    2 => out.push((id, vec![4242])),
+                    8 => out.push((4242, vec![id])),
+                    _ => {}
+                }
+            }
+        }
+    }
+    out.retain(|(uid, _)| *uid != 0);
+    out
+}
+
+/// Every path below `root` (itself included, as ""), parents before children.
+pub fn tree_paths(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let full = root.join(&rel);
+        if let Ok(meta) = std::fs::symlink_metadata(&full) {
+            if meta.is_dir() {
+                let mut names: Vec<_> = std::fs::read_dir(&full)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name())
+                    .collect();
+                names.sort();
+                for n in names.into_iter().rev() {
+                    stack.push(rel.join(n));
+                }
+            }
+            out.push(rel);
+        }
+    }
+    out
+}
