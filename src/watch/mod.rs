@@ -407,12 +407,12 @@ pub fn run(args: Args) -> Result<u8> {
         pid: std::process::id() as i32,
     };
     let write_record = |record: &mut Record, strict: bool| -> Result<()> {
-        let text = record.render(now_secs());
+        let now = now_secs();
         record.dirty = false;
         let mut targets = vec![args.record.clone()];
         targets.extend(in_root.clone());
         for target in targets {
-            if let Err(e) = record::write_atomically(&target, &text) {
+            if let Err(e) = record::write_atomically(&target, |out| record.render(now, out)) {
                 if strict {
                     return Err(e);
                 }

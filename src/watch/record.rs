@@ -232,12 +232,13 @@ impl Record {
         true
     }
 
-    /// The file's text: the header line, then the entries sorted by path and writer.
-    pub fn render(&mut self, now: u64) -> Vec<u8> {
+    /// Write the file's text to `out`: the header line, then the entries sorted by path and
+    /// writer. Streamed, so writing a full record costs no second copy of it in memory.
+    pub fn render(&mut self, now: u64, out: &mut dyn Write) -> std::io::Result<()> {
         self.header.updated = now;
         self.header.entries = self.entries;
-        let mut out = serde_json::to_vec(&self.header).expect("header serialises");
-        out.push(b'\n');
+        serde_json::to_writer(&mut *out, &self.header)?;
+        out.write_all(b"\n")?;
         let mut sorted: Vec<(&Vec<u8>, &Vec<(u32, Seen)>)> = self.paths.iter().collect();
         sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
         for (path, seen) in sorted {
@@ -262,11 +263,11 @@ impl Record {
                         .map(|(_, name)| (*name).to_owned())
                         .collect(),
                 };
-                serde_json::to_writer(&mut out, &line).expect("line serialises");
-                out.push(b'\n');
+                serde_json::to_writer(&mut *out, &line)?;
+                out.write_all(b"\n")?;
             }
         }
-        out
+        Ok(())
     }
 }
 
@@ -281,9 +282,13 @@ impl Seen {
     }
 }
 
-/// Replace `path` with `contents` atomically: a reader sees the old file or the new one, never
-/// a part. The directory is created (0700: the record names what this machine's services do).
-pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
+/// Replace `path` with what `contents` writes, atomically: a reader sees the old file or the
+/// new one, never a part. The directory is created (0700: the record names what this machine's
+/// services do).
+pub fn write_atomically(
+    path: &Path,
+    contents: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -297,15 +302,17 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
     tmp_name.extend_from_slice(path.file_name().unwrap_or_default().as_bytes());
     tmp_name.extend_from_slice(b".tmp");
     let tmp = dir.join(std::ffi::OsStr::from_bytes(&tmp_name));
-    let mut file = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_data())
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, file);
+    contents(&mut out)
+        .and_then(|()| out.flush())
+        .and_then(|()| out.get_ref().sync_data())
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path)
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
@@ -339,7 +346,7 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("sub/watch.jsonl");
-        write_atomically(&file, &record.render(110)).unwrap();
+        write_atomically(&file, |out| record.render(110, out)).unwrap();
         let loaded = load_record(&file).unwrap();
         assert_eq!(loaded.header.entries, 3);
         assert_eq!(loaded.header.dropped_events, 2);
