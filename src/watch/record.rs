@@ -239,7 +239,7 @@ impl Record {
         self.header.entries = self.entries;
         serde_json::to_writer(&mut *out, &self.header)?;
         out.write_all(b"\n")?;
-        let mut sorted: Vec<(&Vec<u8>, &Vec<(u32, Seen)>)> = self.paths.iter().collect();
+        let mut sorted: Vec<_> = self.paths.iter().collect();
         sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
         for (path, seen) in sorted {
             let mut seen = seen.clone();
@@ -355,7 +355,7 @@ mod tests {
         let a = &loaded.paths[&b"/etc/a".to_vec()][0];
         assert_eq!((a.first, a.last, a.count), (100, 109, 3));
         assert_eq!(a.events, vec!["create", "delete", "write"]);
-        assert!(!loaded.paths.contains_key(&b"/etc/c".to_vec()));
+        assert!(!loaded.paths.contains_key(b"/etc/c".as_slice()));
     }
 
     #[test]
