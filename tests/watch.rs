@@ -369,3 +369,45 @@ fn the_record_is_bounded_and_counts_what_it_drops() {
     let f1 = lines[1..].iter().find(|l| l["path"] == "/etc/f1").unwrap();
     assert_eq!(f1["events"], serde_json::json!(["create", "write"]), "{f1}");
 }
+
+#[test]
+fn bad_input_is_refused_before_watching() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad_manifest = dir.path().join("manifest.json");
+    std::fs::write(&bad_manifest, "{ not json").unwrap();
+    let root = dir.path().display().to_string();
+    let missing = dir.path().join("missing").display().to_string();
+    let manifest = bad_manifest.display().to_string();
+    for (args, names) in [
+        (vec!["--root", missing.as_str()], "--root"),
+        (
+            vec!["--root", root.as_str(), "--in-root-record", "/etc/x"],
+            "--in-root-record",
+        ),
+        (
+            vec!["--root", root.as_str(), "--manifest", manifest.as_str()],
+            "manifest.json",
+        ),
+    ] {
+        let out = Command::new(RASA)
+            .arg("watch")
+            .args(&args)
+            .args([
+                "--record",
+                &dir.path().join("r.jsonl").display().to_string(),
+            ])
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        let stderr = common::stderr(&out);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(names) && stderr.contains("fix:"),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            !dir.path().join("r.jsonl").exists(),
+            "{args:?} wrote a record"
+        );
+    }
+}

@@ -426,7 +426,12 @@ pub fn run(args: Args) -> Result<u8> {
         Ok(())
     };
     // The first write says the mark is in place (and fails early on an unwritable target).
-    write_record(&mut watch.record, true)?;
+    write_record(&mut watch.record, true).map_err(|e| {
+        refuse(
+            format!("cannot write the watch record: {e:#}"),
+            "pass a writable --record FILE, and --no-in-root-record when the root is read-only",
+        )
+    })?;
     log::info(format!(
         "watching the filesystem of {}; record in {}{}",
         root.display(),
