@@ -411,3 +411,99 @@ fn bad_input_is_refused_before_watching() {
         );
     }
 }
+
+/// The shape of a real machine: the root subvolume is `/` (here inside a private mount
+/// namespace and a chroot), `--root /` with the default record and the manifest found at
+/// /etc/rasa/manifest.json. The kernel names the top of another subvolume (`persist`) `/` when
+/// the watcher resolves a handle from there; only the device-and-inode check keeps
+/// `/persist/hidden` from being recorded as `/hidden`.
+#[test]
+fn with_root_slash_other_subvolumes_are_not_recorded_as_root_paths() {
+    let test = "with_root_slash_other_subvolumes_are_not_recorded_as_root_paths";
+    let Some((fs, mount, manifest)) = setup(test) else {
+        return;
+    };
+    let mnt = mount.0.clone();
+    std::fs::create_dir_all(mnt.join("etc/rasa")).unwrap();
+    std::fs::copy(&manifest, mnt.join("etc/rasa/manifest.json")).unwrap();
+    let bin_dir = Path::new(RASA).parent().unwrap();
+    let mut script = String::from("set -e\n");
+    for dir in ["proc", "dev", "usr", "rasa-bin", "run"] {
+        std::fs::create_dir_all(mnt.join(dir)).unwrap();
+    }
+    for link in ["lib", "lib64", "bin", "sbin"] {
+        let host = Path::new("/").join(link);
+        match std::fs::read_link(&host) {
+            Ok(target) => std::os::unix::fs::symlink(target, mnt.join(link)).unwrap(),
+            Err(_) if host.is_dir() => {
+                std::fs::create_dir_all(mnt.join(link)).unwrap();
+                script.push_str(&format!(
+                    "mount --bind /{link} '{}/{link}'\n",
+                    mnt.display()
+                ));
+            }
+            Err(_) => {}
+        }
+    }
+    for (from, to) in [
+        (Path::new("/proc"), "proc"),
+        (Path::new("/dev"), "dev"),
+        (Path::new("/usr"), "usr"),
+        (bin_dir, "rasa-bin"),
+    ] {
+        script.push_str(&format!(
+            "mount --rbind '{}' '{}/{to}'\n",
+            from.display(),
+            mnt.display()
+        ));
+    }
+    script.push_str(&format!(
+        "exec chroot '{}' /rasa-bin/{} watch --root / --flush-interval 1\n",
+        mnt.display(),
+        Path::new(RASA).file_name().unwrap().to_string_lossy()
+    ));
+    let child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .env("NO_COLOR", "1")
+        .spawn()
+        .expect("unshare");
+    let mut watcher = Running(child);
+    let record = mnt.join("run/rasa/watch.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !record.exists() {
+        if let Some(status) = watcher.0.try_wait().unwrap() {
+            panic!("rasa watch exited before watching: {status}");
+        }
+        assert!(Instant::now() < deadline, "rasa watch did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sh(&format!(
+        "echo a > '{m}/etc/visible' && echo b > '{t}/persist/hidden' && mkdir '{t}/persist/d' \
+         && echo c > '{t}/persist/d/deep' && echo n > '{m}/var/lib/nixos/persisted'",
+        m = mnt.display(),
+        t = fs.top.display()
+    ));
+    kill(Pid::from_raw(watcher.0.id() as i32), Signal::SIGTERM).unwrap();
+    let status = watcher.0.wait().unwrap();
+    assert!(status.success(), "rasa watch exited with {status}");
+    let lines: Vec<Value> = std::fs::read_to_string(&record)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["root"], "/");
+    let paths: Vec<&str> = lines[1..]
+        .iter()
+        .map(|l| l["path"].as_str().unwrap())
+        .collect();
+    assert!(paths.contains(&"/etc/visible"), "{paths:?}");
+    for wrong in ["/hidden", "/d", "/d/deep", "/var/lib/nixos/persisted"] {
+        assert!(!paths.contains(&wrong), "{wrong} recorded: {paths:?}");
+    }
+    assert!(
+        paths
+            .iter()
+            .all(|p| !p.starts_with("/run/") && !p.starts_with("/rasa-bin")),
+        "{paths:?}"
+    );
+}
