@@ -118,6 +118,16 @@ fn setup(test: &str) -> Option<(LoopBtrfs, RootMount, PathBuf)> {
 
 /// Start the watcher and wait until its mark is in place (it writes the record once then).
 fn start_watch(mnt: &Path, record: &Path, manifest: &Path, extra: &[&str]) -> Running {
+    start_watch_env(mnt, record, manifest, extra, &[])
+}
+
+fn start_watch_env(
+    mnt: &Path,
+    record: &Path,
+    manifest: &Path,
+    extra: &[&str],
+    env: &[(&str, &Path)],
+) -> Running {
     let child = Command::new(RASA)
         .arg("watch")
         .arg("--root")
@@ -128,6 +138,7 @@ fn start_watch(mnt: &Path, record: &Path, manifest: &Path, extra: &[&str]) -> Ru
         .arg(manifest)
         .args(extra)
         .env("NO_COLOR", "1")
+        .envs(env.iter().copied())
         .spawn()
         .expect("starting rasa watch");
     let mut watcher = Running(child);
@@ -349,7 +360,22 @@ fn the_record_is_bounded_and_counts_what_it_drops() {
     };
     let mnt = mount.0.clone();
     let record = fs.dir.path().join("watch.jsonl");
-    let watcher = start_watch(&mnt, &record, &manifest, &["--max-entries", "5"]);
+    // Readiness for systemd (Type=notify): READY=1 once the mark is in place.
+    let notify = fs.dir.path().join("notify.sock");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    systemd
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let watcher = start_watch_env(
+        &mnt,
+        &record,
+        &manifest,
+        &["--max-entries", "5"],
+        &[("NOTIFY_SOCKET", &notify)],
+    );
+    let mut message = [0u8; 64];
+    let n = systemd.recv(&mut message).expect("READY=1 from rasa watch");
+    assert_eq!(&message[..n], b"READY=1");
     let out = Command::new("sh")
         .arg("-c")
         .arg("for i in $(seq 1 20); do echo $i > etc/f$i; done; for i in 1 2 3; do echo again >> etc/f1; done")

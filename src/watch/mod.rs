@@ -346,6 +346,30 @@ fn watch_filesystem(root: &Path) -> Result<nix::sys::fanotify::Fanotify> {
     Ok(group)
 }
 
+/// Tell systemd the mark is in place (`Type=notify`), so units ordered after the watcher
+/// start only once their writes are seen. `NOTIFY_SOCKET` is a path, or an abstract socket
+/// name after `@`; without it (not started by systemd) there is nobody to tell.
+fn notify_ready() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = target.as_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(Path::new(&target)),
+    };
+    let sent = UnixDatagram::unbound()
+        .and_then(|socket| addr.and_then(|addr| socket.send_to_addr(b"READY=1", &addr)));
+    if let Err(e) = sent {
+        log::warn(format!(
+            "cannot tell systemd that rasa watch is ready (NOTIFY_SOCKET={}): {e}",
+            target.to_string_lossy()
+        ));
+    }
+}
+
 /// What one read of a burst returns at least (some 60 events), and how long to let the next
 /// burst gather: well under the kernel queue's 16,384 events at any plausible write rate.
 const BURST_BYTES: usize = 4096;
@@ -432,6 +456,7 @@ pub fn run(args: Args) -> Result<u8> {
             "pass a writable --record FILE, and --no-in-root-record when the root is read-only",
         )
     })?;
+    notify_ready();
     log::info(format!(
         "watching the filesystem of {}; record in {}{}",
         root.display(),
