@@ -302,10 +302,17 @@ pub fn write_atomically(
     tmp_name.extend_from_slice(path.file_name().unwrap_or_default().as_bytes());
     tmp_name.extend_from_slice(b".tmp");
     let tmp = dir.join(std::ffi::OsStr::from_bytes(&tmp_name));
+    // A leftover from an interrupted write is removed, and the new one created exclusively:
+    // whatever stood at that name (a symlink included) is never followed.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", tmp.display()))
+        }
+        _ => {}
+    }
     let file = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
@@ -346,7 +353,13 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("sub/watch.jsonl");
+        // A symlink where the temporary file goes is replaced, not followed.
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::write(&elsewhere, "untouched").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join("sub/.watch.jsonl.tmp")).unwrap();
         write_atomically(&file, |out| record.render(110, out)).unwrap();
+        assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "untouched");
         let loaded = load_record(&file).unwrap();
         assert_eq!(loaded.header.entries, 3);
         assert_eq!(loaded.header.dropped_events, 2);
