@@ -258,7 +258,9 @@ fn writes_are_attributed_to_the_unit_the_command_or_unknown() {
          put('etc/unit-file', 'a'); rename('etc/unit-file', 'etc/unit-renamed') or die; \
          chmod(0600, 'etc/unit-renamed') or die; mkdir('var/lib/unit-dir') or die; \
          put('var/lib/nixos/uid-map', 'p'); mkdir('var/lib/nixos/sub') or die; \
-         put('var/cache/cached', 'c')",
+         put('var/cache/cached', 'c'); symlink('/nix/store/abc-x', 'etc/store-link') or die; \
+         symlink('/persist/etc/kept', 'etc/persisted-link') or die; \
+         symlink('/elsewhere', 'etc/other-link') or die",
     );
     cgroup.enter(_unit_writer.0.id());
     go(&mut stdin, &mut stdout);
@@ -320,6 +322,13 @@ fn writes_are_attributed_to_the_unit_the_command_or_unknown() {
     );
     assert_eq!(
         writers_of(&lines, "/var/lib/unit-dir"),
+        vec![(unit.clone(), "unit".into(), events(&["create"]))]
+    );
+    // Symlinks that `rasa diff` leaves out for their target are left out here too.
+    assert_eq!(writers_of(&lines, "/etc/store-link"), vec![]);
+    assert_eq!(writers_of(&lines, "/etc/persisted-link"), vec![]);
+    assert_eq!(
+        writers_of(&lines, "/etc/other-link"),
         vec![(unit.clone(), "unit".into(), events(&["create"]))]
     );
     let expected_plain = match own_unit() {

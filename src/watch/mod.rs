@@ -254,6 +254,17 @@ struct Watch {
 }
 
 impl Watch {
+    fn link_left_out(&self, path: &[u8]) -> bool {
+        let relative = std::ffi::OsStr::from_bytes(&path[1..]);
+        match nix::fcntl::readlinkat(self.resolver.mount.as_fd(), relative) {
+            Ok(target) => self
+                .rules
+                .check(path, false, Some(target.as_bytes()))
+                .is_some(),
+            Err(_) => false,
+        }
+    }
+
     fn handle(&mut self, buf: &[u8], now: u64) {
         for ev in fanotify::parse(buf) {
             if ev.overflow() {
@@ -291,6 +302,15 @@ impl Watch {
             if !ev.name.is_empty()
                 && (rules::under(&path, &self.own)
                     || self.rules.check(&path, ev.on_directory(), None).is_some())
+            {
+                continue;
+            }
+            // A symlink into /nix/store or into a storage root (impermanence's file links) is
+            // left out by `rasa diff` for its target; looked at once, when the path is new.
+            if !ev.name.is_empty()
+                && !ev.on_directory()
+                && !self.record.knows(&path)
+                && self.link_left_out(&path)
             {
                 continue;
             }

@@ -189,6 +189,11 @@ impl Record {
         }
     }
 
+    /// Some writer of `path` is recorded already.
+    pub fn knows(&self, path: &[u8]) -> bool {
+        self.paths.contains_key(path)
+    }
+
     pub fn entries(&self) -> u64 {
         self.entries
     }
