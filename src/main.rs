@@ -16,6 +16,7 @@ mod old_roots;
 mod rollback;
 mod setup;
 mod toplevel;
+mod watch;
 
 use std::process::ExitCode;
 
@@ -35,6 +36,7 @@ Examples:
   rasa migrate --apply                              # ... and do it
   rasa check system                                 # is this machine set up right?
   rasa old-roots list                               # previous roots kept for recovery
+  rasa watch                                        # record which unit writes what
 
 Exit codes:
   0  success
@@ -69,6 +71,8 @@ enum Command {
     Check(check::Args),
     /// Prepare an existing btrfs root for rasa: create what is missing, touch nothing else.
     Setup(setup::SetupArgs),
+    /// Record who (which systemd unit) writes each path that the next boot erases.
+    Watch(watch::Args),
     /// Print the man page (roff) on stdout.
     #[command(hide = true)]
     Man,
@@ -98,6 +102,7 @@ fn main() -> ExitCode {
         Command::Diff(args) => diff::run(args),
         Command::Check(args) => check::run(args),
         Command::Setup(args) => setup::run(args),
+        Command::Watch(args) => watch::run(args),
         Command::Man => clap_mangen::Man::new(Cli::command())
             .render(&mut std::io::stdout())
             .map(|()| 0)

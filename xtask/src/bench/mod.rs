@@ -4,6 +4,7 @@
 mod diff;
 mod migrate;
 mod rollback;
+mod watch;
 
 use anyhow::{bail, Result};
 
@@ -12,6 +13,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("rollback") => rollback::run(&args[1..]),
         Some("migrate") => migrate::run(&args[1..]),
         Some("diff") => diff::run(&args[1..]),
-        _ => bail!("usage: cargo xtask bench <rollback|migrate|diff>"),
+        Some("watch") => watch::run(&args[1..]),
+        _ => bail!("usage: cargo xtask bench <rollback|migrate|diff|watch>"),
     }
 }
