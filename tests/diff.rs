@@ -11,16 +11,31 @@ use std::process::Command;
 use common::{sh, stderr, stdout, LoopBtrfs};
 use expect_test::expect;
 
-const MANIFEST: &str = r#"{
+/// The test manifest, its storage root the `persist` subvolume of the test filesystem.
+fn manifest_json(storage: &Path) -> String {
+    r#"{
   "version": 1,
   "rollback": { "device": "/dev/null", "root": "root", "blank": "root-blank", "oldRoots": "old_roots",
                 "persist": "persist", "keep": 5, "keepDays": 7 },
   "entries": [
-    { "storageRoot": "/persist", "path": "/var/lib/nixos", "kind": "directory", "user": "root", "group": "root", "mode": "0755" },
-    { "storageRoot": "/persist", "path": "/etc/machine-id", "kind": "file", "user": "root", "group": "root", "mode": "0755" }
+    { "storageRoot": "@STORAGE@", "path": "/var/lib/nixos", "kind": "directory", "user": "root", "group": "root", "mode": "0755" },
+    { "storageRoot": "@STORAGE@", "path": "/etc/machine-id", "kind": "file", "user": "root", "group": "root", "mode": "0755" }
   ],
   "diffIgnore": ["/var/cache/**"]
-}"#;
+}"#
+    .replace("@STORAGE@", storage.to_str().unwrap())
+}
+
+/// Write the test manifest, with the storage copies of its entries in place (as after
+/// `rasa migrate --apply`).
+fn stored_manifest(fs: &LoopBtrfs) -> PathBuf {
+    let storage = fs.path("persist");
+    std::fs::create_dir_all(storage.join("var/lib/nixos")).unwrap();
+    write(&storage.join("etc/machine-id"), "0123\n");
+    let manifest = fs.dir.path().join("manifest.json");
+    std::fs::write(&manifest, manifest_json(&storage)).unwrap();
+    manifest
+}
 
 fn write(path: &Path, content: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -124,7 +139,8 @@ fn scenario(fs: &LoopBtrfs, origin: Origin) -> PathBuf {
     std::fs::rename(r.join("olddir"), r.join("movedir")).unwrap();
     std::os::unix::fs::symlink("/nix/store/abc-etc/static", r.join("etc/static")).unwrap();
     std::os::unix::fs::symlink("/home/alice", r.join("etc/alice-link")).unwrap();
-    std::os::unix::fs::symlink("/persist/etc/machine-id", r.join("etc/machine-id")).unwrap();
+    std::os::unix::fs::symlink(fs.path("persist/etc/machine-id"), r.join("etc/machine-id"))
+        .unwrap();
     std::fs::hard_link(r.join("etc/keep.conf"), r.join("etc/keep-link.conf")).unwrap();
     std::fs::remove_file(r.join("etc/keep-link.conf")).unwrap();
     std::fs::write(
@@ -136,9 +152,7 @@ fn scenario(fs: &LoopBtrfs, origin: Origin) -> PathBuf {
     fs.subvolume("root/var/lib/machines");
     write(&r.join("var/lib/machines/inside"), "nested subvolume\n");
     sh("sync");
-    let manifest = fs.dir.path().join("manifest.json");
-    std::fs::write(&manifest, MANIFEST).unwrap();
-    manifest
+    stored_manifest(fs)
 }
 
 fn diff(fs: &LoopBtrfs, manifest: &Path, extra: &[&str]) -> (String, String) {
@@ -182,6 +196,8 @@ const EXPECTED_LONG: expect_test::Expect = expect![[r#"
     new      dir                0  /var/lib/bluetooth
     new      dir                0  /var/lib/bluetooth/AA:BB
     new      file               7  /var/lib/bluetooth/AA:BB/info
+    new      dir                0  /var/lib/machines
+    new      file              17  /var/lib/machines/inside
     modified dir                0  /var/log
 "#]];
 
@@ -225,7 +241,7 @@ fn check_scenario(test: &str, origin: Origin) {
     let parsed: serde_json::Value = serde_json::from_str(&btrfs_json).unwrap();
     assert_eq!(parsed["engine"], "btrfs");
     assert_eq!(parsed["compared_with"], "root-blank");
-    assert_eq!(parsed["paths"], 23);
+    assert_eq!(parsed["paths"], 25);
     let odd = parsed["entries"]
         .as_array()
         .unwrap()
@@ -325,8 +341,7 @@ fn engines_agree_on_a_tree_spanning_many_leaves() {
         new_dirs += 1;
     }
     sh("sync");
-    let manifest = fs.dir.path().join("manifest.json");
-    std::fs::write(&manifest, MANIFEST).unwrap();
+    let manifest = stored_manifest(&fs);
     let (btrfs_long, _) = diff(&fs, &manifest, &["--engine", "btrfs", "--long"]);
     let (walk_long, _) = diff(&fs, &manifest, &["--engine", "walk", "--long"]);
     let count = |prefix: &str| btrfs_long.lines().filter(|l| l.starts_with(prefix)).count();
@@ -368,11 +383,11 @@ fn summary_nix_and_exit_code() {
     let manifest = scenario(&fs, Origin::RootFromBlank);
     let (summary, _) = diff(&fs, &manifest, &[]);
     expect![[r#"
-        23 paths (95 B) on root will be erased by the next boot [engine: btrfs, compared with root-blank]
+        25 paths (112 B) on root will be erased by the next boot [engine: btrfs, compared with root-blank]
 
               SIZE    PATHS      NEW MODIFIED  DIRECTORY
               68 B       12        9        3  /etc
-              17 B        6        5        1  /var
+              34 B        8        7        1  /var
                6 B        1        1        0  /home
                4 B        4        4        0  /movedir
 
@@ -382,6 +397,7 @@ fn summary_nix_and_exit_code() {
     .assert_eq(&summary);
 
     let (nix, _) = diff(&fs, &manifest, &["--nix"]);
+    let nix = nix.replace(fs.path("persist").to_str().unwrap(), "/persist");
     expect![[r##"
         # What `rasa diff` found on root that the next boot erases. Paste into your NixOS
         # configuration (with the impermanence module) and delete what you do not want to keep.
@@ -391,6 +407,7 @@ fn summary_nix_and_exit_code() {
             "/movedir" # 4 paths, 4 B
             "/var/lib/app" # 2 paths, 10 B
             "/var/lib/bluetooth" # Bluetooth pairings
+            "/var/lib/machines" # 2 paths, 17 B
             "/var/log" # mode or owner differs from the blank
           ];
           files = [
