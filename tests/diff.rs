@@ -685,3 +685,370 @@ fn walk_works_on_tmpfs_and_mounts_are_left_out() {
     assert_eq!(walk, btrfs);
     EXPECTED_LONG.assert_eq(&btrfs);
 }
+
+/// A root made from a blank whose content `fill` writes (through the `seed` subvolume, kept).
+fn root_from_seed(fs: &LoopBtrfs, fill: impl FnOnce(&Path)) -> PathBuf {
+    fs.subvolume("seed");
+    fs.subvolume("persist");
+    fill(&fs.path("seed"));
+    sh(&format!(
+        "btrfs -q subvolume snapshot -r {top}/seed {top}/root-blank && \
+         btrfs -q subvolume snapshot {top}/root-blank {top}/root",
+        top = fs.top.display()
+    ));
+    fs.path("root")
+}
+
+/// `--long` from both engines, which must agree; returns it.
+fn both_engines(fs: &LoopBtrfs, manifest: &Path, extra: &[&str]) -> String {
+    sh("sync");
+    let mut outputs = Vec::new();
+    for engine in ["btrfs", "walk"] {
+        let mut args = vec!["--engine", engine, "--long"];
+        args.extend_from_slice(extra);
+        outputs.push(diff(fs, manifest, &args).0);
+    }
+    assert!(
+        outputs[0] == outputs[1],
+        "the engines disagree ({extra:?}):\n{}",
+        line_diff(&outputs[0], &outputs[1])
+    );
+    outputs.swap_remove(0)
+}
+
+/// Subvolumes nested in the root (a container engine's, snapper's) leave with the root at the
+/// next rollback and are deleted with it by prune: they and everything in them are erased.
+/// A subvolume or a filesystem mounted from elsewhere survives and is left out.
+#[test]
+fn nested_subvolumes_are_erased_with_the_root() {
+    let Some(fs) = LoopBtrfs::new("nested_subvolumes_are_erased_with_the_root", 300) else {
+        return;
+    };
+    let root = root_from_seed(&fs, |seed| {
+        write(&seed.join("etc/keep.conf"), "kept\n");
+        for dir in ["var/lib", "srv", "mnt"] {
+            std::fs::create_dir_all(seed.join(dir)).unwrap();
+        }
+    });
+    fs.subvolume("root/var/lib/docker");
+    write(&root.join("var/lib/docker/image"), "layer\n");
+    std::fs::create_dir(root.join("var/lib/docker/btrfs")).unwrap();
+    fs.subvolume("root/var/lib/docker/btrfs/sub");
+    write(&root.join("var/lib/docker/btrfs/sub/file"), "deep\n");
+    fs.subvolume("root/.snapshots");
+    // Not nested in the root: a sibling subvolume, mounted inside the live root below.
+    fs.subvolume("data");
+    write(&fs.path("data/kept"), "survives\n");
+    let manifest = stored_manifest(&fs);
+    let expected = expect![[r#"
+        new      dir                0  /.snapshots
+        new      dir                0  /var/lib/docker
+        new      dir                0  /var/lib/docker/btrfs
+        new      dir                0  /var/lib/docker/btrfs/sub
+        new      file               5  /var/lib/docker/btrfs/sub/file
+        new      file               6  /var/lib/docker/image
+    "#]];
+    expected.assert_eq(&both_engines(&fs, &manifest, &[]));
+
+    // The root mounted as the running system would have it, with a sibling subvolume on /srv
+    // and a tmpfs on /mnt: those two are left out, the nested ones are not.
+    let live = fs.dir.path().join("live");
+    std::fs::create_dir(&live).unwrap();
+    sh(&format!(
+        "mount -o subvol=root {} '{}'",
+        fs.device.display(),
+        live.display()
+    ));
+    let _live_guard = Unmount(live.clone());
+    sh(&format!(
+        "mount -o subvol=data {} '{}' && mount -t tmpfs rasa-test '{}' && echo x > '{}'",
+        fs.device.display(),
+        live.join("srv").display(),
+        live.join("mnt").display(),
+        live.join("mnt/x").display()
+    ));
+    expected.assert_eq(&both_engines(
+        &fs,
+        &manifest,
+        &["--live-root", live.to_str().unwrap()],
+    ));
+}
+
+/// A manifest whose entries (path, kind) keep their copies under `storage`.
+fn manifest_with(fs: &LoopBtrfs, storage: &Path, entries: &[(&str, &str)]) -> PathBuf {
+    let entries: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|(path, kind)| {
+            serde_json::json!({ "storageRoot": storage, "path": path, "kind": kind,
+                                "user": "root", "group": "root", "mode": "0755" })
+        })
+        .collect();
+    let manifest = serde_json::json!({
+        "version": 1,
+        "rollback": { "device": "/dev/null", "root": "root", "blank": "root-blank",
+                      "oldRoots": "old_roots", "persist": "persist", "keep": 5, "keepDays": 7 },
+        "entries": entries,
+    });
+    let path = fs.dir.path().join("manifest-entries.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
+    path
+}
+
+/// Before `migrate --apply` the entries' storage copies do not exist: the next boot mounts an
+/// empty copy over each path, so everything there is erased, what equals the blank included.
+#[test]
+fn entries_not_yet_in_storage_are_erased() {
+    let Some(fs) = LoopBtrfs::new("entries_not_yet_in_storage_are_erased", 300) else {
+        return;
+    };
+    let root = root_from_seed(&fs, |seed| {
+        write(&seed.join("var/lib/app/old"), "from the blank\n");
+        write(&seed.join("etc/adjtime"), "0.0 0 0.0\n");
+        std::fs::create_dir_all(seed.join("var/lib/nixos")).unwrap();
+    });
+    write(&root.join("var/lib/app/new.db"), "state\n");
+    write(&root.join("var/lib/nixos/uid-map"), "{}\n");
+    let storage = fs.path("persist");
+    std::fs::create_dir_all(storage.join("var/lib/nixos")).unwrap();
+    // impermanence's link to a file copy: only the link is here, and it comes back.
+    std::os::unix::fs::symlink(storage.join("etc/linked"), root.join("etc/linked")).unwrap();
+    let manifest = manifest_with(
+        &fs,
+        &storage,
+        &[
+            ("/var/lib/app", "directory"),
+            ("/etc/adjtime", "file"),
+            ("/var/lib/nixos", "directory"),
+            ("/etc/linked", "file"),
+            ("/var/lib/absent", "directory"),
+        ],
+    );
+    expect![[r#"
+        unstored file              10  /etc/adjtime
+        unstored dir                0  /var/lib/app
+        unstored file               6  /var/lib/app/new.db
+        unstored file              15  /var/lib/app/old
+    "#]]
+    .assert_eq(&both_engines(&fs, &manifest, &[]));
+    let out = fs.rasa(&["diff", "--manifest", manifest.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "/var/lib/app is in the manifest but not yet in storage (run rasa migrate --apply)"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains(
+            "4 of these path(s) (31 B) are in the manifest but not yet in storage (run rasa migrate --apply): /etc/adjtime /var/lib/app"
+        ),
+        "{}",
+        stdout(&out)
+    );
+    let (nix, _) = diff(&fs, &manifest, &["--nix"]);
+    assert!(
+        nix.contains("# /var/lib/app is in the manifest but not yet in storage")
+            && !nix.contains("\"/var/lib/app\""),
+        "{nix}"
+    );
+    // Once stored, they are persisted and left out.
+    std::fs::create_dir_all(storage.join("var/lib/app")).unwrap();
+    write(&storage.join("etc/adjtime"), "0.0 0 0.0\n");
+    assert_eq!(both_engines(&fs, &manifest, &[]), "");
+}
+
+/// Create `levels` directories of 250-byte names below `top`, returning the deepest one open.
+fn deep_chain(top: &Path, levels: usize) -> std::os::fd::OwnedFd {
+    use nix::fcntl::{open, openat, OFlag};
+    use nix::sys::stat::{mkdirat, Mode};
+    let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let mut dir = open(top, flags, Mode::empty()).unwrap();
+    for level in 0..levels {
+        let name = format!("{level:02}{}", "d".repeat(248));
+        match mkdirat(&dir, name.as_str(), Mode::from_bits_truncate(0o755)) {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => panic!("mkdir level {level}: {e}"),
+        }
+        dir = openat(&dir, name.as_str(), flags, Mode::empty()).unwrap();
+    }
+    dir
+}
+
+/// Write `content` to `name` in the directory `dir` (created or truncated).
+fn write_at(dir: &std::os::fd::OwnedFd, name: &str, content: &str) {
+    use nix::fcntl::{openat, OFlag};
+    use nix::sys::stat::Mode;
+    let fd = openat(
+        dir,
+        name,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    std::io::Write::write_all(&mut std::fs::File::from(fd), content.as_bytes()).unwrap();
+}
+
+/// Paths longer than what BTRFS_IOC_INO_LOOKUP can return (4080 bytes), both in directories
+/// the blank has and in new ones: every name is reported, by both engines.
+#[test]
+fn paths_longer_than_ino_lookup_are_reported() {
+    let Some(fs) = LoopBtrfs::new("paths_longer_than_ino_lookup_are_reported", 300) else {
+        return;
+    };
+    const LEVELS: usize = 20; // 20 × 251 bytes: the deepest paths are over 5,000 bytes long.
+    let root = root_from_seed(&fs, |seed| {
+        std::fs::create_dir(seed.join("old")).unwrap();
+        let bottom = deep_chain(&seed.join("old"), LEVELS);
+        write_at(&bottom, "kept", "kept\n");
+        write_at(&bottom, "rewritten", "before\n");
+    });
+    let bottom = deep_chain(&root.join("old"), LEVELS);
+    write_at(&bottom, "rewritten", "after, longer\n");
+    write_at(&bottom, "added", "new\n");
+    std::fs::create_dir(root.join("new")).unwrap();
+    let new_bottom = deep_chain(&root.join("new"), LEVELS);
+    write_at(&new_bottom, "file", "new\n");
+    let manifest = stored_manifest(&fs);
+    let long = both_engines(&fs, &manifest, &[]);
+    let mut old_chain = "/old".to_owned();
+    let mut new_chain = "/new".to_owned();
+    let mut expected = vec![format!("new      dir                0  {new_chain}")];
+    for level in 0..LEVELS {
+        let name = format!("/{level:02}{}", "d".repeat(248));
+        old_chain.push_str(&name);
+        new_chain.push_str(&name);
+        expected.push(format!("new      dir                0  {new_chain}"));
+    }
+    assert!(old_chain.len() > 4080);
+    expected.push(format!(
+        "new      file               4  {new_chain}/file"
+    ));
+    expected.push(format!("new      file               4  {old_chain}/added"));
+    expected.push(format!(
+        "modified file              14  {old_chain}/rewritten"
+    ));
+    expected.sort();
+    let mut got: Vec<String> = long.lines().map(str::to_owned).collect();
+    got.sort();
+    assert!(
+        got == expected,
+        "{}",
+        line_diff(&expected.join("\n"), &got.join("\n"))
+    );
+}
+
+/// With a non-empty blank, every attribute the next boot reverts is a change to report: mode,
+/// owner, extended attributes and ACLs (directories included), content rewritten with its size
+/// and mtime put back, a symlink's target, a file's type.
+#[test]
+fn attribute_changes_are_reported() {
+    let Some(fs) = LoopBtrfs::new("attribute_changes_are_reported", 300) else {
+        return;
+    };
+    let root = root_from_seed(&fs, |seed| {
+        for dir in [
+            "d_xattr",
+            "d_acl",
+            "d_default_acl",
+            "d_mode",
+            "d_owner",
+            "d_entries",
+            "d_xattr_undone",
+        ] {
+            std::fs::create_dir(seed.join(dir)).unwrap();
+        }
+        for file in ["f_touch", "f_xattr", "f_acl", "f_type"] {
+            write(&seed.join(file), "abcd");
+        }
+        std::os::unix::fs::symlink("old-target", seed.join("l_target")).unwrap();
+        sh(&format!(
+            "setfattr -n user.kept -v same '{}'",
+            seed.join("d_xattr_undone").display()
+        ));
+    });
+    let r = |p: &str| root.join(p).display().to_string();
+    sh(&format!(
+        "setfattr -n user.k -v v '{}' && setfacl -m u:1234:rwx '{}' && \
+         setfacl -d -m u:1234:rx '{}' && chmod 700 '{}' && chown 1234:1234 '{}' && \
+         echo new > '{}/file' && \
+         setfattr -n user.k -v v '{}' && setfacl -m u:1234:r '{}' && \
+         setfattr -n user.tmp -v x '{}' && setfattr -x user.tmp '{}'",
+        r("d_xattr"),
+        r("d_acl"),
+        r("d_default_acl"),
+        r("d_mode"),
+        r("d_owner"),
+        r("d_entries"),
+        r("f_xattr"),
+        r("f_acl"),
+        r("d_xattr_undone"),
+        r("d_xattr_undone"),
+    ));
+    // Same size, and the mtime put back.
+    std::fs::write(root.join("f_touch"), "wxyz").unwrap();
+    sh(&format!(
+        "touch -r '{}' '{}'",
+        fs.path("root-blank/f_touch").display(),
+        r("f_touch")
+    ));
+    std::fs::remove_file(root.join("l_target")).unwrap();
+    std::os::unix::fs::symlink("new-target", root.join("l_target")).unwrap();
+    std::fs::remove_file(root.join("f_type")).unwrap();
+    std::fs::create_dir(root.join("f_type")).unwrap();
+    let manifest = stored_manifest(&fs);
+    expect![[r#"
+        modified dir                0  /d_acl
+        modified dir                0  /d_default_acl
+        new      file               4  /d_entries/file
+        modified dir                0  /d_mode
+        modified dir                0  /d_owner
+        modified dir                0  /d_xattr
+        modified file               4  /f_acl
+        modified file               4  /f_touch
+        new      dir                0  /f_type
+        modified file               4  /f_xattr
+        new      symlink           10  /l_target
+    "#]]
+    .assert_eq(&both_engines(&fs, &manifest, &[]));
+}
+
+/// `rasa diff | head -1`: the reader goes away early; that is not a failure, and no panic.
+#[test]
+fn a_closed_stdout_is_not_a_failure() {
+    let Some(fs) = LoopBtrfs::new("a_closed_stdout_is_not_a_failure", 300) else {
+        return;
+    };
+    let root = root_from_seed(&fs, |_| {});
+    std::fs::create_dir(root.join("many")).unwrap();
+    // Well over a pipe's 64 KiB of output.
+    for i in 0..3000 {
+        std::fs::write(root.join(format!("many/file-with-a-longish-name-{i:05}")), "x").unwrap();
+    }
+    sh("sync");
+    let manifest = stored_manifest(&fs);
+    for format in ["--long", "--json"] {
+        let mut child = Command::new(common::RASA)
+            .args(["diff", "--manifest", manifest.to_str().unwrap(), format])
+            .arg("--device")
+            .arg(&fs.device)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut first,
+        )
+        .unwrap();
+        assert!(!first.is_empty());
+        let out = child.wait_with_output().unwrap();
+        let err = stderr(&out);
+        assert!(
+            out.status.success() && !err.contains("panicked") && !err.contains("rror"),
+            "{format}: {:?} {err}",
+            out.status
+        );
+    }
+}
