@@ -860,23 +860,31 @@ fn entries_not_yet_in_storage_are_erased() {
 
 /// Create `levels` directories of 250-byte names below `top`, returning the deepest one open.
 fn deep_chain(top: &Path, levels: usize) -> std::os::fd::OwnedFd {
+    try_deep_chain(top, levels).unwrap()
+}
+
+fn try_deep_chain(top: &Path, levels: usize) -> nix::Result<std::os::fd::OwnedFd> {
     use nix::fcntl::{open, openat, OFlag};
     use nix::sys::stat::{mkdirat, Mode};
     let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let mut dir = open(top, flags, Mode::empty()).unwrap();
+    let mut dir = open(top, flags, Mode::empty())?;
     for level in 0..levels {
         let name = format!("{level:02}{}", "d".repeat(248));
         match mkdirat(&dir, name.as_str(), Mode::from_bits_truncate(0o755)) {
             Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
-            Err(e) => panic!("mkdir level {level}: {e}"),
+            Err(e) => return Err(e),
         }
-        dir = openat(&dir, name.as_str(), flags, Mode::empty()).unwrap();
+        dir = openat(&dir, name.as_str(), flags, Mode::empty())?;
     }
-    dir
+    Ok(dir)
 }
 
 /// Write `content` to `name` in the directory `dir` (created or truncated).
 fn write_at(dir: &std::os::fd::OwnedFd, name: &str, content: &str) {
+    try_write_at(dir, name, content).unwrap()
+}
+
+fn try_write_at(dir: &std::os::fd::OwnedFd, name: &str, content: &str) -> std::io::Result<()> {
     use nix::fcntl::{openat, OFlag};
     use nix::sys::stat::Mode;
     let fd = openat(
@@ -884,9 +892,8 @@ fn write_at(dir: &std::os::fd::OwnedFd, name: &str, content: &str) {
         name,
         OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Mode::from_bits_truncate(0o644),
-    )
-    .unwrap();
-    std::io::Write::write_all(&mut std::fs::File::from(fd), content.as_bytes()).unwrap();
+    )?;
+    std::io::Write::write_all(&mut std::fs::File::from(fd), content.as_bytes())
 }
 
 /// Paths longer than what BTRFS_IOC_INO_LOOKUP can return (4080 bytes), both in directories
@@ -1050,5 +1057,424 @@ fn a_closed_stdout_is_not_a_failure() {
             "{format}: {:?} {err}",
             out.status
         );
+    }
+}
+
+/// Random trees and random changes, each checked against a ground truth computed here
+/// independently of both engines: a full recursive `lstat` + xattr + content comparison of the
+/// live root with the blank. `RASA_DIFF_FUZZ_SEEDS=N` runs seeds 1..=N (what
+/// `cargo xtask bench diff-fuzz` does), `RASA_DIFF_FUZZ_SEED=S` only seed S; by default a
+/// fixed pair of seeds, one for each way a root and its blank can be related.
+#[test]
+fn random_trees_match_the_ground_truth() {
+    let seeds: Vec<u64> = if let Ok(one) = std::env::var("RASA_DIFF_FUZZ_SEED") {
+        vec![one.parse().expect("RASA_DIFF_FUZZ_SEED is a number")]
+    } else if let Ok(count) = std::env::var("RASA_DIFF_FUZZ_SEEDS") {
+        (1..=count.parse().expect("RASA_DIFF_FUZZ_SEEDS is a number")).collect()
+    } else {
+        vec![1, 2]
+    };
+    for seed in seeds {
+        let Some(fs) = LoopBtrfs::new("random_trees_match_the_ground_truth", 300) else {
+            return;
+        };
+        fuzz::check_seed(&fs, seed);
+    }
+}
+
+mod fuzz {
+    use super::*;
+    use nix::dir::Dir;
+    use nix::fcntl::{openat, AtFlags, OFlag};
+    use nix::sys::stat::{fstatat, FileStat, Mode};
+    use std::collections::BTreeMap;
+    use std::os::fd::{AsFd, OwnedFd};
+
+    const OPERATIONS: usize = 300;
+    /// Names from a small set, so that creations, renames and links collide with what is there.
+    fn name(rng: &mut fastrand::Rng) -> String {
+        format!("n{}", rng.u32(0..24))
+    }
+
+    /// What exists below `top` (relative paths), directories and the rest, read with std::fs
+    /// where the paths are short enough for it.
+    fn scan(top: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+        let (mut dirs, mut others) = (vec![PathBuf::new()], Vec::new());
+        let mut i = 0;
+        while i < dirs.len() {
+            let dir = top.join(&dirs[i]);
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for entry in entries.flatten() {
+                    let rel = dirs[i].join(entry.file_name());
+                    if rel.as_os_str().len() > 3000 {
+                        continue;
+                    }
+                    match entry.file_type() {
+                        Ok(t) if t.is_dir() => dirs.push(rel),
+                        Ok(_) => others.push(rel),
+                        Err(_) => {}
+                    }
+                }
+            }
+            i += 1;
+        }
+        (dirs, others)
+    }
+
+    fn pick<'a, T>(rng: &mut fastrand::Rng, items: &'a [T]) -> Option<&'a T> {
+        (!items.is_empty()).then(|| &items[rng.usize(0..items.len())])
+    }
+
+    fn content(rng: &mut fastrand::Rng) -> Vec<u8> {
+        let len = rng.usize(0..64);
+        (0..len).map(|_| rng.alphanumeric() as u8).collect()
+    }
+
+    /// One random change below `top`; what it did, for the failure message. Failures (a rename
+    /// into its own subtree, a link across subvolumes, ...) are part of the game: the tree is
+    /// whatever the filesystem accepted.
+    fn operate(fs: &LoopBtrfs, top: &Path, rng: &mut fastrand::Rng, allow_deep: bool) -> String {
+        let (dirs, others) = scan(top);
+        let dir = pick(rng, &dirs).unwrap().clone();
+        let any: Vec<PathBuf> = dirs[1..].iter().chain(&others).cloned().collect();
+        let target = pick(rng, &any).cloned();
+        let fresh = dir.join(name(rng));
+        let p = |rel: &Path| top.join(rel);
+        let op = rng.u32(0..100);
+        let (what, result): (String, std::io::Result<()>) = match (op, &target) {
+            (0..=19, _) => (
+                format!("write {}", fresh.display()),
+                std::fs::write(p(&fresh), content(rng)),
+            ),
+            (20..=29, _) => (
+                format!("mkdir {}", fresh.display()),
+                std::fs::create_dir(p(&fresh)),
+            ),
+            (30..=37, Some(t)) => (
+                format!("delete {}", t.display()),
+                if p(t).is_dir() && !p(t).is_symlink() {
+                    // Whole trees now and then; mostly empty directories, so the tree grows.
+                    if rng.u32(0..10) == 0 {
+                        std::fs::remove_dir_all(p(t))
+                    } else {
+                        std::fs::remove_dir(p(t))
+                    }
+                } else {
+                    std::fs::remove_file(p(t))
+                },
+            ),
+            (38..=47, Some(t)) => (
+                format!("rename {} {}", t.display(), fresh.display()),
+                std::fs::rename(p(t), p(&fresh)),
+            ),
+            (48..=55, Some(t)) => {
+                let mode = *pick(rng, &[0o700, 0o755, 0o644, 0o600, 0o4755, 0o1777]).unwrap();
+                (
+                    format!("chmod {mode:o} {}", t.display()),
+                    if p(t).is_symlink() {
+                        Ok(())
+                    } else {
+                        std::fs::set_permissions(p(t), PermissionsExt::from_mode(mode))
+                    },
+                )
+            }
+            (56..=61, Some(t)) => {
+                let id = *pick(rng, &[0, 1000, 1234]).unwrap();
+                (
+                    format!("chown {id} {}", t.display()),
+                    std::os::unix::fs::lchown(p(t), Some(id), Some(id)),
+                )
+            }
+            (62..=69, Some(t)) => {
+                let key = format!("user.k{}", rng.u32(0..3));
+                let value = content(rng);
+                (
+                    format!("setfattr {key} {}", t.display()),
+                    if p(t).is_symlink() {
+                        Ok(())
+                    } else if rng.bool() {
+                        xattr::set(p(t), &key, &value)
+                    } else {
+                        xattr::remove(p(t), &key).or(Ok(()))
+                    },
+                )
+            }
+            (70..=72, Some(t)) => {
+                let user = *pick(rng, &["u:1234:rwx", "u:1000:r", "g:1234:rx"]).unwrap();
+                let out = Command::new("setfacl")
+                    .args(["-m", user])
+                    .arg(p(t))
+                    .output();
+                (format!("setfacl {user} {}", t.display()), out.map(|_| ()))
+            }
+            (73..=77, Some(t)) => (
+                format!("link {} {}", t.display(), fresh.display()),
+                std::fs::hard_link(p(t), p(&fresh)),
+            ),
+            (78..=82, _) => {
+                let link_to = format!("t{}", rng.u32(0..5));
+                (
+                    format!("symlink {link_to} {}", fresh.display()),
+                    std::os::unix::fs::symlink(&link_to, p(&fresh)),
+                )
+            }
+            (83..=84, _) => (
+                format!("subvolume {}", fresh.display()),
+                Command::new("btrfs")
+                    .args(["-q", "subvolume", "create"])
+                    .arg(p(&fresh))
+                    .output()
+                    .map(|_| ()),
+            ),
+            (85, _) if allow_deep => {
+                // Over 4,080 bytes below the top (INO_LOOKUP's limit), a file at the bottom.
+                let text = String::from_utf8(content(rng)).unwrap();
+                let result = try_deep_chain(&p(&dir), 17)
+                    .map_err(std::io::Error::from)
+                    .and_then(|bottom| try_write_at(&bottom, "deep", &text));
+                (format!("deep chain in {}", dir.display()), result)
+            }
+            (86..=93, Some(t)) if p(t).is_file() && !p(t).is_symlink() => {
+                // Rewritten in place, same size, and (sometimes) the mtime put back.
+                let before = std::fs::symlink_metadata(p(t)).unwrap();
+                let mut data = std::fs::read(p(t)).unwrap();
+                for b in &mut data {
+                    *b = rng.alphanumeric() as u8;
+                }
+                let result = std::fs::write(p(t), &data);
+                let restore = rng.bool();
+                if restore {
+                    let mtime = before.modified().unwrap();
+                    std::fs::File::options()
+                        .write(true)
+                        .open(p(t))
+                        .unwrap()
+                        .set_modified(mtime)
+                        .unwrap();
+                }
+                (
+                    format!("rewrite {} (mtime restored: {restore})", t.display()),
+                    result,
+                )
+            }
+            (94..=99, Some(t)) if p(t).is_file() && !p(t).is_symlink() => (
+                format!("touch {}", t.display()),
+                std::fs::File::options()
+                    .write(true)
+                    .open(p(t))
+                    .and_then(|f| {
+                        f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1))
+                    }),
+            ),
+            _ => ("nothing".to_owned(), Ok(())),
+        };
+        let _ = fs;
+        match result {
+            Ok(()) => what,
+            Err(e) => format!("{what}: {e}"),
+        }
+    }
+
+    /// What the next boot erases, by the plain definition: every live path whose counterpart
+    /// in the blank is missing, of another type, another inode, or differs in mode, owner,
+    /// extended attributes (ACLs included), and for anything but a directory in size, mtime,
+    /// ctime, content or symlink target. Inside a nested subvolume everything is new.
+    /// Directory times and sizes follow their entries, which are judged on their own.
+    pub fn ground_truth(live: &Path, blank: &Path) -> BTreeMap<Vec<u8>, &'static str> {
+        let open = |path: &Path| {
+            nix::fcntl::open(
+                path,
+                OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .unwrap()
+        };
+        let live_dir = open(live);
+        let dev = nix::sys::stat::fstat(&live_dir).unwrap().st_dev;
+        let mut out = BTreeMap::new();
+        visit(live_dir, Some(open(blank)), Vec::new(), dev, &mut out);
+        out
+    }
+
+    fn xattrs(dir: &OwnedFd, name: &std::ffi::OsStr) -> Vec<(std::ffi::OsString, Vec<u8>)> {
+        // The l*xattr calls through /proc/self/fd: the path stays short however deep the file.
+        let path = Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
+        let mut all: Vec<_> = xattr::list(&path)
+            .unwrap()
+            .map(|k| {
+                let v = xattr::get(&path, &k).unwrap().unwrap_or_default();
+                (k, v)
+            })
+            .collect();
+        all.sort();
+        all
+    }
+
+    fn read_at(dir: &OwnedFd, name: &std::ffi::OsStr) -> Vec<u8> {
+        let fd = openat(
+            dir,
+            name,
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut data).unwrap();
+        data
+    }
+
+    use std::os::fd::AsRawFd;
+
+    fn visit(
+        live: OwnedFd,
+        blank: Option<OwnedFd>,
+        path: Vec<u8>,
+        root_dev: u64,
+        out: &mut BTreeMap<Vec<u8>, &'static str>,
+    ) {
+        let mut names: Vec<std::ffi::OsString> = Dir::from_fd(live.try_clone().unwrap())
+            .unwrap()
+            .iter()
+            .map(|e| std::ffi::OsStr::from_bytes(e.unwrap().file_name().to_bytes()).to_owned())
+            .filter(|n| n != "." && n != "..")
+            .collect();
+        names.sort();
+        for name in names {
+            let l = fstatat(&live, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW).unwrap();
+            let is_dir = l.st_mode & nix::libc::S_IFMT == nix::libc::S_IFDIR;
+            // btrfs's placeholder for a subvolume the blank had: empty, nothing to lose.
+            if is_dir && l.st_ino == 2 {
+                continue;
+            }
+            let mut full = path.clone();
+            full.push(b'/');
+            full.extend_from_slice(name.as_bytes());
+            let in_root = l.st_dev == root_dev;
+            let b: Option<FileStat> = blank
+                .as_ref()
+                .filter(|_| in_root)
+                .and_then(|b| fstatat(b, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW).ok())
+                .filter(|b| b.st_mode & nix::libc::S_IFMT == l.st_mode & nix::libc::S_IFMT)
+                .filter(|b| b.st_ino == l.st_ino);
+            let status = match &b {
+                None => Some("new"),
+                Some(b) => {
+                    let blank = blank.as_ref().unwrap();
+                    let mut differs = b.st_mode != l.st_mode
+                        || b.st_uid != l.st_uid
+                        || b.st_gid != l.st_gid
+                        || xattrs(&live, &name) != xattrs(blank, &name);
+                    if !is_dir {
+                        differs |= b.st_size != l.st_size
+                            || (b.st_mtime, b.st_mtime_nsec) != (l.st_mtime, l.st_mtime_nsec)
+                            || (b.st_ctime, b.st_ctime_nsec) != (l.st_ctime, l.st_ctime_nsec);
+                        let kind = l.st_mode & nix::libc::S_IFMT;
+                        if kind == nix::libc::S_IFREG {
+                            differs |= read_at(&live, &name) != read_at(blank, &name);
+                        } else if kind == nix::libc::S_IFLNK {
+                            differs |= nix::fcntl::readlinkat(&live, name.as_os_str()).unwrap()
+                                != nix::fcntl::readlinkat(blank, name.as_os_str()).unwrap();
+                        }
+                    }
+                    differs.then_some("modified")
+                }
+            };
+            if let Some(status) = status {
+                out.insert(full.clone(), status);
+            }
+            if is_dir {
+                let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+                let child = openat(&live, name.as_os_str(), flags, Mode::empty()).unwrap();
+                let blank_child = b.and(blank.as_ref()).and_then(|blank| {
+                    openat(blank, name.as_os_str(), flags, Mode::empty()).ok()
+                });
+                visit(child, blank_child, full, root_dev, out);
+            }
+        }
+        let _ = live.as_fd();
+    }
+
+    pub fn check_seed(fs: &LoopBtrfs, seed: u64) {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut log = Vec::new();
+        let root_from_blank = seed % 2 == 1;
+        let base = if root_from_blank { "seed" } else { "root" };
+        fs.subvolume(base);
+        fs.subvolume("persist");
+        // The blank's tree: the same operations on an empty one, fewer of them.
+        for _ in 0..OPERATIONS / 2 {
+            let what = operate(fs, &fs.path(base), &mut rng, true);
+            log.push(format!("blank: {what}"));
+        }
+        // Paths longer than INO_LOOKUP returns, in the blank and then changed in the root.
+        let deep_bottom = deep_chain(&fs.path(base), 17);
+        write_at(&deep_bottom, "deep-old", "from the blank");
+        write_at(&deep_bottom, "deep-kept", "from the blank");
+        drop(deep_bottom);
+        log.push("blank: deep chain at the top".to_owned());
+        let top = fs.top.display();
+        if root_from_blank {
+            sh(&format!(
+                "btrfs -q subvolume snapshot -r {top}/seed {top}/root-blank && \
+                 btrfs -q subvolume snapshot {top}/root-blank {top}/root"
+            ));
+        } else {
+            sh(&format!(
+                "btrfs -q subvolume snapshot -r {top}/root {top}/root-blank"
+            ));
+        }
+        for _ in 0..OPERATIONS {
+            let what = operate(fs, &fs.path("root"), &mut rng, true);
+            log.push(format!("root: {what}"));
+        }
+        if rng.bool() {
+            let bottom = deep_chain(&fs.path("root"), 17);
+            write_at(&bottom, "deep-old", "rewritten in the root");
+            write_at(&bottom, "deep-new", "new in the root");
+            log.push("root: deep chain at the top changed".to_owned());
+        }
+        let manifest = stored_manifest(fs);
+        sh("sync");
+        let truth = ground_truth(&fs.path("root"), &fs.path("root-blank"));
+        let modified = truth.values().filter(|s| **s == "modified").count();
+        let failed = log.iter().filter(|l| l.contains(": ") && l.matches(": ").count() > 1).count();
+        eprintln!(
+            "seed {seed}: {} operations ({failed} refused by the filesystem), {} paths erased \
+             ({modified} modified), the longest {} bytes",
+            log.len(),
+            truth.len(),
+            truth.keys().map(Vec::len).max().unwrap_or(0)
+        );
+        if std::env::var_os("RASA_DIFF_FUZZ_VERBOSE").is_some() {
+            eprintln!("{}", log.join("\n"));
+        }
+        let truth_text: String = truth
+            .iter()
+            .map(|(path, status)| format!("{status} {}\n", String::from_utf8_lossy(path)))
+            .collect();
+        for engine in ["btrfs", "walk"] {
+            let (json, _) = diff(fs, &manifest, &["--engine", engine, "--json"]);
+            let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+            let reported: String = parsed["entries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{} {}\n",
+                        e["status"].as_str().unwrap(),
+                        e["path"].as_str().unwrap()
+                    )
+                })
+                .collect();
+            assert!(
+                reported == truth_text,
+                "seed {seed}, {engine} engine, against the ground truth:\n{}\noperations:\n{}",
+                line_diff(&truth_text, &reported)
+                    .replace("only btrfs:", "only truth:")
+                    .replace("only walk: ", &format!("only {engine}:")),
+                log.join("\n")
+            );
+        }
     }
 }
