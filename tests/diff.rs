@@ -772,6 +772,28 @@ fn nested_subvolumes_are_erased_with_the_root() {
         &manifest,
         &["--live-root", live.to_str().unwrap()],
     ));
+    // A nested subvolume mounted at its own place (snapper's /.snapshots) is still nested:
+    // the mount does not keep it.
+    write(&root.join(".snapshots/1/info.xml"), "<snapshot/>\n");
+    sh(&format!(
+        "mount -o subvol=root/.snapshots {} '{}'",
+        fs.device.display(),
+        live.join(".snapshots").display()
+    ));
+    expect![[r#"
+        new      dir                0  /.snapshots
+        new      dir                0  /.snapshots/1
+        new      file              12  /.snapshots/1/info.xml
+        new      dir                0  /var/lib/docker
+        new      dir                0  /var/lib/docker/btrfs
+        new      dir                0  /var/lib/docker/btrfs/sub
+        new      file               5  /var/lib/docker/btrfs/sub/file
+        new      file               6  /var/lib/docker/image
+    "#]].assert_eq(&both_engines(
+        &fs,
+        &manifest,
+        &["--live-root", live.to_str().unwrap()],
+    ));
 }
 
 /// A manifest whose entries (path, kind) keep their copies under `storage`.

@@ -616,13 +616,16 @@ fn from_layout(
     // Mounts matter only for the tree the running system has at /.
     let (live_fd, display, mounts) = match live {
         Some((fd, path)) => {
-            drop(tree);
             let mounts = rules::mounts_below(path.as_os_str().as_bytes());
+            let mounts = separate_mounts(&tree, tree_info.id, &fd, mounts);
+            drop(tree);
             (fd, path.display().to_string(), mounts)
         }
         None => {
             let mounts = if old_root.is_none() && is_running_root(&tree)? {
-                rules::mounts_below(b"/")
+                let slash = btrfs::open_dir_at(nix::fcntl::AT_FDCWD, OsStr::new("/"))
+                    .context("opening /")?;
+                separate_mounts(&tree, tree_info.id, &slash, rules::mounts_below(b"/"))
             } else {
                 Vec::new()
             };
@@ -666,6 +669,45 @@ fn from_layout(
         found,
         rules,
     })
+}
+
+/// The mount points that hold something the next boot keeps: all but those where a subvolume
+/// nested in the tree is mounted at its own place (snapper's `/.snapshots` inside the root, for
+/// one), which `rollback` moves away with the root like any other nested subvolume.
+fn separate_mounts(
+    tree: &OwnedFd,
+    tree_id: u64,
+    live: &OwnedFd,
+    mounts: Vec<Vec<u8>>,
+) -> Vec<Vec<u8>> {
+    mounts
+        .into_iter()
+        .filter(|point| !nested_mounted_in_place(tree, tree_id, live, point))
+        .collect()
+}
+
+fn nested_mounted_in_place(tree: &OwnedFd, tree_id: u64, live: &OwnedFd, point: &[u8]) -> bool {
+    let Some(split) = point.iter().rposition(|&b| b == b'/') else {
+        return false;
+    };
+    let name = OsStr::from_bytes(&point[split + 1..]);
+    // In the tree itself (no mounts there): is this place a subvolume nested right here?
+    let nested = walk::open_beneath(tree, &point[..split])
+        .ok()
+        .and_then(|parent| {
+            let parent_ino = nix::sys::stat::fstat(parent.as_fd()).ok()?.st_ino;
+            let child = btrfs::open_dir_at(parent.as_fd(), name).ok()?;
+            let info = btrfs::subvol_info(child.as_fd()).ok()?;
+            (info.parent_id == tree_id && info.dirid == parent_ino).then_some(info.uuid)
+        });
+    let Some(uuid) = nested else {
+        return false;
+    };
+    // And what is mounted there on the live system is that same subvolume.
+    walk::open_beneath(live, point)
+        .ok()
+        .and_then(|mounted| btrfs::subvol_info(mounted.as_fd()).ok())
+        .is_some_and(|info| info.uuid == uuid)
 }
 
 /// Is this subvolume the one mounted at / right now?
