@@ -789,7 +789,8 @@ fn nested_subvolumes_are_erased_with_the_root() {
         new      dir                0  /var/lib/docker/btrfs/sub
         new      file               5  /var/lib/docker/btrfs/sub/file
         new      file               6  /var/lib/docker/image
-    "#]].assert_eq(&both_engines(
+    "#]]
+    .assert_eq(&both_engines(
         &fs,
         &manifest,
         &["--live-root", live.to_str().unwrap()],
@@ -950,9 +951,7 @@ fn paths_longer_than_ino_lookup_are_reported() {
         expected.push(format!("new      dir                0  {new_chain}"));
     }
     assert!(old_chain.len() > 4080);
-    expected.push(format!(
-        "new      file               4  {new_chain}/file"
-    ));
+    expected.push(format!("new      file               4  {new_chain}/file"));
     expected.push(format!("new      file               4  {old_chain}/added"));
     expected.push(format!(
         "modified file              14  {old_chain}/rewritten"
@@ -968,7 +967,7 @@ fn paths_longer_than_ino_lookup_are_reported() {
 }
 
 /// With a non-empty blank, every attribute the next boot reverts is a change to report: mode,
-/// owner, extended attributes and ACLs (directories included), content rewritten with its size
+/// owner, extended attributes, ACLs and `chattr` flags (directories included), content rewritten with its size
 /// and mtime put back, a symlink's target, a file's type.
 #[test]
 fn attribute_changes_are_reported() {
@@ -984,6 +983,7 @@ fn attribute_changes_are_reported() {
             "d_owner",
             "d_entries",
             "d_xattr_undone",
+            "d_chattr",
         ] {
             std::fs::create_dir(seed.join(dir)).unwrap();
         }
@@ -1002,7 +1002,7 @@ fn attribute_changes_are_reported() {
          setfacl -d -m u:1234:rx '{}' && chmod 700 '{}' && chown 1234:1234 '{}' && \
          echo new > '{}/file' && \
          setfattr -n user.k -v v '{}' && setfacl -m u:1234:r '{}' && \
-         setfattr -n user.tmp -v x '{}' && setfattr -x user.tmp '{}'",
+         setfattr -n user.tmp -v x '{}' && setfattr -x user.tmp '{}' && chattr +d '{}'",
         r("d_xattr"),
         r("d_acl"),
         r("d_default_acl"),
@@ -1013,6 +1013,7 @@ fn attribute_changes_are_reported() {
         r("f_acl"),
         r("d_xattr_undone"),
         r("d_xattr_undone"),
+        r("d_chattr"),
     ));
     // Same size, and the mtime put back.
     std::fs::write(root.join("f_touch"), "wxyz").unwrap();
@@ -1028,6 +1029,7 @@ fn attribute_changes_are_reported() {
     let manifest = stored_manifest(&fs);
     expect![[r#"
         modified dir                0  /d_acl
+        modified dir                0  /d_chattr
         modified dir                0  /d_default_acl
         new      file               4  /d_entries/file
         modified dir                0  /d_mode
@@ -1052,7 +1054,11 @@ fn a_closed_stdout_is_not_a_failure() {
     std::fs::create_dir(root.join("many")).unwrap();
     // Well over a pipe's 64 KiB of output.
     for i in 0..3000 {
-        std::fs::write(root.join(format!("many/file-with-a-longish-name-{i:05}")), "x").unwrap();
+        std::fs::write(
+            root.join(format!("many/file-with-a-longish-name-{i:05}")),
+            "x",
+        )
+        .unwrap();
     }
     sh("sync");
     let manifest = stored_manifest(&fs);
@@ -1407,9 +1413,9 @@ mod fuzz {
             if is_dir {
                 let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
                 let child = openat(&live, name.as_os_str(), flags, Mode::empty()).unwrap();
-                let blank_child = b.and(blank.as_ref()).and_then(|blank| {
-                    openat(blank, name.as_os_str(), flags, Mode::empty()).ok()
-                });
+                let blank_child = b
+                    .and(blank.as_ref())
+                    .and_then(|blank| openat(blank, name.as_os_str(), flags, Mode::empty()).ok());
                 visit(child, blank_child, full, root_dev, out);
             }
         }
@@ -1459,7 +1465,10 @@ mod fuzz {
         sh("sync");
         let truth = ground_truth(&fs.path("root"), &fs.path("root-blank"));
         let modified = truth.values().filter(|s| **s == "modified").count();
-        let failed = log.iter().filter(|l| l.contains(": ") && l.matches(": ").count() > 1).count();
+        let failed = log
+            .iter()
+            .filter(|l| l.contains(": ") && l.matches(": ").count() > 1)
+            .count();
         eprintln!(
             "seed {seed}: {} operations ({failed} refused by the filesystem), {} paths erased \
              ({modified} modified), the longest {} bytes",

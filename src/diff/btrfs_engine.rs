@@ -13,7 +13,7 @@
 //! root tree (their ROOT_REFs), and each is handed to the walk, everything in it new.
 //!
 //! A directory whose ctime moved is also compared by its extended attributes (ACLs), which
-//! its inode item does not hold.
+//! its inode item does not hold, and its `chattr` flags.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -223,8 +223,8 @@ impl<'a> Resolver<'a> {
                     {
                         Some(st)
                             if meta.same_as(&Meta::from_stat(&st))
-                                && (!meta.needs_xattr_check(&Meta::from_stat(&st))
-                                    || same_xattrs(self.tree, blank.fd, parent, name)) =>
+                                && (!meta.needs_attribute_check(&Meta::from_stat(&st))
+                                    || same_attributes(self.tree, blank.fd, parent, name)) =>
                         {
                             None
                         }
@@ -254,9 +254,9 @@ impl<'a> Resolver<'a> {
     }
 }
 
-/// Whether the directory `name` in `parent` has the same extended attributes in the live tree
-/// and in the blank; what cannot be opened counts as different.
-fn same_xattrs(tree: &OwnedFd, blank: &OwnedFd, parent: &[u8], name: &[u8]) -> bool {
+/// Whether the directory `name` in `parent` has the same extended attributes and `chattr`
+/// flags in the live tree and in the blank; what cannot be opened counts as different.
+fn same_attributes(tree: &OwnedFd, blank: &OwnedFd, parent: &[u8], name: &[u8]) -> bool {
     let (Ok(live_dir), Ok(blank_dir), Ok(name)) = (
         open_beneath(tree, parent),
         open_beneath(blank, parent),
@@ -264,7 +264,7 @@ fn same_xattrs(tree: &OwnedFd, blank: &OwnedFd, parent: &[u8], name: &[u8]) -> b
     ) else {
         return false;
     };
-    super::same_dir_xattrs(live_dir.as_fd(), blank_dir.as_fd(), &name)
+    super::same_dir_attributes(live_dir.as_fd(), blank_dir.as_fd(), &name)
 }
 
 /// Whether a directory, or one above it, is left out; remembered per directory.

@@ -130,8 +130,7 @@ pub enum Status {
 }
 
 /// What is said about [`Status::Unstored`] paths, wherever they are shown.
-pub const UNSTORED_NOTE: &str =
-    "in the manifest but not yet in storage (run rasa migrate --apply)";
+pub const UNSTORED_NOTE: &str = "in the manifest but not yet in storage (run rasa migrate --apply)";
 
 /// One path the next boot erases.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -183,8 +182,8 @@ impl Meta {
 
     /// Unchanged since the blank, as far as the inode's own fields tell. A directory's times
     /// and size change with its entries, which are judged on their own, so only its mode and
-    /// owner count here; its extended attributes (ACLs among them) are compared separately
-    /// when [`Meta::needs_xattr_check`] says so. For anything else the ctime is the witness
+    /// owner count here; its extended attributes (ACLs among them) and `chattr` flags are
+    /// compared separately when [`Meta::needs_attribute_check`] says so. For anything else the ctime is the witness
     /// of every other change: the kernel sets it on each write, chmod, chown, link and xattr
     /// change, and no one can set it back (a content change hidden with `touch -r` included).
     pub fn same_as(&self, blank: &Meta) -> bool {
@@ -202,9 +201,10 @@ impl Meta {
         }
     }
 
-    /// A directory whose ctime moved may have changed extended attributes (or only entries):
-    /// its xattrs must be compared with the blank's. An unchanged ctime rules that out.
-    pub fn needs_xattr_check(&self, blank: &Meta) -> bool {
+    /// A directory whose ctime moved may have changed extended attributes or `chattr` flags
+    /// (or only its entries): those must be compared with the blank's. An unchanged ctime
+    /// rules that out.
+    pub fn needs_attribute_check(&self, blank: &Meta) -> bool {
         Kind::from_mode(self.mode) == Kind::Directory && self.ctime != blank.ctime
     }
 
@@ -217,17 +217,19 @@ impl Meta {
 }
 
 /// Whether the directories `name` in `live_dir` and in `blank_dir` have the same extended
-/// attributes (POSIX ACLs, capabilities, security labels, user attributes): the next boot
-/// brings back the blank's. Anything that cannot be read counts as different, so a doubt is
-/// reported rather than called safe.
-pub fn same_dir_xattrs(
+/// attributes (POSIX ACLs, capabilities, security labels, user attributes) and `chattr` flags:
+/// the next boot brings back the blank's. Anything that cannot be read counts as different, so
+/// a doubt is reported rather than called safe.
+pub fn same_dir_attributes(
     live_dir: std::os::fd::BorrowedFd<'_>,
     blank_dir: std::os::fd::BorrowedFd<'_>,
     name: &std::ffi::CStr,
 ) -> bool {
     let read = |dir: std::os::fd::BorrowedFd<'_>| {
         let fd = btrfs::open_dir_at(dir, OsStr::from_bytes(name.to_bytes())).ok()?;
-        crate::copy::read_xattrs_sorted(&crate::copy::XattrSource::Fd(fd.as_fd())).ok()
+        let xattrs =
+            crate::copy::read_xattrs_sorted(&crate::copy::XattrSource::Fd(fd.as_fd())).ok()?;
+        Some((xattrs, crate::copy::get_flags(fd.as_fd())))
     };
     match (read(live_dir), read(blank_dir)) {
         (Some(live), Some(blank)) => live == blank,
@@ -759,7 +761,7 @@ fn add_unstored(rules: &rules::Rules, live: &OwnedFd, found: &mut Vec<Found>) ->
         if kind == Kind::Symlink {
             let target = walk::readlink_beneath(live, &entry).unwrap_or_default();
             // impermanence's link to its copy: nothing here but the link, which comes back.
-            if rules.into_storage(&target) {
+            if rules.points_into_storage(&target) {
                 continue;
             }
         }

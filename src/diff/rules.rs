@@ -136,7 +136,7 @@ impl Rules {
     }
 
     /// Whether a symlink target points into a storage root (an impermanence file link).
-    pub fn into_storage(&self, target: &[u8]) -> bool {
+    pub fn points_into_storage(&self, target: &[u8]) -> bool {
         self.storage_roots.iter().any(|root| under(target, root))
     }
 
@@ -179,7 +179,7 @@ impl Rules {
             if under(target, NIX_STORE) {
                 return Some(Reason::StoreSymlink);
             }
-            if self.into_storage(target) {
+            if self.points_into_storage(target) {
                 return Some(Reason::Persisted);
             }
         }

@@ -94,21 +94,15 @@ impl<'a> Walk<'a> {
                                     q = wake.wait(q).unwrap();
                                 }
                             };
-                            let Some((path, in_blank, device)) = task else {
+                            let Some(task) = task else {
                                 wake.notify_all();
                                 break;
                             };
                             let mut subdirs = Vec::new();
                             if failure.lock().unwrap().is_none() {
-                                if let Err(e) = self.read_dir(
-                                    live,
-                                    blank,
-                                    &path,
-                                    in_blank,
-                                    device,
-                                    &mut found,
-                                    &mut subdirs,
-                                ) {
+                                if let Err(e) =
+                                    self.read_dir(live, blank, &task, &mut found, &mut subdirs)
+                                {
                                     failure.lock().unwrap().get_or_insert(e);
                                 }
                             }
@@ -141,12 +135,11 @@ impl<'a> Walk<'a> {
         &self,
         live_top: &OwnedFd,
         blank_top: Option<&OwnedFd>,
-        path: &[u8],
-        in_blank: bool,
-        expected_device: Option<u64>,
+        (path, in_blank, expected_device): &Task,
         found: &mut Vec<Found>,
         subdirs: &mut Vec<Task>,
     ) -> Result<()> {
+        let (path, in_blank, expected_device) = (path.as_slice(), *in_blank, *expected_device);
         let live = match open_beneath(live_top, path) {
             Ok(fd) => fd,
             // Gone or replaced since it was listed: the tree is live.
@@ -244,8 +237,8 @@ impl<'a> Walk<'a> {
                 Some(b) => {
                     let blank_meta = Meta::from_stat(b);
                     let same = live_meta.same_as(&blank_meta)
-                        && (!live_meta.needs_xattr_check(&blank_meta)
-                            || super::same_dir_xattrs(
+                        && (!live_meta.needs_attribute_check(&blank_meta)
+                            || super::same_dir_attributes(
                                 dir.as_fd(),
                                 blank.as_ref().expect("in the blank").as_fd(),
                                 name,

@@ -12,6 +12,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("rollback") => rollback::run(&args[1..]),
         Some("migrate") => migrate::run(&args[1..]),
         Some("diff") => diff::run(&args[1..]),
-        _ => bail!("usage: cargo xtask bench <rollback|migrate|diff>"),
+        Some("diff-fuzz") => diff::fuzz(&args[1..]),
+        _ => bail!("usage: cargo xtask bench <rollback|migrate|diff|diff-fuzz>"),
     }
 }
