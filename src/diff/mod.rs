@@ -309,8 +309,8 @@ pub fn run(args: Args) -> Result<u8> {
         Err(e) if is_broken_pipe(&e) => {}
         other => other?,
     }
-    // The unflushed rest would be written again (and fail again) when dropped.
-    std::mem::forget(stdout);
+    // On a broken pipe the rest is dropped unwritten (BufWriter ignores errors when dropped).
+    drop(stdout);
     let code = if args.exit_code && !outcome.found.is_empty() {
         exit::PROBLEMS
     } else {

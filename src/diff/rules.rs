@@ -260,6 +260,23 @@ mod tests {
     }
 
     #[test]
+    fn unstored_entries_are_not_persisted() {
+        let r = rules(&[]).with_unstored(&["/var/lib/nixos/".into()]);
+        assert_eq!(
+            r.check(b"/var/lib/nixos", true, None),
+            Some(Reason::Unstored)
+        );
+        assert_eq!(
+            r.check(b"/etc/machine-id", false, None),
+            Some(Reason::Persisted)
+        );
+        assert_eq!(r.persisted_count, 1);
+        assert_eq!(r.unstored(), vec![b"/var/lib/nixos".to_vec()]);
+        assert!(r.points_into_storage(b"/persist/etc/x"));
+        assert!(!r.points_into_storage(b"/persistent/etc/x"));
+    }
+
+    #[test]
     fn bad_glob_is_refused() {
         let err = Rules::new(&[], &[], &[], &["/a/[".into()]).err().unwrap();
         assert_eq!(

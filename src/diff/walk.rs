@@ -270,7 +270,10 @@ fn nested_subvolume_here(dir: &Dir, dir_ino: u64, name: &CStr) -> Result<bool> {
         // Gone since it was listed.
         return Ok(false);
     };
-    let child = btrfs::subvol_info(child.as_fd())?;
+    // Not a btrfs subvolume at all (another filesystem whose top happens to be inode 256).
+    let Ok(child) = btrfs::subvol_info(child.as_fd()) else {
+        return Ok(false);
+    };
     let parent = btrfs::subvol_info(dir.as_fd())?;
     Ok(child.parent_id == parent.id && child.dirid == dir_ino)
 }
