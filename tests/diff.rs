@@ -1090,15 +1090,20 @@ fn a_closed_stdout_is_not_a_failure() {
 
 /// Random trees and random changes, each checked against a ground truth computed here
 /// independently of both engines: a full recursive `lstat` + xattr + content comparison of the
-/// live root with the blank. `RASA_DIFF_FUZZ_SEEDS=N` runs seeds 1..=N (what
+/// live root with the blank. `RASA_DIFF_FUZZ_SEEDS=N` runs seeds 1..=N (`A..B`: A..=B; what
 /// `cargo xtask bench diff-fuzz` does), `RASA_DIFF_FUZZ_SEED=S` only seed S; by default a
 /// fixed pair of seeds, one for each way a root and its blank can be related.
 #[test]
 fn random_trees_match_the_ground_truth() {
     let seeds: Vec<u64> = if let Ok(one) = std::env::var("RASA_DIFF_FUZZ_SEED") {
         vec![one.parse().expect("RASA_DIFF_FUZZ_SEED is a number")]
-    } else if let Ok(count) = std::env::var("RASA_DIFF_FUZZ_SEEDS") {
-        (1..=count.parse().expect("RASA_DIFF_FUZZ_SEEDS is a number")).collect()
+    } else if let Ok(seeds) = std::env::var("RASA_DIFF_FUZZ_SEEDS") {
+        // `N` (1..=N) or `A..B` (A..=B).
+        let number = |s: &str| -> u64 { s.parse().expect("RASA_DIFF_FUZZ_SEEDS is N or A..B") };
+        match seeds.split_once("..") {
+            Some((first, last)) => (number(first)..=number(last)).collect(),
+            None => (1..=number(&seeds)).collect(),
+        }
     } else {
         vec![1, 2]
     };

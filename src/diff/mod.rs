@@ -43,6 +43,8 @@ Examples:
 
 Left out: what the blank holds unchanged, the manifest's persisted paths and its diffIgnore
 globs, symlinks into /nix/store, /proc /sys /dev /run /tmp and every other mount on /.
+Not left out: subvolumes nested in the root (the next boot erases them with it), and manifest
+entries whose storage copy does not exist yet (status `unstored`: run rasa migrate --apply).
 Paths that are not UTF-8 are printed with \\xNN escapes (JSON also gives their bytes).")]
 pub struct Args {
     #[command(flatten)]
