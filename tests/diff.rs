@@ -875,6 +875,31 @@ fn entries_not_yet_in_storage_are_erased() {
             && !nix.contains("\"/var/lib/app\""),
         "{nix}"
     );
+    // An entry where something else is mounted: what is there is not the root's.
+    let live = fs.dir.path().join("live");
+    std::fs::create_dir(&live).unwrap();
+    sh(&format!(
+        "mount -o subvol=root {} '{}'",
+        fs.device.display(),
+        live.display()
+    ));
+    let live_guard = Unmount(live.clone());
+    fs.subvolume("app-data");
+    write(&fs.path("app-data/db"), "elsewhere\n");
+    sh(&format!(
+        "mount -o subvol=app-data {} '{}'",
+        fs.device.display(),
+        live.join("var/lib/app").display()
+    ));
+    expect![[r#"
+        unstored file              10  /etc/adjtime
+    "#]]
+    .assert_eq(&both_engines(
+        &fs,
+        &manifest,
+        &["--live-root", live.to_str().unwrap()],
+    ));
+    drop(live_guard);
     // Once stored, they are persisted and left out.
     std::fs::create_dir_all(storage.join("var/lib/app")).unwrap();
     write(&storage.join("etc/adjtime"), "0.0 0 0.0\n");

@@ -752,7 +752,8 @@ fn add_unstored(rules: &rules::Rules, live: &OwnedFd, found: &mut Vec<Found>) ->
                     .check(&entry[..i], true, None)
                     .is_some_and(|r| r != rules::Reason::Unstored)
             });
-        if excluded_above {
+        // Something mounted there (a /home subvolume of its own, say) is not the root's to lose.
+        if excluded_above || rules.is_mount(&entry) {
             continue;
         }
         let Some(st) = walk::stat_beneath(live, &entry) else {

@@ -135,6 +135,11 @@ impl Rules {
         paths
     }
 
+    /// Whether `path` is a runtime directory or a mount point below the live root.
+    pub fn is_mount(&self, path: &[u8]) -> bool {
+        self.mounts.contains(path)
+    }
+
     /// Whether a symlink target points into a storage root (an impermanence file link).
     pub fn points_into_storage(&self, target: &[u8]) -> bool {
         self.storage_roots.iter().any(|root| under(target, root))
