@@ -48,7 +48,6 @@ impl<'a> Walk<'a> {
         top: &OwnedFd,
         progress: Option<indicatif::ProgressBar>,
     ) -> Result<Walk<'a>> {
-        fstat(top.as_fd()).context("inspecting the tree to walk")?;
         Ok(Walk {
             rules,
             on_btrfs: btrfs::is_btrfs(top.as_fd())?,
@@ -270,12 +269,14 @@ fn nested_subvolume_here(dir: &Dir, dir_ino: u64, name: &CStr) -> Result<bool> {
         // Gone since it was listed.
         return Ok(false);
     };
-    // Not a btrfs subvolume at all (another filesystem whose top happens to be inode 256).
+    // Another filesystem (btrfs or not) whose top happens to be inode 256 is a mount.
+    let same_filesystem = crate::copy::btrfs_fsid(child.as_fd())
+        .is_some_and(|fsid| crate::copy::btrfs_fsid(dir.as_fd()) == Some(fsid));
     let Ok(child) = btrfs::subvol_info(child.as_fd()) else {
         return Ok(false);
     };
     let parent = btrfs::subvol_info(dir.as_fd())?;
-    Ok(child.parent_id == parent.id && child.dirid == dir_ino)
+    Ok(same_filesystem && child.parent_id == parent.id && child.dirid == dir_ino)
 }
 
 pub fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
