@@ -1155,7 +1155,7 @@ mod fuzz {
     }
 
     /// What exists below `top` (relative paths), directories and the rest, read with std::fs
-    /// where the paths are short enough for it.
+    /// (but not inside a deep chain, which [`check_seed`] changes itself).
     fn scan(top: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
         let (mut dirs, mut others) = (vec![PathBuf::new()], Vec::new());
         let mut i = 0;
@@ -1164,7 +1164,9 @@ mod fuzz {
             if let Ok(entries) = std::fs::read_dir(&dir) {
                 for entry in entries.flatten() {
                     let rel = dirs[i].join(entry.file_name());
-                    if rel.as_os_str().len() > 3000 {
+                    // The deep chains (250-byte names) are changed on purpose, apart: picked
+                    // here, their many levels would draw most operations into them.
+                    if dirs[i].as_os_str().len() > 200 {
                         continue;
                     }
                     match entry.file_type() {
@@ -1259,11 +1261,16 @@ mod fuzz {
             }
             (70..=72, Some(t)) => {
                 let user = *pick(rng, &["u:1234:rwx", "u:1000:r", "g:1234:rx"]).unwrap();
+                // A default ACL (directories only) now and then.
+                let flag = if rng.bool() { "-m" } else { "-dm" };
                 let out = Command::new("setfacl")
-                    .args(["-m", user])
+                    .args([flag, user])
                     .arg(p(t))
                     .output();
-                (format!("setfacl {user} {}", t.display()), out.map(|_| ()))
+                (
+                    format!("setfacl {flag} {user} {}", t.display()),
+                    out.map(|_| ()),
+                )
             }
             (73..=77, Some(t)) => (
                 format!("link {} {}", t.display(), fresh.display()),
@@ -1315,7 +1322,12 @@ mod fuzz {
                     result,
                 )
             }
-            (94..=99, Some(t)) if p(t).is_file() && !p(t).is_symlink() => (
+            (94..=96, Some(t)) if !p(t).is_symlink() => {
+                let flag = *pick(rng, &["+d", "-d", "+A"]).unwrap();
+                let out = Command::new("chattr").arg(flag).arg(p(t)).output();
+                (format!("chattr {flag} {}", t.display()), out.map(|_| ()))
+            }
+            (97..=99, Some(t)) if p(t).is_file() && !p(t).is_symlink() => (
                 format!("touch {}", t.display()),
                 std::fs::File::options()
                     .write(true)
@@ -1335,7 +1347,8 @@ mod fuzz {
 
     /// What the next boot erases, by the plain definition: every live path whose counterpart
     /// in the blank is missing, of another type, another inode, or differs in mode, owner,
-    /// extended attributes (ACLs included), and for anything but a directory in size, mtime,
+    /// extended attributes (ACLs included), `chattr` flags, and for anything but a directory
+    /// in size, mtime,
     /// ctime, content or symlink target. Inside a nested subvolume everything is new.
     /// Directory times and sizes follow their entries, which are judged on their own.
     pub fn ground_truth(live: &Path, blank: &Path) -> BTreeMap<Vec<u8>, &'static str> {
@@ -1366,6 +1379,28 @@ mod fuzz {
             .collect();
         all.sort();
         all
+    }
+
+    /// The `chattr` flags, as `lsattr` prints them (through this process's /proc fd entry, so
+    /// the path stays short however deep the file).
+    fn flags(dir: &OwnedFd, name: &std::ffi::OsStr) -> String {
+        let path = Path::new(&format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            dir.as_raw_fd()
+        ))
+        .join(name);
+        let out = Command::new("lsattr")
+            .arg("-d")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "lsattr: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
     }
 
     fn read_at(dir: &OwnedFd, name: &std::ffi::OsStr) -> Vec<u8> {
@@ -1422,6 +1457,10 @@ mod fuzz {
                         || b.st_uid != l.st_uid
                         || b.st_gid != l.st_gid
                         || xattrs(&live, &name) != xattrs(blank, &name);
+                    let kind = l.st_mode & nix::libc::S_IFMT;
+                    if !differs && (kind == nix::libc::S_IFDIR || kind == nix::libc::S_IFREG) {
+                        differs = flags(&live, &name) != flags(blank, &name);
+                    }
                     if !is_dir {
                         differs |= b.st_size != l.st_size
                             || (b.st_mtime, b.st_mtime_nsec) != (l.st_mtime, l.st_mtime_nsec)
@@ -1489,6 +1528,9 @@ mod fuzz {
             let bottom = deep_chain(&fs.path("root"), 17);
             write_at(&bottom, "deep-old", "rewritten in the root");
             write_at(&bottom, "deep-new", "new in the root");
+            // A directory of the blank, over 4,080 bytes deep, changed in its attributes.
+            let dir = std::fs::File::from(bottom);
+            xattr::FileExt::set_xattr(&dir, "user.deep", b"changed").unwrap();
             log.push("root: deep chain at the top changed".to_owned());
         }
         let manifest = stored_manifest(fs);
