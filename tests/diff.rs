@@ -11,16 +11,31 @@ use std::process::Command;
 use common::{sh, stderr, stdout, LoopBtrfs};
 use expect_test::expect;
 
-const MANIFEST: &str = r#"{
+/// The test manifest, its storage root the `persist` subvolume of the test filesystem.
+fn manifest_json(storage: &Path) -> String {
+    r#"{
   "version": 1,
   "rollback": { "device": "/dev/null", "root": "root", "blank": "root-blank", "oldRoots": "old_roots",
                 "persist": "persist", "keep": 5, "keepDays": 7 },
   "entries": [
-    { "storageRoot": "/persist", "path": "/var/lib/nixos", "kind": "directory", "user": "root", "group": "root", "mode": "0755" },
-    { "storageRoot": "/persist", "path": "/etc/machine-id", "kind": "file", "user": "root", "group": "root", "mode": "0755" }
+    { "storageRoot": "@STORAGE@", "path": "/var/lib/nixos", "kind": "directory", "user": "root", "group": "root", "mode": "0755" },
+    { "storageRoot": "@STORAGE@", "path": "/etc/machine-id", "kind": "file", "user": "root", "group": "root", "mode": "0755" }
   ],
   "diffIgnore": ["/var/cache/**"]
-}"#;
+}"#
+    .replace("@STORAGE@", storage.to_str().unwrap())
+}
+
+/// Write the test manifest, with the storage copies of its entries in place (as after
+/// `rasa migrate --apply`).
+fn stored_manifest(fs: &LoopBtrfs) -> PathBuf {
+    let storage = fs.path("persist");
+    std::fs::create_dir_all(storage.join("var/lib/nixos")).unwrap();
+    write(&storage.join("etc/machine-id"), "0123\n");
+    let manifest = fs.dir.path().join("manifest.json");
+    std::fs::write(&manifest, manifest_json(&storage)).unwrap();
+    manifest
+}
 
 fn write(path: &Path, content: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -124,7 +139,8 @@ fn scenario(fs: &LoopBtrfs, origin: Origin) -> PathBuf {
     std::fs::rename(r.join("olddir"), r.join("movedir")).unwrap();
     std::os::unix::fs::symlink("/nix/store/abc-etc/static", r.join("etc/static")).unwrap();
     std::os::unix::fs::symlink("/home/alice", r.join("etc/alice-link")).unwrap();
-    std::os::unix::fs::symlink("/persist/etc/machine-id", r.join("etc/machine-id")).unwrap();
+    std::os::unix::fs::symlink(fs.path("persist/etc/machine-id"), r.join("etc/machine-id"))
+        .unwrap();
     std::fs::hard_link(r.join("etc/keep.conf"), r.join("etc/keep-link.conf")).unwrap();
     std::fs::remove_file(r.join("etc/keep-link.conf")).unwrap();
     std::fs::write(
@@ -136,9 +152,7 @@ fn scenario(fs: &LoopBtrfs, origin: Origin) -> PathBuf {
     fs.subvolume("root/var/lib/machines");
     write(&r.join("var/lib/machines/inside"), "nested subvolume\n");
     sh("sync");
-    let manifest = fs.dir.path().join("manifest.json");
-    std::fs::write(&manifest, MANIFEST).unwrap();
-    manifest
+    stored_manifest(fs)
 }
 
 fn diff(fs: &LoopBtrfs, manifest: &Path, extra: &[&str]) -> (String, String) {
@@ -182,6 +196,8 @@ const EXPECTED_LONG: expect_test::Expect = expect![[r#"
     new      dir                0  /var/lib/bluetooth
     new      dir                0  /var/lib/bluetooth/AA:BB
     new      file               7  /var/lib/bluetooth/AA:BB/info
+    new      dir                0  /var/lib/machines
+    new      file              17  /var/lib/machines/inside
     modified dir                0  /var/log
 "#]];
 
@@ -225,7 +241,7 @@ fn check_scenario(test: &str, origin: Origin) {
     let parsed: serde_json::Value = serde_json::from_str(&btrfs_json).unwrap();
     assert_eq!(parsed["engine"], "btrfs");
     assert_eq!(parsed["compared_with"], "root-blank");
-    assert_eq!(parsed["paths"], 23);
+    assert_eq!(parsed["paths"], 25);
     let odd = parsed["entries"]
         .as_array()
         .unwrap()
@@ -325,8 +341,7 @@ fn engines_agree_on_a_tree_spanning_many_leaves() {
         new_dirs += 1;
     }
     sh("sync");
-    let manifest = fs.dir.path().join("manifest.json");
-    std::fs::write(&manifest, MANIFEST).unwrap();
+    let manifest = stored_manifest(&fs);
     let (btrfs_long, _) = diff(&fs, &manifest, &["--engine", "btrfs", "--long"]);
     let (walk_long, _) = diff(&fs, &manifest, &["--engine", "walk", "--long"]);
     let count = |prefix: &str| btrfs_long.lines().filter(|l| l.starts_with(prefix)).count();
@@ -368,11 +383,11 @@ fn summary_nix_and_exit_code() {
     let manifest = scenario(&fs, Origin::RootFromBlank);
     let (summary, _) = diff(&fs, &manifest, &[]);
     expect![[r#"
-        23 paths (95 B) on root will be erased by the next boot [engine: btrfs, compared with root-blank]
+        25 paths (112 B) on root will be erased by the next boot [engine: btrfs, compared with root-blank]
 
               SIZE    PATHS      NEW MODIFIED  DIRECTORY
               68 B       12        9        3  /etc
-              17 B        6        5        1  /var
+              34 B        8        7        1  /var
                6 B        1        1        0  /home
                4 B        4        4        0  /movedir
 
@@ -382,6 +397,7 @@ fn summary_nix_and_exit_code() {
     .assert_eq(&summary);
 
     let (nix, _) = diff(&fs, &manifest, &["--nix"]);
+    let nix = nix.replace(fs.path("persist").to_str().unwrap(), "/persist");
     expect![[r##"
         # What `rasa diff` found on root that the next boot erases. Paste into your NixOS
         # configuration (with the impermanence module) and delete what you do not want to keep.
@@ -391,6 +407,7 @@ fn summary_nix_and_exit_code() {
             "/movedir" # 4 paths, 4 B
             "/var/lib/app" # 2 paths, 10 B
             "/var/lib/bluetooth" # Bluetooth pairings
+            "/var/lib/machines" # 2 paths, 17 B
             "/var/log" # mode or owner differs from the blank
           ];
           files = [
@@ -667,4 +684,900 @@ fn walk_works_on_tmpfs_and_mounts_are_left_out() {
     sh(&format!("umount '{0}/srv' && umount '{0}'", live.display()));
     assert_eq!(walk, btrfs);
     EXPECTED_LONG.assert_eq(&btrfs);
+}
+
+/// A root made from a blank whose content `fill` writes (through the `seed` subvolume, kept).
+fn root_from_seed(fs: &LoopBtrfs, fill: impl FnOnce(&Path)) -> PathBuf {
+    fs.subvolume("seed");
+    fs.subvolume("persist");
+    fill(&fs.path("seed"));
+    sh(&format!(
+        "btrfs -q subvolume snapshot -r {top}/seed {top}/root-blank && \
+         btrfs -q subvolume snapshot {top}/root-blank {top}/root",
+        top = fs.top.display()
+    ));
+    fs.path("root")
+}
+
+/// `--long` from both engines, which must agree; returns it.
+fn both_engines(fs: &LoopBtrfs, manifest: &Path, extra: &[&str]) -> String {
+    sh("sync");
+    let mut outputs = Vec::new();
+    for engine in ["btrfs", "walk"] {
+        let mut args = vec!["--engine", engine, "--long"];
+        args.extend_from_slice(extra);
+        outputs.push(diff(fs, manifest, &args).0);
+    }
+    assert!(
+        outputs[0] == outputs[1],
+        "the engines disagree ({extra:?}):\n{}",
+        line_diff(&outputs[0], &outputs[1])
+    );
+    outputs.swap_remove(0)
+}
+
+/// Subvolumes nested in the root (a container engine's, snapper's) leave with the root at the
+/// next rollback and are deleted with it by prune: they and everything in them are erased.
+/// A subvolume or a filesystem mounted from elsewhere survives and is left out.
+#[test]
+fn nested_subvolumes_are_erased_with_the_root() {
+    let Some(fs) = LoopBtrfs::new("nested_subvolumes_are_erased_with_the_root", 300) else {
+        return;
+    };
+    let root = root_from_seed(&fs, |seed| {
+        write(&seed.join("etc/keep.conf"), "kept\n");
+        for dir in ["var/lib", "srv", "mnt"] {
+            std::fs::create_dir_all(seed.join(dir)).unwrap();
+        }
+    });
+    fs.subvolume("root/var/lib/docker");
+    write(&root.join("var/lib/docker/image"), "layer\n");
+    std::fs::create_dir(root.join("var/lib/docker/btrfs")).unwrap();
+    fs.subvolume("root/var/lib/docker/btrfs/sub");
+    write(&root.join("var/lib/docker/btrfs/sub/file"), "deep\n");
+    fs.subvolume("root/.snapshots");
+    // Not nested in the root: a sibling subvolume, mounted inside the live root below.
+    fs.subvolume("data");
+    write(&fs.path("data/kept"), "survives\n");
+    let manifest = stored_manifest(&fs);
+    let expected = expect![[r#"
+        new      dir                0  /.snapshots
+        new      dir                0  /var/lib/docker
+        new      dir                0  /var/lib/docker/btrfs
+        new      dir                0  /var/lib/docker/btrfs/sub
+        new      file               5  /var/lib/docker/btrfs/sub/file
+        new      file               6  /var/lib/docker/image
+    "#]];
+    expected.assert_eq(&both_engines(&fs, &manifest, &[]));
+
+    // The root mounted as the running system would have it, with a sibling subvolume on /srv
+    // and a tmpfs on /mnt: those two are left out, the nested ones are not.
+    let live = fs.dir.path().join("live");
+    std::fs::create_dir(&live).unwrap();
+    sh(&format!(
+        "mount -o subvol=root {} '{}'",
+        fs.device.display(),
+        live.display()
+    ));
+    let _live_guard = Unmount(live.clone());
+    sh(&format!(
+        "mount -o subvol=data {} '{}' && mount -t tmpfs rasa-test '{}' && echo x > '{}'",
+        fs.device.display(),
+        live.join("srv").display(),
+        live.join("mnt").display(),
+        live.join("mnt/x").display()
+    ));
+    expected.assert_eq(&both_engines(
+        &fs,
+        &manifest,
+        &["--live-root", live.to_str().unwrap()],
+    ));
+    // A nested subvolume mounted at its own place (snapper's /.snapshots) is still nested:
+    // the mount does not keep it.
+    write(&root.join(".snapshots/1/info.xml"), "<snapshot/>\n");
+    sh(&format!(
+        "mount -o subvol=root/.snapshots {} '{}'",
+        fs.device.display(),
+        live.join(".snapshots").display()
+    ));
+    expect![[r#"
+        new      dir                0  /.snapshots
+        new      dir                0  /.snapshots/1
+        new      file              12  /.snapshots/1/info.xml
+        new      dir                0  /var/lib/docker
+        new      dir                0  /var/lib/docker/btrfs
+        new      dir                0  /var/lib/docker/btrfs/sub
+        new      file               5  /var/lib/docker/btrfs/sub/file
+        new      file               6  /var/lib/docker/image
+    "#]]
+    .assert_eq(&both_engines(
+        &fs,
+        &manifest,
+        &["--live-root", live.to_str().unwrap()],
+    ));
+}
+
+/// A manifest whose entries (path, kind) keep their copies under `storage`.
+fn manifest_with(fs: &LoopBtrfs, storage: &Path, entries: &[(&str, &str)]) -> PathBuf {
+    let entries: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|(path, kind)| {
+            serde_json::json!({ "storageRoot": storage, "path": path, "kind": kind,
+                                "user": "root", "group": "root", "mode": "0755" })
+        })
+        .collect();
+    let manifest = serde_json::json!({
+        "version": 1,
+        "rollback": { "device": "/dev/null", "root": "root", "blank": "root-blank",
+                      "oldRoots": "old_roots", "persist": "persist", "keep": 5, "keepDays": 7 },
+        "entries": entries,
+    });
+    let path = fs.dir.path().join("manifest-entries.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
+    path
+}
+
+/// Before `migrate --apply` the entries' storage copies do not exist: the next boot mounts an
+/// empty copy over each path, so everything there is erased, what equals the blank included.
+#[test]
+fn entries_not_yet_in_storage_are_erased() {
+    let Some(fs) = LoopBtrfs::new("entries_not_yet_in_storage_are_erased", 300) else {
+        return;
+    };
+    let root = root_from_seed(&fs, |seed| {
+        write(&seed.join("var/lib/app/old"), "from the blank\n");
+        write(&seed.join("etc/adjtime"), "0.0 0 0.0\n");
+        std::fs::create_dir_all(seed.join("var/lib/nixos")).unwrap();
+    });
+    write(&root.join("var/lib/app/new.db"), "state\n");
+    write(&root.join("var/lib/nixos/uid-map"), "{}\n");
+    let storage = fs.path("persist");
+    std::fs::create_dir_all(storage.join("var/lib/nixos")).unwrap();
+    // impermanence's link to a file copy: only the link is here, and it comes back.
+    std::os::unix::fs::symlink(storage.join("etc/linked"), root.join("etc/linked")).unwrap();
+    let manifest = manifest_with(
+        &fs,
+        &storage,
+        &[
+            ("/var/lib/app", "directory"),
+            ("/etc/adjtime", "file"),
+            ("/var/lib/nixos", "directory"),
+            ("/etc/linked", "file"),
+            ("/var/lib/absent", "directory"),
+        ],
+    );
+    expect![[r#"
+        unstored file              10  /etc/adjtime
+        unstored dir                0  /var/lib/app
+        unstored file               6  /var/lib/app/new.db
+        unstored file              15  /var/lib/app/old
+    "#]]
+    .assert_eq(&both_engines(&fs, &manifest, &[]));
+    let out = fs.rasa(&["diff", "--manifest", manifest.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "/var/lib/app is in the manifest but not yet in storage (run rasa migrate --apply)"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains(
+            "4 of these path(s) (31 B) are in the manifest but not yet in storage (run rasa migrate --apply): /etc/adjtime /var/lib/app"
+        ),
+        "{}",
+        stdout(&out)
+    );
+    let (nix, _) = diff(&fs, &manifest, &["--nix"]);
+    assert!(
+        nix.contains("# /var/lib/app is in the manifest but not yet in storage")
+            && !nix.contains("\"/var/lib/app\""),
+        "{nix}"
+    );
+    // An entry where something else is mounted: what is there is not the root's.
+    let live = fs.dir.path().join("live");
+    std::fs::create_dir(&live).unwrap();
+    sh(&format!(
+        "mount -o subvol=root {} '{}'",
+        fs.device.display(),
+        live.display()
+    ));
+    let live_guard = Unmount(live.clone());
+    fs.subvolume("app-data");
+    write(&fs.path("app-data/db"), "elsewhere\n");
+    sh(&format!(
+        "mount -o subvol=app-data {} '{}'",
+        fs.device.display(),
+        live.join("var/lib/app").display()
+    ));
+    expect![[r#"
+        unstored file              10  /etc/adjtime
+    "#]]
+    .assert_eq(&both_engines(
+        &fs,
+        &manifest,
+        &["--live-root", live.to_str().unwrap()],
+    ));
+    drop(live_guard);
+    // Once stored, they are persisted and left out.
+    std::fs::create_dir_all(storage.join("var/lib/app")).unwrap();
+    write(&storage.join("etc/adjtime"), "0.0 0 0.0\n");
+    assert_eq!(both_engines(&fs, &manifest, &[]), "");
+}
+
+/// Create `levels` directories of 250-byte names below `top`, returning the deepest one open.
+fn deep_chain(top: &Path, levels: usize) -> std::os::fd::OwnedFd {
+    try_deep_chain(top, levels).unwrap()
+}
+
+fn try_deep_chain(top: &Path, levels: usize) -> nix::Result<std::os::fd::OwnedFd> {
+    use nix::fcntl::{open, openat, OFlag};
+    use nix::sys::stat::{mkdirat, Mode};
+    let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let mut dir = open(top, flags, Mode::empty())?;
+    for level in 0..levels {
+        let name = format!("{level:02}{}", "d".repeat(248));
+        match mkdirat(&dir, name.as_str(), Mode::from_bits_truncate(0o755)) {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => return Err(e),
+        }
+        dir = openat(&dir, name.as_str(), flags, Mode::empty())?;
+    }
+    Ok(dir)
+}
+
+/// Write `content` to `name` in the directory `dir` (created or truncated).
+fn write_at(dir: &std::os::fd::OwnedFd, name: &str, content: &str) {
+    try_write_at(dir, name, content).unwrap()
+}
+
+fn try_write_at(dir: &std::os::fd::OwnedFd, name: &str, content: &str) -> std::io::Result<()> {
+    use nix::fcntl::{openat, OFlag};
+    use nix::sys::stat::Mode;
+    let fd = openat(
+        dir,
+        name,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o644),
+    )?;
+    std::io::Write::write_all(&mut std::fs::File::from(fd), content.as_bytes())
+}
+
+/// Paths longer than what BTRFS_IOC_INO_LOOKUP can return (4080 bytes), both in directories
+/// the blank has and in new ones: every name is reported, by both engines.
+#[test]
+fn paths_longer_than_ino_lookup_are_reported() {
+    let Some(fs) = LoopBtrfs::new("paths_longer_than_ino_lookup_are_reported", 300) else {
+        return;
+    };
+    const LEVELS: usize = 20; // 20 × 251 bytes: the deepest paths are over 5,000 bytes long.
+    let root = root_from_seed(&fs, |seed| {
+        std::fs::create_dir(seed.join("old")).unwrap();
+        let bottom = deep_chain(&seed.join("old"), LEVELS);
+        write_at(&bottom, "kept", "kept\n");
+        write_at(&bottom, "rewritten", "before\n");
+    });
+    let bottom = deep_chain(&root.join("old"), LEVELS);
+    write_at(&bottom, "rewritten", "after, longer\n");
+    write_at(&bottom, "added", "new\n");
+    std::fs::create_dir(root.join("new")).unwrap();
+    let new_bottom = deep_chain(&root.join("new"), LEVELS);
+    write_at(&new_bottom, "file", "new\n");
+    let manifest = stored_manifest(&fs);
+    let long = both_engines(&fs, &manifest, &[]);
+    let mut old_chain = "/old".to_owned();
+    let mut new_chain = "/new".to_owned();
+    let mut expected = vec![format!("new      dir                0  {new_chain}")];
+    for level in 0..LEVELS {
+        let name = format!("/{level:02}{}", "d".repeat(248));
+        old_chain.push_str(&name);
+        new_chain.push_str(&name);
+        expected.push(format!("new      dir                0  {new_chain}"));
+    }
+    assert!(old_chain.len() > 4080);
+    expected.push(format!("new      file               4  {new_chain}/file"));
+    expected.push(format!("new      file               4  {old_chain}/added"));
+    expected.push(format!(
+        "modified file              14  {old_chain}/rewritten"
+    ));
+    expected.sort();
+    let mut got: Vec<String> = long.lines().map(str::to_owned).collect();
+    got.sort();
+    assert!(
+        got == expected,
+        "{}",
+        line_diff(&expected.join("\n"), &got.join("\n"))
+    );
+}
+
+/// With a non-empty blank, every attribute the next boot reverts is a change to report: mode,
+/// owner, extended attributes, ACLs and `chattr` flags (directories included), content rewritten with its size
+/// and mtime put back, a symlink's target, a file's type.
+#[test]
+fn attribute_changes_are_reported() {
+    let Some(fs) = LoopBtrfs::new("attribute_changes_are_reported", 300) else {
+        return;
+    };
+    let root = root_from_seed(&fs, |seed| {
+        for dir in [
+            "d_xattr",
+            "d_acl",
+            "d_default_acl",
+            "d_mode",
+            "d_owner",
+            "d_entries",
+            "d_xattr_undone",
+            "d_chattr",
+        ] {
+            std::fs::create_dir(seed.join(dir)).unwrap();
+        }
+        for file in ["f_touch", "f_xattr", "f_acl", "f_type"] {
+            write(&seed.join(file), "abcd");
+        }
+        std::os::unix::fs::symlink("old-target", seed.join("l_target")).unwrap();
+        sh(&format!(
+            "setfattr -n user.kept -v same '{}'",
+            seed.join("d_xattr_undone").display()
+        ));
+    });
+    let r = |p: &str| root.join(p).display().to_string();
+    sh(&format!(
+        "setfattr -n user.k -v v '{}' && setfacl -m u:1234:rwx '{}' && \
+         setfacl -d -m u:1234:rx '{}' && chmod 700 '{}' && chown 1234:1234 '{}' && \
+         echo new > '{}/file' && \
+         setfattr -n user.k -v v '{}' && setfacl -m u:1234:r '{}' && \
+         setfattr -n user.tmp -v x '{}' && setfattr -x user.tmp '{}' && chattr +d '{}'",
+        r("d_xattr"),
+        r("d_acl"),
+        r("d_default_acl"),
+        r("d_mode"),
+        r("d_owner"),
+        r("d_entries"),
+        r("f_xattr"),
+        r("f_acl"),
+        r("d_xattr_undone"),
+        r("d_xattr_undone"),
+        r("d_chattr"),
+    ));
+    // Same size, and the mtime put back.
+    std::fs::write(root.join("f_touch"), "wxyz").unwrap();
+    sh(&format!(
+        "touch -r '{}' '{}'",
+        fs.path("root-blank/f_touch").display(),
+        r("f_touch")
+    ));
+    std::fs::remove_file(root.join("l_target")).unwrap();
+    std::os::unix::fs::symlink("new-target", root.join("l_target")).unwrap();
+    std::fs::remove_file(root.join("f_type")).unwrap();
+    std::fs::create_dir(root.join("f_type")).unwrap();
+    let manifest = stored_manifest(&fs);
+    expect![[r#"
+        modified dir                0  /d_acl
+        modified dir                0  /d_chattr
+        modified dir                0  /d_default_acl
+        new      file               4  /d_entries/file
+        modified dir                0  /d_mode
+        modified dir                0  /d_owner
+        modified dir                0  /d_xattr
+        modified file               4  /f_acl
+        modified file               4  /f_touch
+        new      dir                0  /f_type
+        modified file               4  /f_xattr
+        new      symlink           10  /l_target
+    "#]]
+    .assert_eq(&both_engines(&fs, &manifest, &[]));
+}
+
+/// `rasa diff | head -1`: the reader goes away early; that is not a failure, and no panic.
+#[test]
+fn a_closed_stdout_is_not_a_failure() {
+    let Some(fs) = LoopBtrfs::new("a_closed_stdout_is_not_a_failure", 300) else {
+        return;
+    };
+    let root = root_from_seed(&fs, |_| {});
+    std::fs::create_dir(root.join("many")).unwrap();
+    // Well over a pipe's 64 KiB of output.
+    for i in 0..3000 {
+        std::fs::write(
+            root.join(format!("many/file-with-a-longish-name-{i:05}")),
+            "x",
+        )
+        .unwrap();
+    }
+    sh("sync");
+    let manifest = stored_manifest(&fs);
+    for format in ["--long", "--json"] {
+        let mut child = Command::new(common::RASA)
+            .args(["diff", "--manifest", manifest.to_str().unwrap(), format])
+            .arg("--device")
+            .arg(&fs.device)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut first,
+        )
+        .unwrap();
+        assert!(!first.is_empty());
+        let out = child.wait_with_output().unwrap();
+        let err = stderr(&out);
+        assert!(
+            out.status.success() && !err.contains("panicked") && !err.contains("rror"),
+            "{format}: {:?} {err}",
+            out.status
+        );
+    }
+}
+
+/// Random trees and random changes, each checked against a ground truth computed here
+/// independently of both engines: a full recursive `lstat` + xattr + content comparison of the
+/// live root with the blank. `RASA_DIFF_FUZZ_SEEDS=N` runs seeds 1..=N (`A..B`: A..=B; what
+/// `cargo xtask bench diff-fuzz` does), `RASA_DIFF_FUZZ_SEED=S` only seed S; by default a
+/// fixed pair of seeds, one for each way a root and its blank can be related.
+#[test]
+fn random_trees_match_the_ground_truth() {
+    let seeds: Vec<u64> = if let Ok(one) = std::env::var("RASA_DIFF_FUZZ_SEED") {
+        vec![one.parse().expect("RASA_DIFF_FUZZ_SEED is a number")]
+    } else if let Ok(seeds) = std::env::var("RASA_DIFF_FUZZ_SEEDS") {
+        // `N` (1..=N) or `A..B` (A..=B).
+        let number = |s: &str| -> u64 { s.parse().expect("RASA_DIFF_FUZZ_SEEDS is N or A..B") };
+        match seeds.split_once("..") {
+            Some((first, last)) => (number(first)..=number(last)).collect(),
+            None => (1..=number(&seeds)).collect(),
+        }
+    } else {
+        vec![1, 2]
+    };
+    for seed in seeds {
+        let Some(fs) = LoopBtrfs::new("random_trees_match_the_ground_truth", 300) else {
+            return;
+        };
+        fuzz::check_seed(&fs, seed);
+    }
+}
+
+mod fuzz {
+    use super::*;
+    use nix::dir::Dir;
+    use nix::fcntl::{openat, AtFlags, OFlag};
+    use nix::sys::stat::{fstatat, FileStat, Mode};
+    use std::collections::BTreeMap;
+    use std::os::fd::{AsFd, OwnedFd};
+
+    const OPERATIONS: usize = 300;
+    /// Names from a small set, so that creations, renames and links collide with what is there.
+    fn name(rng: &mut fastrand::Rng) -> String {
+        format!("n{}", rng.u32(0..24))
+    }
+
+    /// What exists below `top` (relative paths), directories and the rest, read with std::fs
+    /// (but not inside a deep chain, which [`check_seed`] changes itself).
+    fn scan(top: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+        let (mut dirs, mut others) = (vec![PathBuf::new()], Vec::new());
+        let mut i = 0;
+        while i < dirs.len() {
+            let dir = top.join(&dirs[i]);
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for entry in entries.flatten() {
+                    let rel = dirs[i].join(entry.file_name());
+                    // The deep chains (250-byte names) are changed on purpose, apart: picked
+                    // here, their many levels would draw most operations into them.
+                    if dirs[i].as_os_str().len() > 200 {
+                        continue;
+                    }
+                    match entry.file_type() {
+                        Ok(t) if t.is_dir() => dirs.push(rel),
+                        Ok(_) => others.push(rel),
+                        Err(_) => {}
+                    }
+                }
+            }
+            i += 1;
+        }
+        (dirs, others)
+    }
+
+    fn pick<'a, T>(rng: &mut fastrand::Rng, items: &'a [T]) -> Option<&'a T> {
+        (!items.is_empty()).then(|| &items[rng.usize(0..items.len())])
+    }
+
+    fn content(rng: &mut fastrand::Rng) -> Vec<u8> {
+        let len = rng.usize(0..64);
+        (0..len).map(|_| rng.alphanumeric() as u8).collect()
+    }
+
+    /// One random change below `top`; what it did, for the failure message. Failures (a rename
+    /// into its own subtree, a link across subvolumes, ...) are part of the game: the tree is
+    /// whatever the filesystem accepted.
+    fn operate(fs: &LoopBtrfs, top: &Path, rng: &mut fastrand::Rng, allow_deep: bool) -> String {
+        let (dirs, others) = scan(top);
+        let dir = pick(rng, &dirs).unwrap().clone();
+        let any: Vec<PathBuf> = dirs[1..].iter().chain(&others).cloned().collect();
+        let target = pick(rng, &any).cloned();
+        let fresh = dir.join(name(rng));
+        let p = |rel: &Path| top.join(rel);
+        let op = rng.u32(0..100);
+        let (what, result): (String, std::io::Result<()>) = match (op, &target) {
+            (0..=19, _) => (
+                format!("write {}", fresh.display()),
+                std::fs::write(p(&fresh), content(rng)),
+            ),
+            (20..=29, _) => (
+                format!("mkdir {}", fresh.display()),
+                std::fs::create_dir(p(&fresh)),
+            ),
+            (30..=37, Some(t)) => (
+                format!("delete {}", t.display()),
+                if p(t).is_dir() && !p(t).is_symlink() {
+                    // Whole trees now and then; mostly empty directories, so the tree grows.
+                    if rng.u32(0..10) == 0 {
+                        std::fs::remove_dir_all(p(t))
+                    } else {
+                        std::fs::remove_dir(p(t))
+                    }
+                } else {
+                    std::fs::remove_file(p(t))
+                },
+            ),
+            (38..=47, Some(t)) => (
+                format!("rename {} {}", t.display(), fresh.display()),
+                std::fs::rename(p(t), p(&fresh)),
+            ),
+            (48..=55, Some(t)) => {
+                let mode = *pick(rng, &[0o700, 0o755, 0o644, 0o600, 0o4755, 0o1777]).unwrap();
+                (
+                    format!("chmod {mode:o} {}", t.display()),
+                    if p(t).is_symlink() {
+                        Ok(())
+                    } else {
+                        std::fs::set_permissions(p(t), PermissionsExt::from_mode(mode))
+                    },
+                )
+            }
+            (56..=61, Some(t)) => {
+                let id = *pick(rng, &[0, 1000, 1234]).unwrap();
+                (
+                    format!("chown {id} {}", t.display()),
+                    std::os::unix::fs::lchown(p(t), Some(id), Some(id)),
+                )
+            }
+            (62..=69, Some(t)) => {
+                let key = format!("user.k{}", rng.u32(0..3));
+                let value = content(rng);
+                (
+                    format!("setfattr {key} {}", t.display()),
+                    if p(t).is_symlink() {
+                        Ok(())
+                    } else if rng.bool() {
+                        xattr::set(p(t), &key, &value)
+                    } else {
+                        xattr::remove(p(t), &key).or(Ok(()))
+                    },
+                )
+            }
+            (70..=72, Some(t)) => {
+                let user = *pick(rng, &["u:1234:rwx", "u:1000:r", "g:1234:rx"]).unwrap();
+                // A default ACL (directories only) now and then.
+                let flag = if rng.bool() { "-m" } else { "-dm" };
+                let out = Command::new("setfacl")
+                    .args([flag, user])
+                    .arg(p(t))
+                    .output();
+                (
+                    format!("setfacl {flag} {user} {}", t.display()),
+                    out.map(|_| ()),
+                )
+            }
+            (73..=77, Some(t)) => (
+                format!("link {} {}", t.display(), fresh.display()),
+                std::fs::hard_link(p(t), p(&fresh)),
+            ),
+            (78..=82, _) => {
+                let link_to = format!("t{}", rng.u32(0..5));
+                (
+                    format!("symlink {link_to} {}", fresh.display()),
+                    std::os::unix::fs::symlink(&link_to, p(&fresh)),
+                )
+            }
+            (83..=84, _) => (
+                format!("subvolume {}", fresh.display()),
+                Command::new("btrfs")
+                    .args(["-q", "subvolume", "create"])
+                    .arg(p(&fresh))
+                    .output()
+                    .map(|_| ()),
+            ),
+            (85, _) if allow_deep => {
+                // Over 4,080 bytes below the top (INO_LOOKUP's limit), a file at the bottom.
+                let text = String::from_utf8(content(rng)).unwrap();
+                let result = try_deep_chain(&p(&dir), 17)
+                    .map_err(std::io::Error::from)
+                    .and_then(|bottom| try_write_at(&bottom, "deep", &text));
+                (format!("deep chain in {}", dir.display()), result)
+            }
+            (86..=93, Some(t)) if p(t).is_file() && !p(t).is_symlink() => {
+                // Rewritten in place, same size, and (sometimes) the mtime put back.
+                let before = std::fs::symlink_metadata(p(t)).unwrap();
+                let mut data = std::fs::read(p(t)).unwrap();
+                for b in &mut data {
+                    *b = rng.alphanumeric() as u8;
+                }
+                let result = std::fs::write(p(t), &data);
+                let restore = rng.bool();
+                if restore {
+                    let mtime = before.modified().unwrap();
+                    std::fs::File::options()
+                        .write(true)
+                        .open(p(t))
+                        .unwrap()
+                        .set_modified(mtime)
+                        .unwrap();
+                }
+                (
+                    format!("rewrite {} (mtime restored: {restore})", t.display()),
+                    result,
+                )
+            }
+            (94..=96, Some(t)) if !p(t).is_symlink() => {
+                let flag = *pick(rng, &["+d", "-d", "+A"]).unwrap();
+                let out = Command::new("chattr").arg(flag).arg(p(t)).output();
+                (format!("chattr {flag} {}", t.display()), out.map(|_| ()))
+            }
+            (97..=99, Some(t)) if p(t).is_file() && !p(t).is_symlink() => (
+                format!("touch {}", t.display()),
+                std::fs::File::options()
+                    .write(true)
+                    .open(p(t))
+                    .and_then(|f| {
+                        f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1))
+                    }),
+            ),
+            _ => ("nothing".to_owned(), Ok(())),
+        };
+        let _ = fs;
+        match result {
+            Ok(()) => what,
+            Err(e) => format!("{what}: {e}"),
+        }
+    }
+
+    /// What the next boot erases, by the plain definition: every live path whose counterpart
+    /// in the blank is missing, of another type, another inode, or differs in mode, owner,
+    /// extended attributes (ACLs included), `chattr` flags, and for anything but a directory
+    /// in size, mtime,
+    /// ctime, content or symlink target. Inside a nested subvolume everything is new.
+    /// Directory times and sizes follow their entries, which are judged on their own.
+    pub fn ground_truth(live: &Path, blank: &Path) -> BTreeMap<Vec<u8>, &'static str> {
+        let open = |path: &Path| {
+            nix::fcntl::open(
+                path,
+                OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .unwrap()
+        };
+        let live_dir = open(live);
+        let dev = nix::sys::stat::fstat(&live_dir).unwrap().st_dev;
+        let mut out = BTreeMap::new();
+        visit(live_dir, Some(open(blank)), Vec::new(), dev, &mut out);
+        out
+    }
+
+    fn xattrs(dir: &OwnedFd, name: &std::ffi::OsStr) -> Vec<(std::ffi::OsString, Vec<u8>)> {
+        // The l*xattr calls through /proc/self/fd: the path stays short however deep the file.
+        let path = Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
+        let mut all: Vec<_> = xattr::list(&path)
+            .unwrap()
+            .map(|k| {
+                let v = xattr::get(&path, &k).unwrap().unwrap_or_default();
+                (k, v)
+            })
+            .collect();
+        all.sort();
+        all
+    }
+
+    /// The `chattr` flags, as `lsattr` prints them (through this process's /proc fd entry, so
+    /// the path stays short however deep the file).
+    fn flags(dir: &OwnedFd, name: &std::ffi::OsStr) -> String {
+        let path = Path::new(&format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            dir.as_raw_fd()
+        ))
+        .join(name);
+        let out = Command::new("lsattr")
+            .arg("-d")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "lsattr: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    fn read_at(dir: &OwnedFd, name: &std::ffi::OsStr) -> Vec<u8> {
+        let fd = openat(
+            dir,
+            name,
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut data).unwrap();
+        data
+    }
+
+    use std::os::fd::AsRawFd;
+
+    fn visit(
+        live: OwnedFd,
+        blank: Option<OwnedFd>,
+        path: Vec<u8>,
+        root_dev: u64,
+        out: &mut BTreeMap<Vec<u8>, &'static str>,
+    ) {
+        let mut names: Vec<std::ffi::OsString> = Dir::from_fd(live.try_clone().unwrap())
+            .unwrap()
+            .iter()
+            .map(|e| std::ffi::OsStr::from_bytes(e.unwrap().file_name().to_bytes()).to_owned())
+            .filter(|n| n != "." && n != "..")
+            .collect();
+        names.sort();
+        for name in names {
+            let l = fstatat(&live, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW).unwrap();
+            let is_dir = l.st_mode & nix::libc::S_IFMT == nix::libc::S_IFDIR;
+            // btrfs's placeholder for a subvolume the blank had: empty, nothing to lose.
+            if is_dir && l.st_ino == 2 {
+                continue;
+            }
+            let mut full = path.clone();
+            full.push(b'/');
+            full.extend_from_slice(name.as_bytes());
+            let in_root = l.st_dev == root_dev;
+            let b: Option<FileStat> = blank
+                .as_ref()
+                .filter(|_| in_root)
+                .and_then(|b| fstatat(b, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW).ok())
+                .filter(|b| b.st_mode & nix::libc::S_IFMT == l.st_mode & nix::libc::S_IFMT)
+                .filter(|b| b.st_ino == l.st_ino);
+            let status = match &b {
+                None => Some("new"),
+                Some(b) => {
+                    let blank = blank.as_ref().unwrap();
+                    let mut differs = b.st_mode != l.st_mode
+                        || b.st_uid != l.st_uid
+                        || b.st_gid != l.st_gid
+                        || xattrs(&live, &name) != xattrs(blank, &name);
+                    let kind = l.st_mode & nix::libc::S_IFMT;
+                    if !differs && (kind == nix::libc::S_IFDIR || kind == nix::libc::S_IFREG) {
+                        differs = flags(&live, &name) != flags(blank, &name);
+                    }
+                    if !is_dir {
+                        differs |= b.st_size != l.st_size
+                            || (b.st_mtime, b.st_mtime_nsec) != (l.st_mtime, l.st_mtime_nsec)
+                            || (b.st_ctime, b.st_ctime_nsec) != (l.st_ctime, l.st_ctime_nsec);
+                        let kind = l.st_mode & nix::libc::S_IFMT;
+                        if kind == nix::libc::S_IFREG {
+                            differs |= read_at(&live, &name) != read_at(blank, &name);
+                        } else if kind == nix::libc::S_IFLNK {
+                            differs |= nix::fcntl::readlinkat(&live, name.as_os_str()).unwrap()
+                                != nix::fcntl::readlinkat(blank, name.as_os_str()).unwrap();
+                        }
+                    }
+                    differs.then_some("modified")
+                }
+            };
+            if let Some(status) = status {
+                out.insert(full.clone(), status);
+            }
+            if is_dir {
+                let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+                let child = openat(&live, name.as_os_str(), flags, Mode::empty()).unwrap();
+                let blank_child = b
+                    .and(blank.as_ref())
+                    .and_then(|blank| openat(blank, name.as_os_str(), flags, Mode::empty()).ok());
+                visit(child, blank_child, full, root_dev, out);
+            }
+        }
+        let _ = live.as_fd();
+    }
+
+    pub fn check_seed(fs: &LoopBtrfs, seed: u64) {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut log = Vec::new();
+        let root_from_blank = seed % 2 == 1;
+        let base = if root_from_blank { "seed" } else { "root" };
+        fs.subvolume(base);
+        fs.subvolume("persist");
+        // The blank's tree: the same operations on an empty one, fewer of them.
+        for _ in 0..OPERATIONS / 2 {
+            let what = operate(fs, &fs.path(base), &mut rng, true);
+            log.push(format!("blank: {what}"));
+        }
+        // Paths longer than INO_LOOKUP returns, in the blank and then changed in the root.
+        let deep_bottom = deep_chain(&fs.path(base), 17);
+        write_at(&deep_bottom, "deep-old", "from the blank");
+        write_at(&deep_bottom, "deep-kept", "from the blank");
+        drop(deep_bottom);
+        log.push("blank: deep chain at the top".to_owned());
+        let top = fs.top.display();
+        if root_from_blank {
+            sh(&format!(
+                "btrfs -q subvolume snapshot -r {top}/seed {top}/root-blank && \
+                 btrfs -q subvolume snapshot {top}/root-blank {top}/root"
+            ));
+        } else {
+            sh(&format!(
+                "btrfs -q subvolume snapshot -r {top}/root {top}/root-blank"
+            ));
+        }
+        for _ in 0..OPERATIONS {
+            let what = operate(fs, &fs.path("root"), &mut rng, true);
+            log.push(format!("root: {what}"));
+        }
+        if rng.bool() {
+            let bottom = deep_chain(&fs.path("root"), 17);
+            write_at(&bottom, "deep-old", "rewritten in the root");
+            write_at(&bottom, "deep-new", "new in the root");
+            // A directory of the blank, over 4,080 bytes deep, changed in its attributes.
+            let dir = std::fs::File::from(bottom);
+            xattr::FileExt::set_xattr(&dir, "user.deep", b"changed").unwrap();
+            log.push("root: deep chain at the top changed".to_owned());
+        }
+        let manifest = stored_manifest(fs);
+        sh("sync");
+        let truth = ground_truth(&fs.path("root"), &fs.path("root-blank"));
+        let modified = truth.values().filter(|s| **s == "modified").count();
+        let failed = log
+            .iter()
+            .filter(|l| l.contains(": ") && l.matches(": ").count() > 1)
+            .count();
+        eprintln!(
+            "seed {seed}: {} operations ({failed} refused by the filesystem), {} paths erased \
+             ({modified} modified), the longest {} bytes",
+            log.len(),
+            truth.len(),
+            truth.keys().map(Vec::len).max().unwrap_or(0)
+        );
+        if std::env::var_os("RASA_DIFF_FUZZ_VERBOSE").is_some() {
+            eprintln!("{}", log.join("\n"));
+        }
+        let truth_text: String = truth
+            .iter()
+            .map(|(path, status)| format!("{status} {}\n", String::from_utf8_lossy(path)))
+            .collect();
+        for engine in ["btrfs", "walk"] {
+            let (json, _) = diff(fs, &manifest, &["--engine", engine, "--json"]);
+            let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+            let reported: String = parsed["entries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{} {}\n",
+                        e["status"].as_str().unwrap(),
+                        e["path"].as_str().unwrap()
+                    )
+                })
+                .collect();
+            assert!(
+                reported == truth_text,
+                "seed {seed}, {engine} engine, against the ground truth:\n{}\noperations:\n{}",
+                line_diff(&truth_text, &reported)
+                    .replace("only btrfs:", "only truth:")
+                    .replace("only walk: ", &format!("only {engine}:")),
+                log.join("\n")
+            );
+        }
+    }
 }

@@ -362,6 +362,10 @@ pub fn changed_inodes(
 }
 
 /// Directory paths inside one subvolume, resolved with INO_LOOKUP and remembered.
+///
+/// INO_LOOKUP answers in a fixed buffer of 4080 bytes and fails with ENAMETOOLONG beyond it;
+/// those paths are built instead from each directory's INODE_REF (its parent and its name),
+/// up to a directory whose path is known. A directory has exactly one name, so one ref each.
 pub struct DirPaths<'fd> {
     fs: BorrowedFd<'fd>,
     tree_id: u64,
@@ -376,18 +380,89 @@ impl<'fd> DirPaths<'fd> {
     }
 
     /// The path of directory `dir` from the subvolume's top: `/a/b`, or empty for the top.
-    pub fn get(&mut self, dir: u64) -> Result<&[u8]> {
+    /// `None` when the directory no longer exists (deleted while the diff ran).
+    pub fn get(&mut self, dir: u64) -> Result<Option<&[u8]>> {
         if !self.known.contains_key(&dir) {
-            let mut path = tree::ino_lookup(self.fs, self.tree_id, dir)?;
-            // INO_LOOKUP answers `a/b/`; rasa's paths are `/a/b`.
-            if path.last() == Some(&b'/') {
-                path.pop();
+            match tree::ino_lookup(self.fs, self.tree_id, dir) {
+                Ok(mut path) => {
+                    // INO_LOOKUP answers `a/b/`; rasa's paths are `/a/b`.
+                    if path.last() == Some(&b'/') {
+                        path.pop();
+                    }
+                    path.insert(0, b'/');
+                    self.known.insert(dir, path);
+                }
+                Err(e) => match errno_of(&e) {
+                    Some(nix::errno::Errno::ENAMETOOLONG) => {
+                        if !self.resolve_by_refs(dir)? {
+                            return Ok(None);
+                        }
+                    }
+                    Some(nix::errno::Errno::ENOENT) => return Ok(None),
+                    _ => return Err(e),
+                },
             }
-            path.insert(0, b'/');
-            self.known.insert(dir, path);
         }
-        Ok(&self.known[&dir])
+        Ok(Some(&self.known[&dir]))
     }
+
+    /// Climb INODE_REFs from `dir` to a directory whose path is known, then remember the path
+    /// of every directory on the way. False when a directory on the way is gone.
+    fn resolve_by_refs(&mut self, dir: u64) -> Result<bool> {
+        let mut climbed: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut current = dir;
+        while !self.known.contains_key(&current) {
+            let Some((parent, name)) = directory_ref(self.fs, self.tree_id, current)? else {
+                return Ok(false);
+            };
+            // Every step goes one level up a finite tree; a cycle would be a corrupt tree.
+            anyhow::ensure!(
+                climbed.len() < 1 << 20 && parent != current,
+                "directory {dir} of subvolume {} has no path to its top (cycle at {current})",
+                self.tree_id
+            );
+            climbed.push((current, name));
+            current = parent;
+        }
+        for (ino, name) in climbed.into_iter().rev() {
+            let mut path = self.known[&current].clone();
+            path.push(b'/');
+            path.extend_from_slice(&name);
+            self.known.insert(ino, path);
+            current = ino;
+        }
+        Ok(true)
+    }
+}
+
+/// The errno under an error from an ioctl, if that is what it is.
+fn errno_of(e: &anyhow::Error) -> Option<nix::errno::Errno> {
+    e.chain()
+        .find_map(|cause| cause.downcast_ref::<nix::errno::Errno>())
+        .copied()
+}
+
+/// A directory's parent inode and its name there, from its INODE_REF; `None` when the
+/// directory has none (it is gone).
+fn directory_ref(fs: BorrowedFd<'_>, tree_id: u64, dir: u64) -> Result<Option<(u64, Vec<u8>)>> {
+    let key = SearchKey::range(
+        tree_id,
+        (dir, INODE_REF_KEY, 0),
+        (dir, INODE_REF_KEY, u64::MAX),
+    );
+    let mut found = None;
+    tree::search(fs, key, 4096, |item| {
+        if item.objectid == dir && item.item_type == INODE_REF_KEY {
+            let mut names = Changed::default();
+            names.add_refs(item);
+            found = names
+                .names
+                .first()
+                .map(|n| (n.parent, names.bytes[n.bytes.0..n.bytes.1].to_vec()));
+        }
+        false
+    })?;
+    Ok(found)
 }
 
 #[cfg(test)]

@@ -200,6 +200,10 @@ pub struct SubvolInfo {
     pub otime: u64,
     pub uuid: [u8; 16],
     pub parent_uuid: [u8; 16],
+    /// The subvolume whose tree holds this one's directory entry (5 for the top level).
+    pub parent_id: u64,
+    /// The inode, inside `parent_id`'s tree, of the directory that holds this subvolume.
+    pub dirid: u64,
 }
 
 /// Unprivileged (Linux 4.18).
@@ -215,6 +219,8 @@ pub fn subvol_info(fd: BorrowedFd<'_>) -> Result<SubvolInfo> {
         otime: args.otime.sec,
         uuid: args.uuid,
         parent_uuid: args.parent_uuid,
+        parent_id: args.parent_id,
+        dirid: args.dirid,
     })
 }
 

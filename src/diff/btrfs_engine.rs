@@ -7,17 +7,25 @@
 //! so an atime-only update is not reported and a renamed file is reported under its new name.
 //! A renamed directory takes its unchanged contents to paths the blank does not have: its
 //! subtree is handed to the walk, which reports them exactly as the walk engine would.
+//!
+//! Subvolumes nested in the tree have trees of their own, which the search above does not
+//! read; `rollback` moves them away with the root all the same. They are found by id in the
+//! root tree (their ROOT_REFs), and each is handed to the walk, everything in it new.
+//!
+//! A directory whose ctime moved is also compared by its extended attributes (ACLs), which
+//! its inode item does not hold, and its `chattr` flags.
 
 use std::collections::HashMap;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use anyhow::{Context, Result};
 
 use super::rules::{under, Rules};
-use super::walk::{join, stat_beneath, Walk};
+use super::walk::{join, open_beneath, stat_beneath, Walk};
 use super::{Found, Kind, Meta, Status};
 use crate::btrfs::find_new::{self, DirPaths};
+use crate::btrfs::tree;
 use crate::btrfs::SubvolInfo;
 
 /// The transaction after which a change in `tree` is a change relative to `blank`: the blank's
@@ -64,7 +72,7 @@ pub fn run(
         let handles: Vec<_> = (0..threads.min(ranges.len()))
             .map(|_| {
                 scope.spawn(|| -> Result<Resolved> {
-                    let mut resolver = Resolver::new(fs, tree_id, blank.as_ref(), rules);
+                    let mut resolver = Resolver::new(fs, tree, tree_id, blank.as_ref(), rules);
                     let mut changed = find_new::Changed::default();
                     let mut resolved = Resolved::default();
                     while let Some(&range) = ranges.get(next.fetch_add(1, Ordering::Relaxed)) {
@@ -99,6 +107,29 @@ pub fn run(
         }
         moved.append(&mut resolved.moved);
     }
+    // Nested subvolumes: reported, and walked, as a whole.
+    let mut dirs = DirPaths::new(fs, tree_id);
+    let mut excluded_dirs = HashMap::new();
+    for child in tree::child_subvolumes(fs, tree_id)? {
+        let Some(parent) = dirs.get(child.dirid)? else {
+            continue;
+        };
+        let parent = parent.to_vec();
+        if dir_excluded(rules, &mut excluded_dirs, &parent) {
+            continue;
+        }
+        let path = join(&parent, &child.name);
+        if rules.check(&path, true, None).is_some() {
+            continue;
+        }
+        found.push(Found {
+            path: path.clone(),
+            kind: Kind::Directory,
+            status: Status::New,
+            size: 0,
+        });
+        moved.push(path);
+    }
     moved.sort();
     let mut walked: Vec<Vec<u8>> = Vec::new();
     for path in moved {
@@ -126,6 +157,7 @@ struct Resolved {
 /// it has resolved.
 struct Resolver<'a> {
     dirs: DirPaths<'a>,
+    tree: &'a OwnedFd,
     blank: Option<&'a Blank<'a>>,
     rules: &'a Rules,
     excluded_dirs: HashMap<Vec<u8>, bool>,
@@ -136,12 +168,14 @@ struct Resolver<'a> {
 impl<'a> Resolver<'a> {
     fn new(
         fs: BorrowedFd<'a>,
+        tree: &'a OwnedFd,
         tree_id: u64,
         blank: Option<&'a Blank<'a>>,
         rules: &'a Rules,
     ) -> Self {
         Resolver {
             dirs: DirPaths::new(fs, tree_id),
+            tree,
             blank,
             rules,
             excluded_dirs: HashMap::new(),
@@ -164,12 +198,12 @@ impl<'a> Resolver<'a> {
             for (parent_ino, name) in changed.names(inode) {
                 // Most names sit in the same directory as the one before them.
                 if last_parent != Some(parent_ino) && !self.parents.contains_key(&parent_ino) {
-                    let resolved = match self.dirs.get(parent_ino) {
-                        Ok(parent) => Some(parent.to_vec())
-                            .filter(|p| !dir_excluded(self.rules, &mut self.excluded_dirs, p)),
-                        // The directory went away while we looked: so did this name.
-                        Err(_) => None,
-                    };
+                    // None: the directory went away while we looked, and so did this name.
+                    let resolved = self
+                        .dirs
+                        .get(parent_ino)?
+                        .map(<[u8]>::to_vec)
+                        .filter(|p| !dir_excluded(self.rules, &mut self.excluded_dirs, p));
                     self.parents.insert(parent_ino, resolved);
                 }
                 if last_parent != Some(parent_ino) {
@@ -187,7 +221,13 @@ impl<'a> Resolver<'a> {
                     (Some(blank), false) => match stat_beneath(blank.fd, &path)
                         .filter(|st| st.st_ino == inode.ino && Kind::from_mode(st.st_mode) == kind)
                     {
-                        Some(st) if meta.same_as(&Meta::from_stat(&st)) => None,
+                        Some(st)
+                            if meta.same_as(&Meta::from_stat(&st))
+                                && (!meta.needs_attribute_check(&Meta::from_stat(&st))
+                                    || same_attributes(self.tree, blank.fd, parent, name)) =>
+                        {
+                            None
+                        }
                         Some(_) => Some(Status::Modified),
                         None => {
                             if is_dir {
@@ -212,6 +252,19 @@ impl<'a> Resolver<'a> {
         found[first_new..].sort_by(|a, b| a.path.cmp(&b.path));
         Ok(())
     }
+}
+
+/// Whether the directory `name` in `parent` has the same extended attributes and `chattr`
+/// flags in the live tree and in the blank; what cannot be opened counts as different.
+fn same_attributes(tree: &OwnedFd, blank: &OwnedFd, parent: &[u8], name: &[u8]) -> bool {
+    let (Ok(live_dir), Ok(blank_dir), Ok(name)) = (
+        open_beneath(tree, parent),
+        open_beneath(blank, parent),
+        std::ffi::CString::new(name),
+    ) else {
+        return false;
+    };
+    super::same_dir_attributes(live_dir.as_fd(), blank_dir.as_fd(), &name)
 }
 
 /// Whether a directory, or one above it, is left out; remembered per directory.

@@ -43,6 +43,8 @@ Examples:
 
 Left out: what the blank holds unchanged, the manifest's persisted paths and its diffIgnore
 globs, symlinks into /nix/store, /proc /sys /dev /run /tmp and every other mount on /.
+Not left out: subvolumes nested in the root (the next boot erases them with it), and manifest
+entries whose storage copy does not exist yet (status `unstored`: run rasa migrate --apply).
 Paths that are not UTF-8 are printed with \\xNN escapes (JSON also gives their bytes).")]
 pub struct Args {
     #[command(flatten)]
@@ -124,7 +126,13 @@ pub enum Status {
     New,
     /// The blank has this inode at this path, with other contents or metadata.
     Modified,
+    /// Under a manifest entry whose storage copy does not exist yet: the next boot mounts an
+    /// empty copy over it (whatever the blank holds there too).
+    Unstored,
 }
+
+/// What is said about [`Status::Unstored`] paths, wherever they are shown.
+pub const UNSTORED_NOTE: &str = "in the manifest but not yet in storage (run rasa migrate --apply)";
 
 /// One path the next boot erases.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -174,8 +182,12 @@ impl Meta {
         }
     }
 
-    /// Unchanged since the blank. A directory's times and size change with its entries, which
-    /// are judged on their own, so only its mode and owner count.
+    /// Unchanged since the blank, as far as the inode's own fields tell. A directory's times
+    /// and size change with its entries, which are judged on their own, so only its mode and
+    /// owner count here; its extended attributes (ACLs among them) and `chattr` flags are
+    /// compared separately when [`Meta::needs_attribute_check`] says so. For anything else the ctime is the witness
+    /// of every other change: the kernel sets it on each write, chmod, chown, link and xattr
+    /// change, and no one can set it back (a content change hidden with `touch -r` included).
     pub fn same_as(&self, blank: &Meta) -> bool {
         let basics = self.ino == blank.ino
             && self.mode == blank.mode
@@ -191,11 +203,39 @@ impl Meta {
         }
     }
 
+    /// A directory whose ctime moved may have changed extended attributes or `chattr` flags
+    /// (or only its entries): those must be compared with the blank's. An unchanged ctime
+    /// rules that out.
+    pub fn needs_attribute_check(&self, blank: &Meta) -> bool {
+        Kind::from_mode(self.mode) == Kind::Directory && self.ctime != blank.ctime
+    }
+
     pub fn reported_size(&self) -> u64 {
         match Kind::from_mode(self.mode) {
             Kind::File | Kind::Symlink => self.size,
             _ => 0,
         }
+    }
+}
+
+/// Whether the directories `name` in `live_dir` and in `blank_dir` have the same extended
+/// attributes (POSIX ACLs, capabilities, security labels, user attributes) and `chattr` flags:
+/// the next boot brings back the blank's. Anything that cannot be read counts as different, so
+/// a doubt is reported rather than called safe.
+pub fn same_dir_attributes(
+    live_dir: std::os::fd::BorrowedFd<'_>,
+    blank_dir: std::os::fd::BorrowedFd<'_>,
+    name: &std::ffi::CStr,
+) -> bool {
+    let read = |dir: std::os::fd::BorrowedFd<'_>| {
+        let fd = btrfs::open_dir_at(dir, OsStr::from_bytes(name.to_bytes())).ok()?;
+        let xattrs =
+            crate::copy::read_xattrs_sorted(&crate::copy::XattrSource::Fd(fd.as_fd())).ok()?;
+        Some((xattrs, crate::copy::get_flags(fd.as_fd())))
+    };
+    match (read(live_dir), read(blank_dir)) {
+        (Some(live), Some(blank)) => live == blank,
+        _ => false,
     }
 }
 
@@ -256,16 +296,23 @@ pub struct Outcome {
 pub fn run(args: Args) -> Result<u8> {
     let outcome = collect(&args)?;
     let mut stdout = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
-    if args.json {
-        report::json(&outcome, &mut stdout)?;
+    let written = if args.json {
+        report::json(&outcome, &mut stdout)
     } else if args.nix {
-        nix_fragment::render(&outcome, &mut stdout)?;
+        nix_fragment::render(&outcome, &mut stdout)
     } else if args.long {
-        report::long(&outcome, &mut stdout)?;
+        report::long(&outcome, &mut stdout)
     } else {
-        report::summary(&outcome, &mut stdout)?;
+        report::summary(&outcome, &mut stdout)
     }
-    stdout.flush()?;
+    .and_then(|()| stdout.flush().map_err(Into::into));
+    // A reader that stopped early (`rasa diff --long | head`) is not a failure.
+    match written {
+        Err(e) if is_broken_pipe(&e) => {}
+        other => other?,
+    }
+    // On a broken pipe the rest is dropped unwritten (BufWriter ignores errors when dropped).
+    drop(stdout);
     let code = if args.exit_code && !outcome.found.is_empty() {
         exit::PROBLEMS
     } else {
@@ -274,6 +321,18 @@ pub fn run(args: Args) -> Result<u8> {
     // The process ends here: freeing a large diff's paths one by one would only delay that.
     std::mem::forget(outcome);
     Ok(code)
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            || cause
+                .downcast_ref::<serde_json::Error>()
+                .and_then(|json| json.io_error_kind())
+                .is_some_and(|kind| kind == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn load_manifest(explicit: Option<&Path>) -> Result<Option<(PathBuf, Manifest)>> {
@@ -303,6 +362,8 @@ fn load_manifest(explicit: Option<&Path>) -> Result<Option<(PathBuf, Manifest)>>
 /// What the rules are built from; the mounts are added once the tree is known.
 struct RuleInputs {
     persisted: Vec<String>,
+    /// Entries whose storage copy does not exist (a subset of `persisted`).
+    unstored: Vec<String>,
     storage_roots: Vec<String>,
     ignore: Vec<String>,
     manifest: Option<String>,
@@ -311,7 +372,10 @@ struct RuleInputs {
 
 impl RuleInputs {
     fn rules(&self, mounts: &[Vec<u8>]) -> Result<rules::Rules> {
-        rules::Rules::new(&self.persisted, &self.storage_roots, mounts, &self.ignore)
+        Ok(
+            rules::Rules::new(&self.persisted, &self.storage_roots, mounts, &self.ignore)?
+                .with_unstored(&self.unstored),
+        )
     }
 
     fn source(&self, engine: &'static str, tree: String, compared_with: Option<String>) -> Source {
@@ -329,6 +393,7 @@ fn collect(args: &Args) -> Result<Outcome> {
     let manifest = load_manifest(args.manifest.as_deref())?;
     let mut inputs = RuleInputs {
         persisted: Vec::new(),
+        unstored: Vec::new(),
         storage_roots: Vec::new(),
         ignore: args.ignore.clone(),
         manifest: manifest.as_ref().map(|(p, _)| p.display().to_string()),
@@ -338,6 +403,16 @@ fn collect(args: &Args) -> Result<Outcome> {
         inputs.ignore.extend(m.diff_ignore.iter().cloned());
         for entry in &m.entries {
             inputs.persisted.push(entry.path.clone());
+            // What the next boot does: mount (or link) storageRoot+path over the path. With no
+            // copy there, it makes an empty one, and the live data is gone.
+            if std::fs::symlink_metadata(entry.storage_path()).is_err() {
+                log::warn(format!(
+                    "{} is {UNSTORED_NOTE}: the next boot mounts an empty {} over it, so it counts as erased",
+                    entry.path,
+                    entry.storage_path().display()
+                ));
+                inputs.unstored.push(entry.path.clone());
+            }
             if !inputs.storage_roots.contains(&entry.storage_root) {
                 inputs.storage_roots.push(entry.storage_root.clone());
             }
@@ -419,7 +494,8 @@ fn walk_path(path: &Path, inputs: &RuleInputs) -> Result<Outcome> {
         "walking {} with no blank to compare with: everything on it counts as new",
         path.display()
     ));
-    let found = walk_all(&rules, live, None)?;
+    let mut found = walk_all(&rules, nix::unistd::dup(live.as_fd())?, None)?;
+    add_unstored(&rules, &live, &mut found)?;
     Ok(Outcome {
         source: inputs.source("walk", path.display().to_string(), None),
         found,
@@ -544,13 +620,16 @@ fn from_layout(
     // Mounts matter only for the tree the running system has at /.
     let (live_fd, display, mounts) = match live {
         Some((fd, path)) => {
-            drop(tree);
             let mounts = rules::mounts_below(path.as_os_str().as_bytes());
+            let mounts = separate_mounts(&tree, tree_info.id, &fd, mounts);
+            drop(tree);
             (fd, path.display().to_string(), mounts)
         }
         None => {
             let mounts = if old_root.is_none() && is_running_root(&tree)? {
-                rules::mounts_below(b"/")
+                let slash = btrfs::open_dir_at(nix::fcntl::AT_FDCWD, OsStr::new("/"))
+                    .context("opening /")?;
+                separate_mounts(&tree, tree_info.id, &slash, rules::mounts_below(b"/"))
             } else {
                 Vec::new()
             };
@@ -559,7 +638,7 @@ fn from_layout(
     };
     let rules = inputs.rules(&mounts)?;
     let blank = blank.filter(|_| related);
-    let found = if engine == "btrfs" {
+    let mut found = if engine == "btrfs" {
         let blank_arg = blank.as_ref().map(|(fd, _, _)| btrfs_engine::Blank {
             fd,
             marker: marker.flatten().unwrap_or(0),
@@ -584,6 +663,7 @@ fn from_layout(
             .transpose()?;
         walk_all(&rules, nix::unistd::dup(live_fd.as_fd())?, blank_fd)?
     };
+    add_unstored(&rules, &live_fd, &mut found)?;
     let compared_with = blank.map(|(_, _, name)| name);
     // Every fd below the mount must be closed before it can be unmounted.
     drop(live_fd);
@@ -593,6 +673,45 @@ fn from_layout(
         found,
         rules,
     })
+}
+
+/// The mount points that hold something the next boot keeps: all but those where a subvolume
+/// nested in the tree is mounted at its own place (snapper's `/.snapshots` inside the root, for
+/// one), which `rollback` moves away with the root like any other nested subvolume.
+fn separate_mounts(
+    tree: &OwnedFd,
+    tree_id: u64,
+    live: &OwnedFd,
+    mounts: Vec<Vec<u8>>,
+) -> Vec<Vec<u8>> {
+    mounts
+        .into_iter()
+        .filter(|point| !nested_mounted_in_place(tree, tree_id, live, point))
+        .collect()
+}
+
+fn nested_mounted_in_place(tree: &OwnedFd, tree_id: u64, live: &OwnedFd, point: &[u8]) -> bool {
+    let Some(split) = point.iter().rposition(|&b| b == b'/') else {
+        return false;
+    };
+    let name = OsStr::from_bytes(&point[split + 1..]);
+    // In the tree itself (no mounts there): is this place a subvolume nested right here?
+    let nested = walk::open_beneath(tree, &point[..split])
+        .ok()
+        .and_then(|parent| {
+            let parent_ino = nix::sys::stat::fstat(parent.as_fd()).ok()?.st_ino;
+            let child = btrfs::open_dir_at(parent.as_fd(), name).ok()?;
+            let info = btrfs::subvol_info(child.as_fd()).ok()?;
+            (info.parent_id == tree_id && info.dirid == parent_ino).then_some(info.uuid)
+        });
+    let Some(uuid) = nested else {
+        return false;
+    };
+    // And what is mounted there on the live system is that same subvolume.
+    walk::open_beneath(live, point)
+        .ok()
+        .and_then(|mounted| btrfs::subvol_info(mounted.as_fd()).ok())
+        .is_some_and(|info| info.uuid == uuid)
 }
 
 /// Is this subvolume the one mounted at / right now?
@@ -611,6 +730,72 @@ fn spinner(template: &'static str) -> Option<indicatif::ProgressBar> {
         bar.enable_steady_tick(std::time::Duration::from_millis(200));
         bar
     })
+}
+
+/// Add what lies under the manifest entries that are not in storage yet: each such entry,
+/// and everything below it, as the live tree has it, since the next boot hides all of it under
+/// an empty copy (what equals the blank included). The engines left these paths out.
+fn add_unstored(rules: &rules::Rules, live: &OwnedFd, found: &mut Vec<Found>) -> Result<()> {
+    let unstored = rules.unstored();
+    if unstored.is_empty() {
+        return Ok(());
+    }
+    for entry in unstored {
+        // Below a path left out for another reason (a mount, an ignore glob, a persisted
+        // directory): that reason stands.
+        let excluded_above = entry
+            .iter()
+            .enumerate()
+            .filter(|&(i, &b)| b == b'/' && i > 0)
+            .any(|(i, _)| {
+                rules
+                    .check(&entry[..i], true, None)
+                    .is_some_and(|r| r != rules::Reason::Unstored)
+            });
+        // Something mounted there (a /home subvolume of its own, say) is not the root's to lose.
+        if excluded_above || rules.is_mount(&entry) {
+            continue;
+        }
+        let Some(st) = walk::stat_beneath(live, &entry) else {
+            // Nothing there, nothing to lose.
+            continue;
+        };
+        let kind = Kind::from_mode(st.st_mode);
+        if kind == Kind::Symlink {
+            let target = walk::readlink_beneath(live, &entry).unwrap_or_default();
+            // impermanence's link to its copy: nothing here but the link, which comes back.
+            if rules.points_into_storage(&target) {
+                continue;
+            }
+        }
+        let first = found.len();
+        found.push(Found {
+            path: entry.clone(),
+            kind,
+            status: Status::Unstored,
+            size: Meta::from_stat(&st).reported_size(),
+        });
+        if kind == Kind::Directory {
+            let walk = walk::Walk::new(rules, live, None)?;
+            found.append(&mut walk.run(live, None, entry.clone(), false)?);
+        }
+        for f in &mut found[first..] {
+            f.status = Status::Unstored;
+        }
+    }
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    // An entry may also have been reported by an engine (e.g. as a nested subvolume).
+    found.dedup_by(|later, earlier| {
+        if later.path == earlier.path {
+            if later.status == Status::Unstored {
+                earlier.status = Status::Unstored;
+            }
+            true
+        } else {
+            false
+        }
+    });
+    Ok(())
 }
 
 fn walk_all(rules: &rules::Rules, live: OwnedFd, blank: Option<OwnedFd>) -> Result<Vec<Found>> {

@@ -139,7 +139,10 @@ pub fn render(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
     let mut directories: BTreeMap<Vec<u8>, Suggestion> = BTreeMap::new();
     let mut files: BTreeMap<Vec<u8>, Suggestion> = BTreeMap::new();
     for found in &outcome.found {
-        if found.kind == Kind::Directory && holds_known(&found.path) {
+        // Already in the manifest: migrate stores it, nothing to add.
+        if found.status == Status::Unstored
+            || (found.kind == Kind::Directory && holds_known(&found.path))
+        {
             continue;
         }
         let (key, what, is_dir) = classify(found, &new_dirs);
@@ -195,6 +198,16 @@ pub fn render(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
         writeln!(out, "  ];")?;
     }
     writeln!(out, "}};")?;
+    for entry in outcome.rules.unstored() {
+        if outcome.found.iter().any(|f| f.path == entry) {
+            writeln!(
+                out,
+                "# {} is {}: the next boot erases it.",
+                escape(&entry),
+                super::UNSTORED_NOTE
+            )?;
+        }
+    }
     Ok(())
 }
 

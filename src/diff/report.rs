@@ -7,7 +7,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::rules::RUNTIME_DIRS;
-use super::{escape, Found, Kind, Outcome, Status};
+use super::{escape, Found, Kind, Outcome, Status, UNSTORED_NOTE};
 
 /// `1.5 KiB`, `12 B`.
 pub fn human_size(bytes: u64) -> String {
@@ -89,7 +89,7 @@ pub fn summary(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
         group.paths += 1;
         group.size += found.size;
         match found.status {
-            Status::New => group.new += 1,
+            Status::New | Status::Unstored => group.new += 1,
             Status::Modified => group.modified += 1,
         }
     }
@@ -119,6 +119,27 @@ pub fn summary(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
             )?;
         }
         writeln!(out)?;
+        let unstored: Vec<&Found> = outcome
+            .found
+            .iter()
+            .filter(|f| f.status == Status::Unstored)
+            .collect();
+        if !unstored.is_empty() {
+            let entries: Vec<String> = outcome
+                .rules
+                .unstored()
+                .iter()
+                .filter(|entry| unstored.iter().any(|f| f.path == **entry))
+                .map(|entry| escape(entry))
+                .collect();
+            writeln!(
+                out,
+                "{} of these path(s) ({}) are {UNSTORED_NOTE}: {}",
+                unstored.len(),
+                human_size(unstored.iter().map(|f| f.size).sum()),
+                entries.join(" ")
+            )?;
+        }
         writeln!(
             out,
             "`rasa diff --long` lists every path; `rasa diff --nix` suggests what to persist."
@@ -137,6 +158,7 @@ pub fn long(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
         line.extend_from_slice(match found.status {
             Status::New => b"new      ",
             Status::Modified => b"modified ",
+            Status::Unstored => b"unstored ",
         });
         line.extend_from_slice(match found.kind {
             Kind::File => b"file   ",

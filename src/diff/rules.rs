@@ -2,7 +2,11 @@
 //! same way, which is what makes their answers comparable.
 //!
 //! A path is left out when it, or any directory above it, is
-//! - persisted: a manifest entry, or a symlink into a storage root (impermanence's file links);
+//! - persisted: a manifest entry whose copy is in storage, or a symlink into a storage root
+//!   (impermanence's file links);
+//! - unstored: a manifest entry with no copy in storage yet. The next boot mounts an empty
+//!   copy over it, so everything there is lost; it is left out of the engines' search only to
+//!   be reported, whole, by [`super::add_unstored`];
 //! - a runtime mount point: /proc /sys /dev /run /tmp, and every mount below the live root;
 //! - matched by an ignore glob (`--ignore`, the manifest's `diffIgnore`); a directory is also
 //!   tested with a trailing `/`, so `/var/cache/**` covers `/var/cache` itself;
@@ -26,6 +30,7 @@ const NIX_STORE: &[u8] = b"/nix/store";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
     Persisted,
+    Unstored,
     Runtime,
     Ignored,
     StoreSymlink,
@@ -33,6 +38,8 @@ pub enum Reason {
 
 pub struct Rules {
     persisted: HashSet<Vec<u8>>,
+    /// Manifest entries not yet in storage (see [`Rules::with_unstored`]).
+    unstored: HashSet<Vec<u8>>,
     storage_roots: Vec<Vec<u8>>,
     mounts: HashSet<Vec<u8>>,
     /// `lengths[n]`: some persisted path or mount point is n bytes long.
@@ -86,6 +93,7 @@ impl Rules {
             lengths[path.len()] = true;
         }
         Ok(Rules {
+            unstored: HashSet::new(),
             lengths,
             persisted_count: persisted.len(),
             persisted,
@@ -101,6 +109,42 @@ impl Rules {
         })
     }
 
+    /// Take these persisted paths as manifest entries whose storage copy does not exist: the
+    /// next boot erases them whole, so they are reported apart, never as persisted.
+    pub fn with_unstored(mut self, paths: &[String]) -> Rules {
+        for path in paths {
+            let path = path.trim_end_matches('/').as_bytes().to_vec();
+            if path.is_empty() {
+                continue;
+            }
+            self.persisted.remove(&path);
+            if self.lengths.len() <= path.len() {
+                self.lengths.resize(path.len() + 1, false);
+            }
+            self.lengths[path.len()] = true;
+            self.unstored.insert(path);
+        }
+        self.persisted_count = self.persisted.len();
+        self
+    }
+
+    /// The manifest entries not yet in storage, sorted.
+    pub fn unstored(&self) -> Vec<Vec<u8>> {
+        let mut paths: Vec<Vec<u8>> = self.unstored.iter().cloned().collect();
+        paths.sort();
+        paths
+    }
+
+    /// Whether `path` is a runtime directory or a mount point below the live root.
+    pub fn is_mount(&self, path: &[u8]) -> bool {
+        self.mounts.contains(path)
+    }
+
+    /// Whether a symlink target points into a storage root (an impermanence file link).
+    pub fn points_into_storage(&self, target: &[u8]) -> bool {
+        self.storage_roots.iter().any(|root| under(target, root))
+    }
+
     /// Why this one path is left out, looking at the path itself only (the engines take care
     /// of directories above it: the walk does not descend, the btrfs engine asks for each).
     pub fn check(
@@ -113,6 +157,9 @@ impl Rules {
         let len_known = self.lengths.get(path.len()).copied().unwrap_or(false);
         if len_known && self.persisted.contains(path) {
             return Some(Reason::Persisted);
+        }
+        if len_known && self.unstored.contains(path) {
+            return Some(Reason::Unstored);
         }
         if len_known && self.mounts.contains(path) {
             return Some(Reason::Runtime);
@@ -137,7 +184,7 @@ impl Rules {
             if under(target, NIX_STORE) {
                 return Some(Reason::StoreSymlink);
             }
-            if self.storage_roots.iter().any(|root| under(target, root)) {
+            if self.points_into_storage(target) {
                 return Some(Reason::Persisted);
             }
         }
@@ -215,6 +262,23 @@ mod tests {
             Some(Reason::Persisted)
         );
         assert_eq!(r.check(b"/etc/\xff", false, None), None);
+    }
+
+    #[test]
+    fn unstored_entries_are_not_persisted() {
+        let r = rules(&[]).with_unstored(&["/var/lib/nixos/".into()]);
+        assert_eq!(
+            r.check(b"/var/lib/nixos", true, None),
+            Some(Reason::Unstored)
+        );
+        assert_eq!(
+            r.check(b"/etc/machine-id", false, None),
+            Some(Reason::Persisted)
+        );
+        assert_eq!(r.persisted_count, 1);
+        assert_eq!(r.unstored(), vec![b"/var/lib/nixos".to_vec()]);
+        assert!(r.points_into_storage(b"/persist/etc/x"));
+        assert!(!r.points_into_storage(b"/persistent/etc/x"));
     }
 
     #[test]

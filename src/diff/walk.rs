@@ -2,9 +2,12 @@
 //! in the blank (when there is one), and keep what the rules do not leave out.
 //!
 //! Every directory is opened relative to its parent with O_NOFOLLOW, so a symlink planted in
-//! the tree is reported, never followed. The walk stays on the device it started on and skips
-//! subvolume tops (inode 256) and btrfs's empty-subvolume placeholders (inode 2): those are
-//! other filesystems or other subvolumes, which the next boot does not erase with this root.
+//! the tree is reported, never followed. The walk stays on the device it started on, with one
+//! exception: a subvolume nested inside the tree (a container's or snapper's subvolume below
+//! `/`) leaves with the root when `rollback` moves it away, and `prune` deletes it with the old
+//! root, so the walk descends into it and reports all of it as new. What is mounted there from
+//! elsewhere (another filesystem, a subvolume that is not this tree's child) is skipped: it
+//! survives the boot. btrfs's empty-subvolume placeholders (inode 2) hold nothing.
 
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, OwnedFd};
@@ -20,10 +23,11 @@ use super::rules::Rules;
 use super::{Found, Kind, Meta, Status};
 use crate::btrfs;
 
-/// A directory still to read: its path (from the tree's top) and whether the blank holds the
-/// same directory there. Paths, not open fds, so that a wide tree cannot exhaust descriptors;
-/// each is opened again from the top, one component at a time, with O_NOFOLLOW.
-type Task = (Vec<u8>, bool);
+/// A directory still to read: its path (from the tree's top), whether the blank holds the
+/// same directory there, and the device it was listed on (None: whatever it is when opened).
+/// Paths, not open fds, so that a wide tree cannot exhaust descriptors; each is opened again
+/// from the top, one component at a time, with O_NOFOLLOW.
+type Task = (Vec<u8>, bool, Option<u64>);
 
 struct Queue {
     tasks: Vec<Task>,
@@ -32,7 +36,6 @@ struct Queue {
 
 pub struct Walk<'a> {
     rules: &'a Rules,
-    device: u64,
     on_btrfs: bool,
     visited: AtomicU64,
     progress: Option<indicatif::ProgressBar>,
@@ -45,10 +48,8 @@ impl<'a> Walk<'a> {
         top: &OwnedFd,
         progress: Option<indicatif::ProgressBar>,
     ) -> Result<Walk<'a>> {
-        let st = fstat(top.as_fd()).context("inspecting the tree to walk")?;
         Ok(Walk {
             rules,
-            device: st.st_dev,
             on_btrfs: btrfs::is_btrfs(top.as_fd())?,
             visited: AtomicU64::new(0),
             progress,
@@ -67,7 +68,7 @@ impl<'a> Walk<'a> {
         start_in_blank: bool,
     ) -> Result<Vec<Found>> {
         let queue = Mutex::new(Queue {
-            tasks: vec![(start, start_in_blank && blank.is_some())],
+            tasks: vec![(start, start_in_blank && blank.is_some(), None)],
             busy: 0,
         });
         let wake = Condvar::new();
@@ -92,20 +93,15 @@ impl<'a> Walk<'a> {
                                     q = wake.wait(q).unwrap();
                                 }
                             };
-                            let Some((path, in_blank)) = task else {
+                            let Some(task) = task else {
                                 wake.notify_all();
                                 break;
                             };
                             let mut subdirs = Vec::new();
                             if failure.lock().unwrap().is_none() {
-                                if let Err(e) = self.read_dir(
-                                    live,
-                                    blank,
-                                    &path,
-                                    in_blank,
-                                    &mut found,
-                                    &mut subdirs,
-                                ) {
+                                if let Err(e) =
+                                    self.read_dir(live, blank, &task, &mut found, &mut subdirs)
+                                {
                                     failure.lock().unwrap().get_or_insert(e);
                                 }
                             }
@@ -138,11 +134,11 @@ impl<'a> Walk<'a> {
         &self,
         live_top: &OwnedFd,
         blank_top: Option<&OwnedFd>,
-        path: &[u8],
-        in_blank: bool,
+        (path, in_blank, expected_device): &Task,
         found: &mut Vec<Found>,
         subdirs: &mut Vec<Task>,
     ) -> Result<()> {
+        let (path, in_blank, expected_device) = (path.as_slice(), *in_blank, *expected_device);
         let live = match open_beneath(live_top, path) {
             Ok(fd) => fd,
             // Gone or replaced since it was listed: the tree is live.
@@ -152,9 +148,13 @@ impl<'a> Walk<'a> {
             Err(e) => return Err(e).with_context(|| format!("opening {}", super::escape(path))),
         };
         // Opened again by path: if something was mounted there since it was listed, stop.
-        if fstat(live.as_fd()).map_or(true, |st| st.st_dev != self.device) {
+        let Ok(dir_st) = fstat(live.as_fd()) else {
+            return Ok(());
+        };
+        if expected_device.is_some_and(|device| device != dir_st.st_dev) {
             return Ok(());
         }
+        let device = dir_st.st_dev;
         let blank = match blank_top {
             Some(top) if in_blank => open_beneath(top, path).ok(),
             _ => None,
@@ -196,10 +196,16 @@ impl<'a> Walk<'a> {
                 }
             };
             let kind = Kind::from_mode(st.st_mode);
+            // A nested subvolume has a device of its own; anything else on another device is
+            // mounted there and survives the boot.
+            let nested = kind == Kind::Directory
+                && st.st_dev != device
+                && self.on_btrfs
+                && st.st_ino == btrfs::FIRST_FREE_OBJECTID
+                && nested_subvolume_here(&dir, dir_st.st_ino, name)?;
             if kind == Kind::Directory
-                && (st.st_dev != self.device
-                    || (self.on_btrfs
-                        && (st.st_ino == btrfs::FIRST_FREE_OBJECTID || st.st_ino == 2)))
+                && !nested
+                && (st.st_dev != device || (self.on_btrfs && st.st_ino == 2))
             {
                 continue;
             }
@@ -219,17 +225,28 @@ impl<'a> Walk<'a> {
                 continue;
             }
             let live_meta = Meta::from_stat(&st);
+            // A nested subvolume's inode numbers are its own: nothing in the blank matches them.
             let in_blank = blank
                 .as_ref()
+                .filter(|_| !nested)
                 .and_then(|b| fstatat(b.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW).ok())
                 .filter(|b| b.st_ino == st.st_ino && Kind::from_mode(b.st_mode) == kind);
             let status = match &in_blank {
                 None => Some(Status::New),
-                Some(b) if live_meta.same_as(&Meta::from_stat(b)) => None,
-                Some(_) => Some(Status::Modified),
+                Some(b) => {
+                    let blank_meta = Meta::from_stat(b);
+                    let same = live_meta.same_as(&blank_meta)
+                        && (!live_meta.needs_attribute_check(&blank_meta)
+                            || super::same_dir_attributes(
+                                dir.as_fd(),
+                                blank.as_ref().expect("in the blank").as_fd(),
+                                name,
+                            ));
+                    (!same).then_some(Status::Modified)
+                }
             };
             if kind == Kind::Directory {
-                subdirs.push((full.clone(), in_blank.is_some()));
+                subdirs.push((full.clone(), in_blank.is_some(), Some(st.st_dev)));
             }
             if let Some(status) = status {
                 found.push(Found {
@@ -242,6 +259,24 @@ impl<'a> Walk<'a> {
         }
         Ok(())
     }
+}
+
+/// Is the subvolume top `name`, inside the directory `dir` (inode `dir_ino`), the subvolume
+/// nested at this very place in the tree `dir` belongs to? A subvolume mounted here from
+/// elsewhere is not: it belongs to another parent, or hangs elsewhere in this one.
+fn nested_subvolume_here(dir: &Dir, dir_ino: u64, name: &CStr) -> Result<bool> {
+    let Ok(child) = btrfs::open_dir_at(dir.as_fd(), name.to_bytes().as_ref_os()) else {
+        // Gone since it was listed.
+        return Ok(false);
+    };
+    // Another filesystem (btrfs or not) whose top happens to be inode 256 is a mount.
+    let same_filesystem = crate::copy::btrfs_fsid(child.as_fd())
+        .is_some_and(|fsid| crate::copy::btrfs_fsid(dir.as_fd()) == Some(fsid));
+    let Ok(child) = btrfs::subvol_info(child.as_fd()) else {
+        return Ok(false);
+    };
+    let parent = btrfs::subvol_info(dir.as_fd())?;
+    Ok(same_filesystem && child.parent_id == parent.id && child.dirid == dir_ino)
 }
 
 pub fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
@@ -270,6 +305,15 @@ pub fn open_beneath(top: &OwnedFd, path: &[u8]) -> nix::Result<OwnedFd> {
         current = btrfs::open_dir_at(current.as_fd(), component.as_ref_os())?;
     }
     Ok(current)
+}
+
+/// The target of the symlink at `path` below `top`, never following a symlink on the way.
+pub fn readlink_beneath(top: &OwnedFd, path: &[u8]) -> Option<Vec<u8>> {
+    let split = path.iter().rposition(|&b| b == b'/')?;
+    let parent = open_beneath(top, &path[..split]).ok()?;
+    readlinkat(parent.as_fd(), path[split + 1..].as_ref_os())
+        .ok()
+        .map(|t| t.as_encoded_bytes().to_vec())
 }
 
 /// `lstat` of a path below `top`, never following a symlink on the way.

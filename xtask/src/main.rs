@@ -18,7 +18,7 @@ tasks:
   test [--ci]     the whole test suite: unit, btrfs, Nix checks and VM scenarios
   vm <scenario>   one VM scenario (two-boot, power-cut, retention, bad-config, all)
   nix-checks      parse, lint and format-check the Nix files; module evaluation tests
-  bench <name>    a benchmark: rollback, migrate, diff (results go in docs/benchmarks.md)
+  bench <name>    a benchmark: rollback, migrate, diff, diff-fuzz (see docs/benchmarks.md)
   deps            install what the tests need (apt packages, cargo tools)
 ";
 

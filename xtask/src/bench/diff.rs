@@ -257,3 +257,46 @@ fn medians(json: &str) -> Vec<(String, f64)> {
     }
     out
 }
+
+/// `cargo xtask bench diff-fuzz [--seeds N | --seed S]`: the random-tree test of
+/// tests/diff.rs (both engines against a ground truth) over many seeds instead of the two
+/// that every test run checks. A failure names its seed; `--seed S` replays just that one.
+pub fn fuzz(args: &[String]) -> Result<()> {
+    if !deps::nix_is_root() {
+        bail!("the diff fuzz run needs root (loop devices, mount, btrfs tree search)");
+    }
+    deps::apt(&["btrfs-progs", "acl", "attr"])?;
+    let mut cmd = Command::new("cargo");
+    cmd.args([
+        "test",
+        "-p",
+        "rasa",
+        "--features",
+        "failpoints",
+        "--test",
+        "diff",
+        "random_trees_match_the_ground_truth",
+        "--",
+        "--exact",
+        "--nocapture",
+    ])
+    .current_dir(crate::project_root())
+    // A run that skipped (no root, no loop device) must not look like a pass.
+    .env("RASA_REQUIRE_PRIVILEGED_TESTS", "1");
+    let seeds = if args.iter().any(|a| a == "--seed") {
+        let seed = arg_value(args, "--seed", 1)?;
+        cmd.env("RASA_DIFF_FUZZ_SEED", seed.to_string());
+        1
+    } else {
+        let seeds = arg_value(args, "--seeds", 200)?;
+        cmd.env("RASA_DIFF_FUZZ_SEEDS", seeds.to_string());
+        seeds
+    };
+    let started = std::time::Instant::now();
+    deps::run(&mut cmd)?;
+    println!(
+        "diff-fuzz: {seeds} seed(s), both engines matched the ground truth, in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

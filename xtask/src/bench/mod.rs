@@ -14,6 +14,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("migrate") => migrate::run(&args[1..]),
         Some("diff") => diff::run(&args[1..]),
         Some("watch") => watch::run(&args[1..]),
-        _ => bail!("usage: cargo xtask bench <rollback|migrate|diff|watch>"),
+        Some("diff-fuzz") => diff::fuzz(&args[1..]),
+        _ => bail!("usage: cargo xtask bench <rollback|migrate|diff|diff-fuzz|watch>"),
     }
 }
