@@ -11,6 +11,7 @@ mod log;
 mod manifest;
 mod migrate;
 mod old_roots;
+mod rules;
 mod rollback;
 mod setup;
 mod toplevel;

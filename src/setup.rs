@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::btrfs;
 use crate::error::{exit, refuse};
-use crate::layout::{check_name, LayoutArgs};
+use crate::layout::LayoutArgs;
 use crate::log;
 use crate::toplevel::{self, TopLevel};
 
@@ -115,19 +115,7 @@ pub fn run(args: SetupArgs) -> Result<u8> {
     if layout_args.device.is_none() {
         layout_args.device = Some(live.source.clone());
     }
-    if let Some(log_name) = &args.log {
-        check_name("log subvolume", "--log", log_name)?;
-    }
-    let layout = layout_args.validate()?;
-    if args.log.as_deref().is_some_and(|l| {
-        [&layout.root, &layout.old_roots, &layout.persist].contains(&&l.to_owned())
-            || layout.blank.as_deref() == Some(l)
-    }) {
-        return Err(refuse(
-            "--log names the same thing as another subvolume",
-            "give --log its own name, e.g. --log log",
-        ));
-    }
+    let layout = layout_args.validate_with(args.log.as_deref())?;
     toplevel::check_device(&layout.device)?;
     let top = TopLevel::mount(&layout.device, !args.apply)?;
 
@@ -237,7 +225,7 @@ fn create(top: &TopLevel, name: &str, kind: &Kind) -> Result<()> {
         }
         Kind::Subvolume => btrfs::create_subvolume(top.fd(), OsStr::new(name)),
         Kind::Blank => {
-            let temp = format!("{name}.rasa-new");
+            let temp = crate::rules::temporary_name(name);
             if top.is_subvolume(OsStr::new(&temp))? {
                 // Left by an interrupted setup; it was never renamed into use.
                 btrfs::delete_subvolume_tree(top.fd(), top.fd(), OsStr::new(&temp), &[], || {})?;
