@@ -3,7 +3,9 @@
 //! `RASA_FAILPOINT=<step>` (or `rasa.failpoint=<step>` on the kernel command line, for the VM
 //! harness) stops rasa right after that step. `RASA_FAILPOINT_ACTION=pause` (or
 //! `rasa.failpoint_action=pause`) prints a marker and waits to be killed, so the VM harness can
-//! cut the power exactly there; the default is to abort the process on the spot.
+//! cut the power exactly there; `RASA_FAILPOINT_ACTION=wait` prints the marker and goes on
+//! once stdin is closed (to hold a run at a step while another one starts, for the lock test);
+//! the default is to abort the process on the spot.
 
 #[cfg(feature = "failpoints")]
 pub fn hit(step: &str) {
@@ -23,6 +25,11 @@ pub fn hit(step: &str) {
         .ok()
         .or_else(|| from_cmdline("rasa.failpoint_action="));
     eprintln!("RASA-FAILPOINT-REACHED {step}");
+    if action.as_deref() == Some("wait") {
+        use std::io::Read;
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        return;
+    }
     if action.as_deref() == Some("pause") {
         loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));

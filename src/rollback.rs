@@ -216,8 +216,8 @@ fn inspect(top: &TopLevel, layout: &Layout) -> Result<Plan> {
     }
     if let Some(dir) = lost.first() {
         return Err(refuse(
-            format!("/{dir} is a plain directory inside the root subvolume {root:?}, not a subvolume or mount of its own: the blank root would have no /{dir}{}, and the machine could not boot", if *dir == "nix" { " (no /nix/store)" } else { " (no kernels)" }),
-            format!("move /{dir} into its own subvolume mounted at /{dir} (docs/guide.md, \"Existing install\"), then reboot once before enabling rollback"),
+            format!("/{dir} is part of the root subvolume {root:?} (a directory or a nested subvolume), not a subvolume of its own at the top level: it would be retired with the root, the blank root would have no /{dir}{}, and the machine could not boot", if *dir == "nix" { " (no /nix/store)" } else { " (no kernels)" }),
+            format!("move /{dir} into a subvolume of its own at the top level, mounted at /{dir} (docs/guide.md), and boot once with it before enabling rollback"),
         ));
     }
     Ok(Plan::Full {

@@ -163,14 +163,16 @@ pub fn claimed_old_root(claimed: &str) -> Option<&str> {
 
 // ---- what the next boot needs --------------------------------------------------------------
 
-/// The directories of [`BOOT_DIRS`] that are non-empty plain directories of the subvolume whose
-/// top is open at `subvolume_top`: not a subvolume of their own and not a mount. Rolling such a
-/// root back to a blank that lacks them gives a root without `/nix/store` (or without the
-/// kernels in `/boot`): the machine cannot boot. `check system` calls this with `/` open.
+/// The directories of [`BOOT_DIRS`] that are non-empty inside the root subvolume whose top is
+/// open at `subvolume_top` in rasa's private top-level mount (where nothing is mounted): a
+/// plain directory, or a subvolume nested in the root, goes away with the root at rollback, so
+/// a blank that lacks it gives a root without `/nix/store` (or without the kernels in `/boot`):
+/// the machine cannot boot. Only a subvolume of its own at the top level, mounted there, keeps
+/// them. `rollback` refuses on this and `check system` flags it (open the root in a
+/// `TopLevel`, not through `/`, where the real mounts would hide the directory).
 pub fn boot_dirs_inside(subvolume_top: BorrowedFd<'_>) -> anyhow::Result<Vec<&'static str>> {
     use nix::fcntl::AtFlags;
-    use nix::sys::stat::{fstat, fstatat};
-    let top = fstat(subvolume_top)?;
+    use nix::sys::stat::fstatat;
     let mut found = Vec::new();
     for dir in BOOT_DIRS {
         let st = match fstatat(subvolume_top, *dir, AtFlags::AT_SYMLINK_NOFOLLOW) {
@@ -178,9 +180,7 @@ pub fn boot_dirs_inside(subvolume_top: BorrowedFd<'_>) -> anyhow::Result<Vec<&'s
             Err(nix::errno::Errno::ENOENT) => continue,
             Err(e) => return Err(anyhow::Error::new(e).context(format!("inspecting /{dir}"))),
         };
-        // A subvolume or a mount has its own st_dev; only a directory on the same one is part
-        // of this subvolume.
-        if st.st_mode & nix::libc::S_IFMT != nix::libc::S_IFDIR || st.st_dev != top.st_dev {
+        if st.st_mode & nix::libc::S_IFMT != nix::libc::S_IFDIR {
             continue;
         }
         let fd = crate::btrfs::open_dir_at(subvolume_top, std::ffi::OsStr::new(dir))?;
