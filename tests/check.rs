@@ -90,6 +90,55 @@ fn check_manifest_reports_each_problem_and_exits_4() {
     assert_eq!(v["problems"].as_array().unwrap().len(), 4);
 }
 
+/// The one rule set (src/rules.rs, tests/rules-cases.json) behind `check manifest`: names
+/// that collide or that rasa reserves for its temporaries (rollback or setup would delete the
+/// persistent subvolume), runtime filesystems, storage roots inside entries or each other.
+#[test]
+fn check_manifest_refuses_collisions_reserved_names_and_runtime_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |rollback: &str, entries: &str| {
+        let file = dir.path().join("m.json");
+        std::fs::write(
+            &file,
+            format!(
+                r#"{{"version": 1, "rollback": {{"device": "/dev/mapper/cryptroot", "keep": 5, "keepDays": 7, {rollback}}}, "entries": [{entries}]}}"#
+            ),
+        )
+        .unwrap();
+        let out = rasa(&["check", "manifest", file.to_str().unwrap()]);
+        (out.status.code(), stdout(&out))
+    };
+    let names = |root: &str, blank: &str, persist: &str| {
+        format!(r#""root": "{root}", "blank": "{blank}", "oldRoots": "old_roots", "persist": "{persist}""#)
+    };
+    let entry = |root: &str, path: &str| {
+        format!(r#"{{"storageRoot": "{root}", "path": "{path}", "kind": "directory", "user": "root", "group": "root", "mode": "0755"}}"#)
+    };
+    let ok = entry("/persist", "/var/lib/nixos");
+    assert_eq!(check(&names("root", "root-blank", "persist"), &ok).0, Some(0));
+    for (rollback, entries, phrase) in [
+        (names("root", "root-blank", "root"), ok.clone(), "both name \"root\""),
+        (names("root", "root-blank", "root.rasa-new"), ok.clone(), "ends in .rasa-new"),
+        (names("root", "root-blank", "root-blank.rasa-new"), ok.clone(), "ends in .rasa-new"),
+        (names("root", "root-blank", "persist"), entry("/persist", "/proc/sys"), "runtime filesystem"),
+        (names("root", "root-blank", "persist"), entry("/persist", "/run/keys"), "runtime filesystem"),
+        (
+            names("root", "root-blank", "persist"),
+            format!("{ok}, {}", entry("/persist/home", "/home")),
+            "storage roots must not contain each other",
+        ),
+        (
+            names("root", "root-blank", "persist"),
+            format!("{}, {}", entry("/persist", "/srv"), entry("/srv/persist", "/etc")),
+            "bind mount would cover the storage",
+        ),
+    ] {
+        let (code, text) = check(&rollback, &entries);
+        assert_eq!(code, Some(4), "{rollback} {entries}: {text}");
+        assert!(text.contains(phrase), "{phrase:?} not in: {text}");
+    }
+}
+
 #[test]
 fn check_manifest_refuses_unreadable_and_non_json_with_exit_3() {
     let dir = tempfile::tempdir().unwrap();

@@ -765,9 +765,9 @@ fn prune_never_deletes_a_mounted_old_root() {
     let nested = SubvolMount::new(&fs, &format!("old_roots/{}/var/lib/machines", kept[1]));
     let out = fs.rasa(&["prune", "--keep", "0", "--keep-days", "0", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(old_roots(&fs), kept[..2].to_vec());
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["in_use"], serde_json::json!([kept[0], kept[1]]));
-    assert_eq!(old_roots(&fs), kept[..2].to_vec());
     assert!(booted.dir.path().join("test_flag").exists());
     drop((booted, nested));
     let out = fs.rasa(&["prune", "--keep", "0", "--keep-days", "0"]);
