@@ -11,8 +11,8 @@ mod log;
 mod manifest;
 mod migrate;
 mod old_roots;
-mod rules;
 mod rollback;
+mod rules;
 mod setup;
 mod toplevel;
 

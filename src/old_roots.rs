@@ -194,7 +194,9 @@ pub fn scan_all(top: BorrowedFd<'_>, dir_name: &str) -> Result<Scan> {
         };
         let why = if stamp.is_none() {
             if name.starts_with(PRUNING_PREFIX) {
-                Some("named like a prune in progress, but not of an old root rasa named; left alone")
+                Some(
+                    "named like a prune in progress, but not of an old root rasa named; left alone",
+                )
             } else {
                 Some("not an old-root name rasa makes; left alone")
             }
@@ -602,7 +604,12 @@ pub fn run_old_roots(command: OldRootsCommand) -> Result<u8> {
         );
         return Ok(crate::error::exit::OK);
     }
-    let width = listed.iter().map(|r| r.name.len()).max().unwrap_or(0).max(18);
+    let width = listed
+        .iter()
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(18);
     println!(
         "{:<width$} {:>10} {:>7}  RETENTION",
         "NAME", "RETIRED", "NESTED"

@@ -12,8 +12,16 @@
 //! | 2. move root aside  | -        | fresh           | old_roots/<stamp>  | step 3 only          |
 //! | 3. install new      | fresh    | -               | old_roots/<stamp>  | (done)               |
 //!
-//! Nothing is deleted on the boot's critical path except a stale `root.rasa-new` (a name only
-//! rasa creates and nothing ever mounts). Pruning old roots is separate (`rasa prune`, run from
+//! Before step 1, a stale `root.rasa-new` (a name only rasa creates, the rules reserve, and
+//! nothing ever mounts) is discarded, nested subvolumes first, read-only flags cleared: a crash
+//! half-way leaves `root` untouched (or, with `root` gone, a partial stray that the next run
+//! discards and remakes: `Plan::Remake`). Nothing else is deleted on the boot's critical path.
+//!
+//! Before anything, with the top level locked against every other rasa (see
+//! `TopLevel::lock`), `inspect` refuses (exit 3, nothing changed) what no rerun could complete:
+//! a root that is mounted (a running system), the filesystem's default subvolume, or
+//! read-only; a `root.rasa-new` that is not a subvolume; `/nix` or `/boot` inside the root,
+//! which the blank root would lack. Pruning old roots is separate (`rasa prune`, run from
 //! a stage-2 service) because deleting a root that holds thousands of nested subvolumes takes
 //! time proportional to that tree, and the boot should not wait for it.
 
@@ -96,8 +104,15 @@ pub fn run(args: RollbackArgs) -> Result<u8> {
         log::info(format!(
             "pruned {} old root(s), kept {}",
             report.pruned.len(),
-            report.kept.len()
+            report.kept.len() + report.in_use.len()
         ));
+        for failure in &report.failed {
+            // The new root is in place; a root prune could not delete is retried next time.
+            log::warn(format!(
+                "could not prune {}: {}",
+                failure.name, failure.error
+            ));
+        }
     }
     top.unmount()?;
     Ok(exit::OK)
@@ -155,12 +170,20 @@ fn inspect(top: &TopLevel, layout: &Layout) -> Result<Plan> {
 
     // `root.rasa-new` is rasa's own name (the rules reserve it), but what is there now may not
     // be what rasa left: a snapshot into it would fail with EEXIST at every boot.
-    let new_present = match fstatat(top.fd(), new.as_str(), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+    let new_present = match fstatat(
+        top.fd(),
+        new.as_str(),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    ) {
         Err(nix::errno::Errno::ENOENT) => false,
         Err(e) => return Err(e).with_context(|| format!("inspecting {new}")),
         Ok(_) if top.is_subvolume(OsStr::new(&new))? => true,
         Ok(st) => {
-            let kind = if st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFDIR { "a plain directory" } else { "not a directory" };
+            let kind = if st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFDIR {
+                "a plain directory"
+            } else {
+                "not a directory"
+            };
             return Err(refuse(
                 format!("{new:?} at the top level of {dev} is {kind}, not a subvolume; rasa reserves that name for the root it prepares, and did not make this"),
                 format!("look inside, then move it away (`mv <top>/{new} <top>/{new}.moved`) or delete it; the next rollback then goes ahead"),
@@ -190,7 +213,11 @@ fn inspect(top: &TopLevel, layout: &Layout) -> Result<Plan> {
 
     let root_fd = btrfs::open_dir_at(top.fd(), OsStr::new(root))?;
     let root_id = btrfs::subvol_info(root_fd.as_fd())?.id;
-    if let Some((_, at)) = top.mounted_subvolumes().into_iter().find(|(id, _)| *id == root_id) {
+    if let Some((_, at)) = top
+        .mounted_subvolumes()
+        .into_iter()
+        .find(|(id, _)| *id == root_id)
+    {
         return Err(refuse(
             format!("the root subvolume {root:?} is mounted at {}: this is a running system (or the initrd after sysroot.mount), and retiring the root it runs on would leave it writing into an old root that prune later deletes", at.display()),
             "rasa rollback runs in the initrd before / is mounted (the NixOS module's rasa-rollback.service); to start from a blank root, reboot",
@@ -266,14 +293,21 @@ fn execute(top: &TopLevel, layout: &Layout, plan: &Plan) -> Result<()> {
     if let Plan::Full { .. } | Plan::Remake = plan {
         // A leftover new root is from a run that stopped before installing it (or, for Remake,
         // not one rasa would install): it was never booted and holds nothing of value.
-        if matches!(plan, Plan::Full { discard_stale_new: true } | Plan::Remake) {
+        if matches!(
+            plan,
+            Plan::Full {
+                discard_stale_new: true
+            } | Plan::Remake
+        ) {
             log::info(format!(
                 "discarding {new}, left by an interrupted run before it was used"
             ));
             let mut keep: Vec<&str> = vec![root, &layout.persist];
             keep.extend(layout.blank.as_deref());
             let protected = old_roots::protected_ids(top, &keep)?;
-            btrfs::delete_subvolume_tree(top.fd(), top.fd(), OsStr::new(&new), &protected, || {})?;
+            btrfs::delete_subvolume_tree(top.fd(), top.fd(), OsStr::new(&new), &protected, || {
+                failpoint::hit("discarded-stale-subvolume")
+            })?;
         }
 
         // Step 1. The new root is made under a temporary name; `root` is untouched.

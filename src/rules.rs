@@ -518,7 +518,10 @@ fn relation_problems<'a>(
                             i,
                             Problem::new(
                                 at,
-                                format!("inside {}, which entries[{j}] persists as a file", outer.path),
+                                format!(
+                                    "inside {}, which entries[{j}] persists as a file",
+                                    outer.path
+                                ),
                                 FIX_MANIFEST,
                             ),
                         ));

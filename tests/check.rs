@@ -109,19 +109,46 @@ fn check_manifest_refuses_collisions_reserved_names_and_runtime_paths() {
         (out.status.code(), stdout(&out))
     };
     let names = |root: &str, blank: &str, persist: &str| {
-        format!(r#""root": "{root}", "blank": "{blank}", "oldRoots": "old_roots", "persist": "{persist}""#)
+        format!(
+            r#""root": "{root}", "blank": "{blank}", "oldRoots": "old_roots", "persist": "{persist}""#
+        )
     };
     let entry = |root: &str, path: &str| {
-        format!(r#"{{"storageRoot": "{root}", "path": "{path}", "kind": "directory", "user": "root", "group": "root", "mode": "0755"}}"#)
+        format!(
+            r#"{{"storageRoot": "{root}", "path": "{path}", "kind": "directory", "user": "root", "group": "root", "mode": "0755"}}"#
+        )
     };
     let ok = entry("/persist", "/var/lib/nixos");
-    assert_eq!(check(&names("root", "root-blank", "persist"), &ok).0, Some(0));
+    assert_eq!(
+        check(&names("root", "root-blank", "persist"), &ok).0,
+        Some(0)
+    );
     for (rollback, entries, phrase) in [
-        (names("root", "root-blank", "root"), ok.clone(), "both name \"root\""),
-        (names("root", "root-blank", "root.rasa-new"), ok.clone(), "ends in .rasa-new"),
-        (names("root", "root-blank", "root-blank.rasa-new"), ok.clone(), "ends in .rasa-new"),
-        (names("root", "root-blank", "persist"), entry("/persist", "/proc/sys"), "runtime filesystem"),
-        (names("root", "root-blank", "persist"), entry("/persist", "/run/keys"), "runtime filesystem"),
+        (
+            names("root", "root-blank", "root"),
+            ok.clone(),
+            "both name \"root\"",
+        ),
+        (
+            names("root", "root-blank", "root.rasa-new"),
+            ok.clone(),
+            "ends in .rasa-new",
+        ),
+        (
+            names("root", "root-blank", "root-blank.rasa-new"),
+            ok.clone(),
+            "ends in .rasa-new",
+        ),
+        (
+            names("root", "root-blank", "persist"),
+            entry("/persist", "/proc/sys"),
+            "runtime filesystem",
+        ),
+        (
+            names("root", "root-blank", "persist"),
+            entry("/persist", "/run/keys"),
+            "runtime filesystem",
+        ),
         (
             names("root", "root-blank", "persist"),
             format!("{ok}, {}", entry("/persist/home", "/home")),
@@ -129,7 +156,11 @@ fn check_manifest_refuses_collisions_reserved_names_and_runtime_paths() {
         ),
         (
             names("root", "root-blank", "persist"),
-            format!("{}, {}", entry("/persist", "/srv"), entry("/srv/persist", "/etc")),
+            format!(
+                "{}, {}",
+                entry("/persist", "/srv"),
+                entry("/srv/persist", "/etc")
+            ),
             "bind mount would cover the storage",
         ),
     ] {

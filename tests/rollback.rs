@@ -445,6 +445,57 @@ fn crash_after_each_rollback_step_then_rerun_completes() {
     }
 }
 
+/// Discarding a stray read-only `root.rasa-new` with nested subvolumes is a step of its own:
+/// a crash half-way through leaves a root and a partial stray, and the rerun completes.
+#[cfg(feature = "failpoints")]
+#[test]
+fn crash_while_discarding_a_stray_new_root_then_rerun_completes() {
+    for root_present in [true, false] {
+        let Some(fs) = LoopBtrfs::new("crash_discarding_stray", 256) else {
+            return;
+        };
+        fs.standard_layout();
+        if root_present {
+            populate_root(&fs);
+        } else {
+            sh(&format!(
+                "btrfs -q subvolume delete '{}'",
+                fs.path("root").display()
+            ));
+        }
+        fs.subvolume("root.rasa-new");
+        fs.subvolume("root.rasa-new/a");
+        fs.subvolume("root.rasa-new/a/b");
+        sh(&format!(
+            "btrfs property set '{}' ro true",
+            fs.path("root.rasa-new").display()
+        ));
+        sh(&format!(
+            "btrfs property set '{}' ro true",
+            fs.path("root.rasa-new/a").display()
+        ));
+        let step = "discarded-stale-subvolume";
+        let crashed = fs.rasa_env(&["rollback"], &[("RASA_FAILPOINT", step)]);
+        assert!(
+            stderr(&crashed).contains(&format!("RASA-FAILPOINT-REACHED {step}")),
+            "{}",
+            stderr(&crashed)
+        );
+        assert_eq!(
+            fs.subvolumes().contains(&"root".to_string()),
+            root_present,
+            "{:?}",
+            fs.subvolumes()
+        );
+        let again = fs.rasa(&["rollback"]);
+        assert!(again.status.success(), "{}", stderr(&again));
+        assert!(ls(&fs.path("root")).is_empty());
+        assert!(!fs.path("root.rasa-new").exists());
+        let kept = old_roots(&fs);
+        assert_eq!(kept.len(), usize::from(root_present), "{kept:?}");
+    }
+}
+
 #[cfg(feature = "failpoints")]
 #[test]
 fn crash_during_prune_then_rerun_completes() {
@@ -743,7 +794,10 @@ fn rollback_refuses_when_the_root_is_the_default_subvolume() {
         fs.path("root").display()
     ));
     refused_with(&fs, &["rollback"], "default subvolume");
-    sh(&format!("btrfs subvolume set-default 5 '{}'", fs.top.display()));
+    sh(&format!(
+        "btrfs subvolume set-default 5 '{}'",
+        fs.top.display()
+    ));
     assert!(fs.rasa(&["rollback"]).status.success());
 }
 
@@ -809,7 +863,10 @@ fn prune_claims_only_its_own_and_never_wedges() {
     fs.subvolume("old_roots/.pruning-20200101T000000Z");
     // The newest cannot be deleted (immutable): the others still go.
     let stuck = retired[2].clone();
-    sh(&format!("chattr +i '{}'", fs.path(&format!("old_roots/{stuck}")).display()));
+    sh(&format!(
+        "chattr +i '{}'",
+        fs.path(&format!("old_roots/{stuck}")).display()
+    ));
 
     let out = fs.rasa(&["old-roots", "list", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -826,9 +883,16 @@ fn prune_claims_only_its_own_and_never_wedges() {
     assert_eq!(names.len(), 6, "{names:?}");
 
     let out = fs.rasa(&["prune", "--keep", "0", "--keep-days", "0"]);
-    sh(&format!("chattr -i '{}'", fs.path(&format!("old_roots/{stuck}")).display()));
+    sh(&format!(
+        "chattr -i '{}'",
+        fs.path(&format!("old_roots/{stuck}")).display()
+    ));
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stdout(&out).contains(&format!("FAILED to prune {stuck}")), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains(&format!("FAILED to prune {stuck}")),
+        "{}",
+        stdout(&out)
+    );
     let mut expected = vec![".pruning-mine".to_string(), "persist".into(), stuck.clone()];
     expected.sort();
     assert_eq!(old_roots(&fs), expected);
@@ -837,7 +901,10 @@ fn prune_claims_only_its_own_and_never_wedges() {
 
     let out = fs.rasa(&["prune", "--keep", "0", "--keep-days", "0"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(old_roots(&fs), vec![".pruning-mine".to_string(), "persist".into()]);
+    assert_eq!(
+        old_roots(&fs),
+        vec![".pruning-mine".to_string(), "persist".into()]
+    );
     assert!(fs.subvolumes().contains(&"persist".to_string()));
 }
 
@@ -864,11 +931,18 @@ fn a_boot_in_the_year_9999_neither_breaks_rollback_nor_freezes_retention() {
     let names = old_roots(&fs);
     assert_eq!(names.len(), 4, "{names:?}");
     assert!(names.contains(&"99991231T235959Z".to_string()), "{names:?}");
-    assert!(names.contains(&"100000101T000000Z".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"100000101T000000Z".to_string()),
+        "{names:?}"
+    );
     let listed = fs.rasa(&["old-roots", "list", "--json"]);
     let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
     assert!(
-        listed.as_array().unwrap().iter().all(|r| r["verdict"] != "not-rasas"),
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["verdict"] != "not-rasas"),
         "{listed:#}"
     );
     // Eight days on, with the default retention (5 newest, 7 days): four old roots are all
@@ -881,7 +955,10 @@ fn a_boot_in_the_year_9999_neither_breaks_rollback_nor_freezes_retention() {
     assert!(out.status.success(), "{}", stderr(&out));
     let left = old_roots(&fs);
     assert_eq!(left.len(), 1, "{left:?}");
-    assert!(!left[0].starts_with("9999") && left[0].len() == 16, "{left:?}");
+    assert!(
+        !left[0].starts_with("9999") && left[0].len() == 16,
+        "{left:?}"
+    );
 }
 
 /// Layouts rollback must look at before acting: refused with the fix (exit 3, nothing
@@ -901,15 +978,24 @@ fn rollback_inspects_stray_temporaries_and_read_only_roots() {
     std::fs::remove_dir_all(fs.path("root.rasa-new")).unwrap();
 
     // A read-only root cannot be moved into old_roots.
-    sh(&format!("btrfs property set '{}' ro true", fs.path("root").display()));
+    sh(&format!(
+        "btrfs property set '{}' ro true",
+        fs.path("root").display()
+    ));
     refused_with(&fs, &["rollback"], "is read-only");
-    sh(&format!("btrfs property set '{}' ro false", fs.path("root").display()));
+    sh(&format!(
+        "btrfs property set '{}' ro false",
+        fs.path("root").display()
+    ));
 
     // A stray read-only root.rasa-new holding a nested subvolume: rasa's own name, so it is
     // discarded and the rollback completes.
     fs.subvolume("root.rasa-new");
     fs.subvolume("root.rasa-new/nested");
-    sh(&format!("btrfs property set '{}' ro true", fs.path("root.rasa-new").display()));
+    sh(&format!(
+        "btrfs property set '{}' ro true",
+        fs.path("root.rasa-new").display()
+    ));
     let out = fs.rasa(&["rollback"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(ls(&fs.path("root")).is_empty());
@@ -917,10 +1003,16 @@ fn rollback_inspects_stray_temporaries_and_read_only_roots() {
 
     // The root gone and such a stray in its place: a fresh new root is made and installed,
     // never the read-only stray.
-    sh(&format!("btrfs -q subvolume delete '{}'", fs.path("root").display()));
+    sh(&format!(
+        "btrfs -q subvolume delete '{}'",
+        fs.path("root").display()
+    ));
     fs.subvolume("root.rasa-new");
     fs.subvolume("root.rasa-new/nested");
-    sh(&format!("btrfs property set '{}' ro true", fs.path("root.rasa-new").display()));
+    sh(&format!(
+        "btrfs property set '{}' ro true",
+        fs.path("root.rasa-new").display()
+    ));
     let out = fs.rasa(&["rollback"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(ls(&fs.path("root")).is_empty());

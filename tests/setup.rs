@@ -338,7 +338,11 @@ fn setup_refuses_a_persist_named_like_its_temporary_and_deletes_nothing() {
     let before = live.state();
     let out = live.setup(&["--persist", "root-blank.rasa-new", "--apply"]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-    assert!(stderr(&out).contains("ends in .rasa-new"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("ends in .rasa-new"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(live.state(), before);
     assert!(live.fs.path("root-blank.rasa-new/precious").exists());
     // --log is one more name under the same rules.

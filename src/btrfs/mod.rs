@@ -328,9 +328,10 @@ fn make_tree_writable(
         for child in tree::child_subvolumes(fs, id)? {
             let mut path = tree::ino_lookup(fs, id, child.dirid)?;
             path.extend_from_slice(&child.name);
-            let child_fd = open_beneath(fd.as_fd(), OsStr::from_bytes(&path)).with_context(|| {
-                format!("opening nested subvolume id {} to delete it", child.id)
-            })?;
+            let child_fd =
+                open_beneath(fd.as_fd(), OsStr::from_bytes(&path)).with_context(|| {
+                    format!("opening nested subvolume id {} to delete it", child.id)
+                })?;
             stack.push((child_fd, child.id));
         }
     }
