@@ -170,6 +170,43 @@ fn check_manifest_refuses_collisions_reserved_names_and_runtime_paths() {
     }
 }
 
+/// A large hostile manifest (tens of thousands of directory entries, deep nesting) is checked
+/// in seconds: the rules sort and sweep instead of comparing every pair of entries.
+#[test]
+fn check_manifest_stays_fast_on_a_large_hostile_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("big.json");
+    let mut entries = Vec::new();
+    let mut deep = String::new();
+    for i in 0..1500 {
+        deep.push_str("/d");
+        entries.push(format!(
+            r#"{{"storageRoot": "/persist{}", "path": "{deep}", "kind": "directory", "user": "root", "group": "root", "mode": "0755"}}"#,
+            i % 2
+        ));
+    }
+    for i in 0..40_000 {
+        entries.push(format!(
+            r#"{{"storageRoot": "/persist", "path": "/srv/{i}", "kind": "directory", "user": "root", "group": "root", "mode": "0755"}}"#
+        ));
+    }
+    std::fs::write(
+        &file,
+        format!(
+            r#"{{"version": 1, "rollback": {{"device": "/dev/x", "root": "root", "blank": "root-blank", "oldRoots": "old_roots", "persist": "persist", "keep": 5, "keepDays": 7}}, "entries": [{}]}}"#,
+            entries.join(",")
+        ),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let out = rasa(&["check", "manifest", "--json", file.to_str().unwrap()]);
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["problems"].as_array().unwrap().len(), 1499);
+    assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
+}
+
 #[test]
 fn check_manifest_refuses_unreadable_and_non_json_with_exit_3() {
     let dir = tempfile::tempdir().unwrap();

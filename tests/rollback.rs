@@ -799,6 +799,16 @@ fn rollback_refuses_when_the_root_is_the_default_subvolume() {
         fs.top.display()
     ));
     assert!(fs.rasa(&["rollback"]).status.success());
+    assert!(fs.rasa(&["rollback"]).status.success());
+    // Prune never deletes the default subvolume either (here: an old root).
+    let kept = old_roots(&fs);
+    sh(&format!(
+        "btrfs subvolume set-default '{}'",
+        fs.path(&format!("old_roots/{}", kept[0])).display()
+    ));
+    let out = fs.rasa(&["prune", "--keep", "0", "--keep-days", "0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(old_roots(&fs), vec![kept[0].clone()]);
 }
 
 /// A boot from an old root (or a manual mount of one): prune keeps it, whatever retention says,
