@@ -740,26 +740,38 @@ fn concurrent_rollbacks_take_turns_and_always_leave_a_root() {
         );
         seen += &line;
     }
-    let second = spawn(&[]);
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    drop(first.stdin.take()); // let the first one go on
+    let mut second = spawn(&[]);
+    // Let the first one go on once the second waits for the lock (or, without a lock, once
+    // the second has finished).
+    let mut second_err = BufReader::new(second.stderr.take().unwrap());
+    let mut second_log = String::new();
+    loop {
+        let mut line = String::new();
+        if second_err.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        second_log += &line;
+        if line.contains("another rasa is changing this filesystem") {
+            break;
+        }
+    }
+    drop(first.stdin.take());
     let first_status = first.wait().unwrap();
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut first_err, &mut rest).unwrap();
-    let second = second.wait_with_output().unwrap();
+    std::io::Read::read_to_string(&mut second_err, &mut second_log).unwrap();
+    let second_status = second.wait().unwrap();
     let subvols = fs.subvolumes();
     assert!(
         subvols.contains(&"root".to_string()),
-        "no root for the next boot: {subvols:?}\nfirst: {seen}{rest}\nsecond: {}",
-        stderr(&second)
+        "no root for the next boot: {subvols:?}\nfirst: {seen}{rest}\nsecond: {second_log}"
     );
     assert!(!fs.path("root.rasa-new").exists(), "{subvols:?}");
     assert!(first_status.success(), "first: {seen}{rest}");
-    assert!(second.status.success(), "second: {}", stderr(&second));
+    assert!(second_status.success(), "second: {second_log}");
     assert!(
-        stderr(&second).contains("another rasa is changing this filesystem"),
-        "the second run did not wait: {}",
-        stderr(&second)
+        second_log.contains("another rasa is changing this filesystem"),
+        "the second run did not wait: {second_log}"
     );
     // Both retired a root: the populated one and the first run's blank one.
     assert_eq!(old_roots(&fs).len(), 2, "{:?}", old_roots(&fs));
