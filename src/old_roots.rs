@@ -9,9 +9,9 @@
 //! were created, their `otransid` (the filesystem's transaction counter, which only grows; each
 //! boot's root is created by the rollback that retires the previous one), and retention counts
 //! by that order. (Not the last-change generation: merely reading an old root can bump it
-//! through atime.) Age is measured from the name, but a root can be no younger
-//! than any root retired after it, so one boot with a clock in the year 9999 cannot keep its
-//! root (or freeze retention) forever: see [`judge`].
+//! through atime.) Age is measured from the name, corrected by that order where a clock was
+//! wrong, so one boot with a clock in the year 9999 cannot keep its root (or freeze retention)
+//! forever, and a clock behind only keeps more: see [`judge`].
 //! Only subvolumes with names of that shape are ever pruned, and only `.pruning-<name>` of such
 //! a name is taken as prune's own; anything else a user puts there is listed and left alone.
 
@@ -245,18 +245,25 @@ pub enum Verdict {
 /// Retention: the newest `keep` (in retirement order) always stay, and so does every root
 /// younger than `keep_days`.
 ///
-/// A root's age counts from the earliest of its name's time, the time of every root retired
-/// after it, and `now`: it was retired before each of those. So a boot whose clock was in the
-/// future (even the year 9999) gets its age from the next boot's correct clock instead of
-/// being kept forever, and a clock that runs behind only makes roots look younger: it can keep
-/// more, never fewer.
+/// A root's age counts from its name while the name fits the order: not in the future, and not
+/// before the name of a root retired earlier. A name that does not fit (a boot whose clock was
+/// ahead, even in the year 9999, or behind) says only that the root was retired between its
+/// neighbours, so its age counts from the latest time that allows: the next fitting root's
+/// time, or now while none follows. A wrong clock therefore only ever keeps more, and never
+/// keeps a root forever or stops age retention.
 pub fn judge(roots: &[OldRoot], retention: RetentionArgs, now: u64) -> Vec<Verdict> {
     let n = roots.len();
-    let mut retired_by = now;
-    let mut effective = vec![0u64; n];
-    for (i, root) in roots.iter().enumerate().rev() {
-        retired_by = retired_by.min(root.retired);
-        effective[i] = retired_by;
+    let mut latest = vec![None; n];
+    let mut fitting = 0u64;
+    for (i, root) in roots.iter().enumerate() {
+        if root.retired <= now && root.retired >= fitting {
+            fitting = root.retired;
+            latest[i] = Some(fitting);
+        }
+    }
+    let mut after = now;
+    for slot in latest.iter_mut().rev() {
+        after = *slot.get_or_insert(after);
     }
     roots
         .iter()
@@ -265,7 +272,7 @@ pub fn judge(roots: &[OldRoot], retention: RetentionArgs, now: u64) -> Vec<Verdi
             let rank_from_newest = n - 1 - i;
             if rank_from_newest < retention.keep as usize {
                 Verdict::KeptByCount
-            } else if now - effective[i] < u64::from(retention.keep_days) * 86_400 {
+            } else if now - latest[i].unwrap_or(now) < u64::from(retention.keep_days) * 86_400 {
                 Verdict::KeptByAge
             } else {
                 Verdict::Prune
@@ -730,6 +737,28 @@ mod tests {
             next_name(&poisoned, 1_800_000_000).0,
             format_timestamp(1_800_000_000)
         );
+    }
+
+    #[test]
+    fn a_clock_behind_keeps_more_never_fewer() {
+        let day = 86_400;
+        let now = 1_800_000_000;
+        use Verdict::*;
+        let age_only = RetentionArgs {
+            keep: 0,
+            keep_days: 7,
+        };
+        // The second root was retired by a boot with a dead clock (1970): it counts as retired
+        // when the next root was, or now while it is the newest.
+        let roots = roots_at(&[now - 30 * day, 0]);
+        assert_eq!(judge(&roots, age_only, now), vec![Prune, KeptByAge]);
+        let roots = roots_at(&[now - 30 * day, 0, now - 2 * day]);
+        assert_eq!(
+            judge(&roots, age_only, now),
+            vec![Prune, KeptByAge, KeptByAge]
+        );
+        let roots = roots_at(&[now - 30 * day, 0, now - 9 * day]);
+        assert_eq!(judge(&roots, age_only, now), vec![Prune, Prune, Prune]);
     }
 
     #[test]
