@@ -556,11 +556,8 @@ pub fn run_old_roots(command: OldRootsCommand) -> Result<u8> {
     let top = TopLevel::mount(&layout.device, true)?;
     let scan = scan_all(top.fd(), &layout.old_roots)?;
     let now = now();
-    let mounted: Vec<u64> = top
-        .mounted_subvolumes()
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect();
+    // What prune would keep whatever retention says: mounted, or the default subvolume.
+    let in_use = protected_ids(&top, &[])?;
     let mut listed = Vec::new();
     let describe = |root: &OldRoot, verdict: Listed| -> Result<ListedRoot> {
         let dir = btrfs::open_dir_at(top.fd(), OsStr::new(&layout.old_roots))?;
@@ -578,7 +575,7 @@ pub fn run_old_roots(command: OldRootsCommand) -> Result<u8> {
     let verdicts = judge(&scan.roots, args.retention, now);
     for (root, verdict) in scan.roots.iter().zip(verdicts).rev() {
         let verdict = match verdict {
-            Verdict::Prune if mounted.contains(&root.id) => Listed::KeptInUse,
+            Verdict::Prune if holds_protected(&top, root.id, &in_use)? => Listed::KeptInUse,
             Verdict::KeptByCount => Listed::KeptByCount,
             Verdict::KeptByAge => Listed::KeptByAge,
             Verdict::Prune => Listed::Prune,

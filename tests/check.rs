@@ -405,3 +405,18 @@ fn check_system_on_a_device_without_btrfs() {
     1 passed, 1 failed, 0 warnings
     ");
 }
+
+/// A closed stdout (`rasa check manifest … | head -c1`) ends rasa quietly, not with a panic.
+#[test]
+fn check_manifest_on_a_closed_stdout_is_not_a_crash() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(common::RASA)
+        .args(["check", "manifest"])
+        .arg(example())
+        .stdout(writer)
+        .output()
+        .unwrap();
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(141), "{}", stderr(&out));
+}

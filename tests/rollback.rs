@@ -839,6 +839,27 @@ fn prune_never_deletes_a_mounted_old_root() {
     let booted = SubvolMount::new(&fs, &format!("old_roots/{}", kept[0]));
     // A nested subvolume of another old root mounted somewhere keeps that whole root too.
     let nested = SubvolMount::new(&fs, &format!("old_roots/{}/var/lib/machines", kept[1]));
+    let out = fs.rasa(&[
+        "old-roots",
+        "list",
+        "--keep",
+        "0",
+        "--keep-days",
+        "0",
+        "--json",
+    ]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let verdicts: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["verdict"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        verdicts,
+        ["prune", "kept-in-use", "kept-in-use"],
+        "{listed:#}"
+    );
     let out = fs.rasa(&["prune", "--keep", "0", "--keep-days", "0", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(old_roots(&fs), kept[..2].to_vec());
