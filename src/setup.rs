@@ -75,6 +75,8 @@ struct Report {
     root: String,
     applied: bool,
     steps: Vec<Step>,
+    /// What would make the first `rasa rollback` refuse, found now rather than at that boot.
+    warnings: Vec<String>,
     nix: String,
 }
 
@@ -150,6 +152,7 @@ pub fn run(args: SetupArgs) -> Result<u8> {
             }
         }
     }
+    let warnings = rollback_warnings(&top, &layout.root)?;
     drop(top);
 
     let nix = filesystems_snippet(
@@ -163,6 +166,7 @@ pub fn run(args: SetupArgs) -> Result<u8> {
         root: layout.root.clone(),
         applied: args.apply,
         steps,
+        warnings,
         nix,
     };
     if args.json {
@@ -266,6 +270,25 @@ fn filesystems_snippet(
     nix + "}\n"
 }
 
+/// What `rasa rollback` would refuse about the root (the same predicates it uses): `/nix` or
+/// `/boot` inside the root subvolume, or the root being the default subvolume.
+fn rollback_warnings(top: &TopLevel, root: &str) -> Result<Vec<String>> {
+    let mut warnings = Vec::new();
+    let fd = btrfs::open_dir_at(top.fd(), OsStr::new(root))
+        .with_context(|| format!("opening the root subvolume {root}"))?;
+    for dir in crate::rules::boot_dirs_inside(fd.as_fd())? {
+        warnings.push(format!(
+            "/{dir} is part of the root subvolume {root:?}: rasa rollback will refuse until /{dir} is a subvolume of its own at the top level, mounted at /{dir}"
+        ));
+    }
+    if top.default_subvolume()? == btrfs::subvol_info(fd.as_fd())?.id {
+        warnings.push(format!(
+            "{root:?} is the filesystem's default subvolume: rasa rollback will refuse until / is mounted with subvol={root} and the default is reset (`btrfs subvolume set-default 5 <top>`)"
+        ));
+    }
+    Ok(warnings)
+}
+
 fn print_report(report: &Report) {
     let verb = if report.applied { "" } else { "dry run: " };
     println!(
@@ -283,6 +306,9 @@ fn print_report(report: &Report) {
             Some(note) => println!(": {note}"),
             None => println!(),
         }
+    }
+    for warning in &report.warnings {
+        println!("  ! {warning}");
     }
     if !report.applied && report.steps.iter().any(|s| s.action == Action::Create) {
         println!("run again with --apply to create what is missing.");

@@ -350,3 +350,27 @@ fn setup_refuses_a_persist_named_like_its_temporary_and_deletes_nothing() {
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(stderr(&out).contains("both name"), "{}", stderr(&out));
 }
+
+/// What would make the first rollback refuse (/nix inside the root, the root as the default
+/// subvolume) is said by setup already, not only at that boot.
+#[test]
+fn setup_warns_about_what_rollback_would_refuse() {
+    let Some(live) = Live::new("setup_warns_rollback_refusals", "root") else {
+        return;
+    };
+    std::fs::create_dir_all(live.fs.path("root/nix/store/abc-glibc")).unwrap();
+    sh(&format!(
+        "btrfs subvolume set-default '{}'",
+        live.fs.path("root").display()
+    ));
+    let out = live.setup(&["--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let warnings = report["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[0]
+        .as_str()
+        .unwrap()
+        .starts_with("/nix is part of the root subvolume"));
+    assert!(warnings[1].as_str().unwrap().contains("default subvolume"));
+}
