@@ -291,7 +291,7 @@ pub fn delete_subvolume_tree(
 }
 
 /// Clear the read-only flag of the subvolume `name` in `parent` (id `top_id`) and of every
-/// subvolume nested in it, parents first. Each child is found by id in the root tree, opened
+/// subvolume nested in it that holds others, parents first. Each child is found by id in the root tree, opened
 /// beneath its parent without following symlinks, and checked to be that id before its flags
 /// are touched.
 fn make_tree_writable(
@@ -326,6 +326,12 @@ fn make_tree_writable(
                 .with_context(|| format!("making subvolume id {id} writable to delete it"))?;
         }
         for child in tree::child_subvolumes(fs, id)? {
+            // Only a subvolume that holds others must be writable (a read-only leaf deletes
+            // fine), so a leaf is never opened: a path deeper than INO_LOOKUP can return
+            // cannot stop its deletion.
+            if tree::child_subvolumes(fs, child.id)?.is_empty() {
+                continue;
+            }
             let mut path = tree::ino_lookup(fs, id, child.dirid)?;
             path.extend_from_slice(&child.name);
             let child_fd =
