@@ -5,7 +5,9 @@
 //! `rasa.failpoint_action=pause`) prints a marker and waits to be killed, so the VM harness can
 //! cut the power exactly there; `stop` prints the marker and stops the process with SIGSTOP,
 //! so a test can look at (or change) the disk at that step and then let it go on with SIGCONT
-//! (the step is hit again each time it is reached); the default is to abort on the spot.
+//! (the step is hit again each time it is reached); `wait` prints the marker and goes on once
+//! stdin is closed (to hold a run at a step while another one starts, for the lock test); the
+//! default is to abort the process on the spot.
 
 #[cfg(feature = "failpoints")]
 pub fn hit(step: &str) {
@@ -28,6 +30,11 @@ pub fn hit(step: &str) {
     if action.as_deref() == Some("stop") {
         // The test waits for the stop (waitpid WUNTRACED), so the marker cannot race it.
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+        return;
+    }
+    if action.as_deref() == Some("wait") {
+        use std::io::Read;
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
         return;
     }
     if action.as_deref() == Some("pause") {

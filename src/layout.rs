@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use crate::error::refuse;
+use crate::rules;
 use crate::toplevel;
 
 /// Where the filesystem is and what its subvolumes are called. Shared by `rollback`, `prune`,
@@ -66,34 +67,11 @@ impl Layout {
     /// The temporary name of the next root while it is being prepared. It sits beside the root
     /// at the top level, so installing it is a single rename within one parent.
     pub fn new_root_name(&self) -> String {
-        format!("{}.rasa-new", self.root)
+        rules::temporary_name(&self.root)
     }
 
     pub fn root_os(&self) -> &OsStr {
         OsStr::new(&self.root)
-    }
-}
-
-pub fn check_name(what: &str, flag: &str, name: &str) -> Result<()> {
-    let problem = if name.is_empty() {
-        Some("is empty")
-    } else if name.contains('/') {
-        Some("contains '/'")
-    } else if name == "." || name == ".." {
-        Some("is '.' or '..'")
-    } else if name.contains('\0') {
-        Some("contains a NUL byte")
-    } else if name.len() > 200 {
-        Some("is longer than 200 bytes")
-    } else {
-        None
-    };
-    match problem {
-        Some(problem) => Err(refuse(
-            format!("the {what} name {name:?} {problem}: it must be one plain name at the top level of the filesystem"),
-            format!("pass a plain subvolume name with {flag}, e.g. {flag} {}", example_for(flag)),
-        )),
-        None => Ok(()),
     }
 }
 
@@ -102,6 +80,7 @@ fn example_for(flag: &str) -> &'static str {
         "--root" => "root",
         "--blank" => "root-blank",
         "--old-roots" => "old_roots",
+        "--log" => "log",
         _ => "persist",
     }
 }
@@ -109,35 +88,35 @@ fn example_for(flag: &str) -> &'static str {
 impl LayoutArgs {
     /// Check names and pick the device; touches nothing on disk.
     pub fn validate(&self) -> Result<Layout> {
-        check_name("root subvolume", "--root", &self.root)?;
-        if !self.empty {
-            check_name("blank subvolume", "--blank", &self.blank)?;
-        }
-        check_name("old-roots directory", "--old-roots", &self.old_roots)?;
-        check_name("persistent subvolume", "--persist", &self.persist)?;
-        let mut named: Vec<(&str, &str)> = vec![
-            ("--root", &self.root),
-            ("--old-roots", &self.old_roots),
-            ("--persist", &self.persist),
+        self.validate_with(None)
+    }
+
+    /// The names this layout configures, for [`rules::names_problems`].
+    fn named<'a>(&'a self, log: Option<&'a str>) -> Vec<rules::Named<'a>> {
+        let named = |label: &'a str, what, name: &'a str| rules::Named {
+            label,
+            what,
+            name,
+            example: example_for(label),
+        };
+        let mut all = vec![
+            named("--root", "root subvolume", &self.root),
+            named("--old-roots", "old-roots directory", &self.old_roots),
+            named("--persist", "persistent subvolume", &self.persist),
         ];
         if !self.empty {
-            named.push(("--blank", &self.blank));
+            all.push(named("--blank", "blank subvolume", &self.blank));
         }
-        for (i, (flag_a, a)) in named.iter().enumerate() {
-            for (flag_b, b) in &named[i + 1..] {
-                if a == b {
-                    return Err(refuse(
-                        format!("{flag_a} and {flag_b} both name {a:?}: the root, the blank, the old roots and the persistent subvolume must be four different things"),
-                        format!("give {flag_a} and {flag_b} different names"),
-                    ));
-                }
-            }
+        if let Some(log) = log {
+            all.push(named("--log", "log subvolume", log));
         }
-        if self.root.ends_with(".rasa-new") {
-            return Err(refuse(
-                format!("the root name {:?} ends in .rasa-new, which rasa reserves for the root it is preparing", self.root),
-                "rename the root subvolume",
-            ));
+        all
+    }
+
+    /// [`validate`](Self::validate), with setup's extra `--log` subvolume among the names.
+    pub fn validate_with(&self, log: Option<&str>) -> Result<Layout> {
+        if let Some(problem) = rules::names_problems(&self.named(log)).first() {
+            return Err(problem.refusal());
         }
         let device = match &self.device {
             Some(device) => device.clone(),

@@ -14,6 +14,7 @@ mod manifest;
 mod migrate;
 mod old_roots;
 mod rollback;
+mod rules;
 mod setup;
 mod toplevel;
 mod watch;
@@ -82,6 +83,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -119,6 +121,29 @@ fn main() -> ExitCode {
             ExitCode::from(error::exit_code_for(&e))
         }
     }
+}
+
+/// A closed stdout (`rasa old-roots list | head -1`) must end rasa quietly, the way it ends
+/// every Unix tool, not with a panic: Rust ignores SIGPIPE, so `println!` panics on EPIPE.
+/// Resetting SIGPIPE would need `unsafe` outside `btrfs/`; instead this one hook turns exactly
+/// that panic into the exit status a shell reports for SIGPIPE (128 + 13). Log lines on stderr
+/// never panic (log.rs ignores write errors). Commands that change the disk are crash-safe at
+/// every step, and print only after their work, so stopping here loses nothing.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        let epipe = format!("(os error {})", nix::libc::EPIPE);
+        if message.starts_with("failed printing to stdout") && message.contains(&epipe) {
+            std::process::exit(128 + nix::libc::SIGPIPE);
+        }
+        default(info);
+    }));
 }
 
 #[cfg(test)]

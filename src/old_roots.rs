@@ -2,9 +2,18 @@
 //!
 //! Each boot's retired root becomes `<old-roots>/<YYYYMMDDTHHMMSSZ>`, a subvolume in a plain
 //! directory at the top level (a directory, not a subvolume, because a subvolume can only be
-//! renamed within its parent subvolume). Names sort in retirement order even when the initrd's
-//! clock is wrong: a new name is never lower than the newest existing one (see [`next_name`]).
-//! Only names of that shape are ever pruned; anything else a user puts there is left alone.
+//! renamed within its parent subvolume). The name is the clock at retirement (the year has as
+//! many digits as it needs, so whatever the clock says gives a name the parser reads back).
+//!
+//! The clock is not trusted for order: the retirement order is the order in which the roots
+//! were created, their `otransid` (the filesystem's transaction counter, which only grows; each
+//! boot's root is created by the rollback that retires the previous one), and retention counts
+//! by that order. (Not the last-change generation: merely reading an old root can bump it
+//! through atime.) Age is measured from the name, corrected by that order where a clock was
+//! wrong, so one boot with a clock in the year 9999 cannot keep its root (or freeze retention)
+//! forever, and a clock behind only keeps more: see [`judge`].
+//! Only subvolumes with names of that shape are ever pruned, and only `.pruning-<name>` of such
+//! a name is taken as prune's own; anything else a user puts there is listed and left alone.
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -21,13 +30,18 @@ use crate::toplevel::{self, TopLevel};
 
 /// Prefix of an old root that pruning has claimed. A crash mid-prune leaves this name behind,
 /// and the next prune finishes deleting it; listing never shows it as kept.
-pub const PRUNING_PREFIX: &str = ".pruning-";
+pub use crate::rules::PRUNING_PREFIX;
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct OldRoot {
     pub name: String,
-    /// Seconds since the epoch at retirement, from the name.
+    /// Seconds since the epoch at retirement, from the name (what the clock said then).
     pub retired: u64,
+    /// Creation transaction and id of the subvolume: the retirement order, whatever the clocks
+    /// said (each boot's root is created by the rollback that retires the one before it).
+    pub order: (u64, u64),
+    /// Subvolume id.
+    pub id: u64,
 }
 
 /// Seconds since the epoch → `YYYYMMDDTHHMMSSZ` (UTC, proleptic Gregorian).
@@ -43,10 +57,12 @@ pub fn format_timestamp(secs: u64) -> String {
     )
 }
 
-/// `YYYYMMDDTHHMMSSZ` → seconds since the epoch.
+/// `YYYYMMDDTHHMMSSZ` → seconds since the epoch. The year has four digits or more: every
+/// name [`format_timestamp`] makes is read back, and only those (the round trip is checked).
 pub fn parse_timestamp(name: &str) -> Option<u64> {
     let b = name.as_bytes();
-    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
+    let n = b.len();
+    if !(16..=24).contains(&n) || b[n - 8] != b'T' || b[n - 1] != b'Z' {
         return None;
     }
     let digits = |r: std::ops::Range<usize>| -> Option<i64> {
@@ -55,13 +71,20 @@ pub fn parse_timestamp(name: &str) -> Option<u64> {
             .all(|c| c.is_ascii_digit())
             .then(|| s.parse().ok())?
     };
-    let (y, mo, d) = (digits(0..4)?, digits(4..6)?, digits(6..8)?);
-    let (h, mi, s) = (digits(9..11)?, digits(11..13)?, digits(13..15)?);
+    let ys = n - 12;
+    let (y, mo, d) = (digits(0..ys)?, digits(ys..ys + 2)?, digits(ys + 2..ys + 4)?);
+    let (h, mi, s) = (
+        digits(n - 7..n - 5)?,
+        digits(n - 5..n - 3)?,
+        digits(n - 3..n - 1)?,
+    );
     if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
         return None;
     }
     let days = days_from_civil(y, mo as u32, d as u32);
-    let secs = days * 86_400 + h * 3600 + mi * 60 + s;
+    let secs = days
+        .checked_mul(86_400)?
+        .checked_add(h * 3600 + mi * 60 + s)?;
     (secs >= 0 && format_timestamp(secs as u64) == name).then_some(secs as u64)
 }
 
@@ -91,71 +114,121 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 }
 
 pub fn now() -> u64 {
+    // Tests fake the clock (a boot in the year 9999, a clock behind); release builds cannot.
+    #[cfg(feature = "failpoints")]
+    if let Some(now) = std::env::var("RASA_TEST_NOW")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return now;
+    }
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-/// The name for a root retired at `now`: the timestamp, or one second after the newest
-/// existing name when the clock is behind it (an initrd without RTC, a dead CMOS battery), so
-/// names stay unique and in retirement order.
-pub fn next_name(existing: &[OldRoot], now: u64) -> (String, bool) {
-    let newest = existing.iter().map(|r| r.retired).max();
-    match newest {
-        Some(newest) if now <= newest => (format_timestamp(newest + 1), true),
-        _ => (format_timestamp(now), false),
+/// The name for a root retired at `now`: the timestamp, one second later for each name that
+/// is already taken. Returns whether the clock is behind the newest old root (worth a warning:
+/// its age is then measured from the newer root, see [`judge`]).
+pub fn next_name(scan: &Scan, now: u64) -> (String, bool) {
+    let taken: std::collections::HashSet<&str> = scan
+        .roots
+        .iter()
+        .map(|r| r.name.as_str())
+        .chain(scan.other.iter().map(|o| o.name.as_str()))
+        .collect();
+    let mut at = now;
+    while taken.contains(format_timestamp(at).as_str()) {
+        at += 1;
     }
+    let behind = scan.roots.last().is_some_and(|newest| now < newest.retired);
+    (format_timestamp(at), behind)
 }
 
-/// The old roots in the directory, oldest first. A missing directory holds none.
+/// What the old-roots directory holds.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Subvolumes named by [`format_timestamp`], in retirement (creation) order, oldest first.
+    pub roots: Vec<OldRoot>,
+    /// `.pruning-<name>` subvolumes: claimed by a prune that did not finish.
+    pub claimed: Vec<OldRoot>,
+    /// Everything else: listed, never touched.
+    pub other: Vec<Other>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Other {
+    pub name: String,
+    pub why: &'static str,
+}
+
+/// The old roots in the directory, in retirement order, oldest first.
 pub fn scan(top: BorrowedFd<'_>, dir_name: &str) -> Result<Vec<OldRoot>> {
+    Ok(scan_all(top, dir_name)?.roots)
+}
+
+/// Read the old-roots directory; a missing one holds nothing.
+pub fn scan_all(top: BorrowedFd<'_>, dir_name: &str) -> Result<Scan> {
     let dir = match btrfs::open_dir_at(top, OsStr::new(dir_name)) {
         Ok(fd) => fd,
-        Err(nix::errno::Errno::ENOENT) => return Ok(Vec::new()),
+        Err(nix::errno::Errno::ENOENT) => return Ok(Scan::default()),
         Err(e) => return Err(e).with_context(|| format!("opening {dir_name}")),
     };
-    let mut roots = Vec::new();
-    for entry in nix::dir::Dir::from_fd(dir)
+    let mut scan = Scan::default();
+    let mut names = Vec::new();
+    for entry in nix::dir::Dir::from_fd(btrfs::open_dir_at(dir.as_fd(), OsStr::new("."))?)
         .with_context(|| format!("reading {dir_name}"))?
         .iter()
     {
         let entry = entry.with_context(|| format!("reading {dir_name}"))?;
-        let Ok(name) = entry.file_name().to_str() else {
-            continue;
+        let bytes = entry.file_name().to_bytes();
+        if bytes != b"." && bytes != b".." {
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    for name in names {
+        let (stamp, claimed) = match crate::rules::claimed_old_root(&name) {
+            Some(stamp) => (Some(stamp), true),
+            None => (parse_timestamp(&name).map(|_| name.as_str()), false),
         };
-        if let Some(retired) = parse_timestamp(name) {
-            roots.push(OldRoot {
-                name: name.to_owned(),
-                retired,
-            });
+        let why = if stamp.is_none() {
+            if name.starts_with(PRUNING_PREFIX) {
+                Some(
+                    "named like a prune in progress, but not of an old root rasa named; left alone",
+                )
+            } else {
+                Some("not an old-root name rasa makes; left alone")
+            }
+        } else if !btrfs::is_subvolume_at(dir.as_fd(), OsStr::new(&name))? {
+            Some("not a subvolume; left alone")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            scan.other.push(Other { name, why });
+            continue;
+        }
+        let fd = btrfs::open_dir_at(dir.as_fd(), OsStr::new(&name))
+            .with_context(|| format!("opening {dir_name}/{name}"))?;
+        let info = btrfs::subvol_info(fd.as_fd())?;
+        let root = OldRoot {
+            retired: parse_timestamp(stamp.unwrap_or_default()).unwrap_or_default(),
+            name,
+            order: (info.otransid, info.id),
+            id: info.id,
+        };
+        if claimed {
+            scan.claimed.push(root);
+        } else {
+            scan.roots.push(root);
         }
     }
-    roots.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(roots)
-}
-
-/// Names of old roots claimed by an interrupted prune.
-fn scan_claimed(top: BorrowedFd<'_>, dir_name: &str) -> Result<Vec<String>> {
-    let dir = match btrfs::open_dir_at(top, OsStr::new(dir_name)) {
-        Ok(fd) => fd,
-        Err(nix::errno::Errno::ENOENT) => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("opening {dir_name}")),
-    };
-    let mut claimed = Vec::new();
-    for entry in nix::dir::Dir::from_fd(dir)?.iter() {
-        let entry = entry?;
-        if let Some(name) = entry
-            .file_name()
-            .to_str()
-            .ok()
-            .filter(|n| n.starts_with(PRUNING_PREFIX))
-        {
-            claimed.push(name.to_owned());
-        }
-    }
-    claimed.sort();
-    Ok(claimed)
+    scan.roots
+        .sort_by(|a, b| (a.order, a.id, &a.name).cmp(&(b.order, b.id, &b.name)));
+    scan.claimed.sort_by(|a, b| a.name.cmp(&b.name));
+    scan.other.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(scan)
 }
 
 /// Why a root is kept, or that it goes.
@@ -169,18 +242,37 @@ pub enum Verdict {
     Prune,
 }
 
-/// Retention: the newest `keep` always stay, and so does every root younger than `keep_days`.
-/// A clock that runs behind only makes roots look younger, so it can keep more, never fewer.
+/// Retention: the newest `keep` (in retirement order) always stay, and so does every root
+/// younger than `keep_days`.
+///
+/// A root's age counts from its name while the name fits the order: not in the future, and not
+/// before the name of a root retired earlier. A name that does not fit (a boot whose clock was
+/// ahead, even in the year 9999, or behind) says only that the root was retired between its
+/// neighbours, so its age counts from the latest time that allows: the next fitting root's
+/// time, or now while none follows. A wrong clock therefore only ever keeps more, and never
+/// keeps a root forever or stops age retention.
 pub fn judge(roots: &[OldRoot], retention: RetentionArgs, now: u64) -> Vec<Verdict> {
     let n = roots.len();
+    let mut latest = vec![None; n];
+    let mut fitting = 0u64;
+    for (i, root) in roots.iter().enumerate() {
+        if root.retired <= now && root.retired >= fitting {
+            fitting = root.retired;
+            latest[i] = Some(fitting);
+        }
+    }
+    let mut after = now;
+    for slot in latest.iter_mut().rev() {
+        after = *slot.get_or_insert(after);
+    }
     roots
         .iter()
         .enumerate()
-        .map(|(i, root)| {
+        .map(|(i, _)| {
             let rank_from_newest = n - 1 - i;
             if rank_from_newest < retention.keep as usize {
                 Verdict::KeptByCount
-            } else if now.saturating_sub(root.retired) < u64::from(retention.keep_days) * 86_400 {
+            } else if now - latest[i].unwrap_or(now) < u64::from(retention.keep_days) * 86_400 {
                 Verdict::KeptByAge
             } else {
                 Verdict::Prune
@@ -199,7 +291,9 @@ fn delete_tree(top: &TopLevel, dir_name: &str, name: &str, protected: &[u64]) ->
     .with_context(|| format!("pruning {dir_name}/{name}"))
 }
 
-/// Ids of the subvolumes pruning must never delete.
+/// Ids of the subvolumes pruning must never delete: the root, the blank, the persistent
+/// subvolume and the new root by name, every subvolume of this filesystem mounted anywhere
+/// (the running `/`, a boot from an old root), and the filesystem's default subvolume.
 pub fn protected_ids(top: &TopLevel, names: &[&str]) -> Result<Vec<u64>> {
     let mut ids = Vec::new();
     for name in names {
@@ -209,20 +303,46 @@ pub fn protected_ids(top: &TopLevel, names: &[&str]) -> Result<Vec<u64>> {
             }
         }
     }
+    ids.extend(top.mounted_subvolumes().into_iter().map(|(id, _)| id));
+    ids.push(top.default_subvolume()?);
+    ids.retain(|id| *id != btrfs::FS_TREE_OBJECTID);
+    ids.sort_unstable();
+    ids.dedup();
     Ok(ids)
+}
+
+/// Whether the tree of subvolume `id` holds a protected subvolume.
+fn holds_protected(top: &TopLevel, id: u64, protected: &[u64]) -> Result<bool> {
+    if protected.contains(&id) {
+        return Ok(true);
+    }
+    Ok(btrfs::tree::descendants_depth_first(top.fd(), id)?
+        .iter()
+        .any(|d| protected.contains(d)))
 }
 
 #[derive(Debug, Serialize)]
 pub struct PruneReport {
     pub kept: Vec<String>,
     pub pruned: Vec<String>,
+    /// Past retention but mounted or holding a protected subvolume: kept, with a warning.
+    pub in_use: Vec<String>,
+    /// Old roots whose deletion failed, with the reason; the others were still pruned.
+    pub failed: Vec<Failure>,
     pub subvolumes_deleted: usize,
     pub dry_run: bool,
 }
 
+#[derive(Debug, Serialize)]
+pub struct Failure {
+    pub name: String,
+    pub error: String,
+}
+
 /// Apply retention. First finish any prune a crash interrupted, then claim each doomed root by
 /// renaming it to `.pruning-<name>` (atomic; a crash leaves it claimed, never half-kept), then
-/// delete its tree.
+/// delete its tree. A root that fails is reported and the others go on: one root that cannot
+/// be deleted never stops pruning (the disk would fill).
 pub fn prune(
     top: &TopLevel,
     layout: &crate::layout::Layout,
@@ -240,52 +360,81 @@ pub fn prune(
     let mut report = PruneReport {
         kept: Vec::new(),
         pruned: Vec::new(),
+        in_use: Vec::new(),
+        failed: Vec::new(),
         subvolumes_deleted: 0,
         dry_run,
     };
+    let scan = scan_all(top.fd(), dir_name)?;
 
-    for claimed in scan_claimed(top.fd(), dir_name)? {
-        log::info(format!(
-            "finishing an interrupted prune of {dir_name}/{claimed}"
-        ));
-        if !dry_run {
-            report.subvolumes_deleted += delete_tree(top, dir_name, &claimed, &protected)?;
+    let mut doomed = Vec::new();
+    for claimed in &scan.claimed {
+        let name = claimed.name.trim_start_matches(PRUNING_PREFIX).to_owned();
+        if holds_protected(top, claimed.id, &protected)? {
+            log::warn(format!("{dir_name}/{} is claimed for pruning but is (or holds) a mounted or protected subvolume; leaving it", claimed.name));
+            report.in_use.push(name);
+            continue;
         }
-        report
-            .pruned
-            .push(claimed.trim_start_matches(PRUNING_PREFIX).to_owned());
+        log::info(format!(
+            "finishing an interrupted prune of {dir_name}/{}",
+            claimed.name
+        ));
+        doomed.push((name, claimed.name.clone(), true));
     }
-
-    let roots = scan(top.fd(), dir_name)?;
-    let verdicts = judge(&roots, retention, now());
-    for (root, verdict) in roots.iter().zip(verdicts) {
+    let verdicts = judge(&scan.roots, retention, now());
+    for (root, verdict) in scan.roots.iter().zip(verdicts) {
         if verdict != Verdict::Prune {
             report.kept.push(root.name.clone());
-            continue;
+        } else if holds_protected(top, root.id, &protected)? {
+            log::warn(format!("{dir_name}/{} is past retention but is (or holds) a subvolume that is mounted or protected; keeping it", root.name));
+            report.in_use.push(root.name.clone());
+        } else {
+            doomed.push((
+                root.name.clone(),
+                format!("{PRUNING_PREFIX}{}", root.name),
+                false,
+            ));
         }
-        report.pruned.push(root.name.clone());
+    }
+
+    for (name, claimed, already_claimed) in doomed {
         if dry_run {
-            log::info(format!("would prune {dir_name}/{}", root.name));
+            log::info(format!("would prune {dir_name}/{name}"));
+            report.pruned.push(name);
             continue;
         }
-        let claimed = format!("{PRUNING_PREFIX}{}", root.name);
-        let dir = btrfs::open_dir_at(top.fd(), OsStr::new(dir_name))?;
-        nix::fcntl::renameat2(
-            dir.as_fd(),
-            root.name.as_str(),
-            dir.as_fd(),
-            claimed.as_str(),
-            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
-        )
-        .with_context(|| format!("claiming {dir_name}/{} for pruning", root.name))?;
-        failpoint::hit("prune-claimed");
-        let deleted = delete_tree(top, dir_name, &claimed, &protected)?;
-        report.subvolumes_deleted += deleted;
-        log::info(format!(
-            "pruned {dir_name}/{} ({deleted} subvolume{})",
-            root.name,
-            if deleted == 1 { "" } else { "s" }
-        ));
+        let result = (|| -> Result<usize> {
+            if !already_claimed {
+                let dir = btrfs::open_dir_at(top.fd(), OsStr::new(dir_name))?;
+                nix::fcntl::renameat2(
+                    dir.as_fd(),
+                    name.as_str(),
+                    dir.as_fd(),
+                    claimed.as_str(),
+                    nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+                )
+                .with_context(|| format!("claiming {dir_name}/{name} for pruning"))?;
+                failpoint::hit("prune-claimed");
+            }
+            delete_tree(top, dir_name, &claimed, &protected)
+        })();
+        match result {
+            Ok(deleted) => {
+                report.subvolumes_deleted += deleted;
+                log::info(format!(
+                    "pruned {dir_name}/{name} ({deleted} subvolume{})",
+                    if deleted == 1 { "" } else { "s" }
+                ));
+                report.pruned.push(name);
+            }
+            Err(e) => {
+                log::error(format!("{e:#}; going on with the other old roots"));
+                report.failed.push(Failure {
+                    name,
+                    error: format!("{e:#}"),
+                });
+            }
+        }
     }
     Ok(report)
 }
@@ -333,10 +482,20 @@ pub fn run_prune(args: PruneArgs) -> Result<u8> {
         println!(
             "{verb} {} old root(s), kept {}",
             report.pruned.len(),
-            report.kept.len()
+            report.kept.len() + report.in_use.len()
         );
+        for name in &report.in_use {
+            println!("kept {name}: past retention, but mounted or holding a protected subvolume");
+        }
+        for failure in &report.failed {
+            println!("FAILED to prune {}: {}", failure.name, failure.error);
+        }
     }
-    Ok(crate::error::exit::OK)
+    Ok(if report.failed.is_empty() {
+        crate::error::exit::OK
+    } else {
+        crate::error::exit::FAILED
+    })
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -368,11 +527,26 @@ pub struct ListArgs {
 #[derive(Serialize)]
 struct ListedRoot {
     name: String,
+    /// Seconds since the epoch, from the name; 0 for what is not an old root.
     retired: u64,
     age_seconds: u64,
     created: u64,
     nested_subvolumes: usize,
-    verdict: Verdict,
+    verdict: Listed,
+}
+
+/// What `list` says about one entry of the old-roots directory.
+#[derive(Serialize, Clone, Copy)]
+#[serde(rename_all = "kebab-case")]
+enum Listed {
+    KeptByCount,
+    KeptByAge,
+    KeptInUse,
+    Prune,
+    /// `.pruning-<name>`: a prune that did not finish; the next prune goes on with it.
+    BeingPruned,
+    /// Not something rasa made; never touched.
+    NotRasas,
 }
 
 pub fn run_old_roots(command: OldRootsCommand) -> Result<u8> {
@@ -380,35 +554,47 @@ pub fn run_old_roots(command: OldRootsCommand) -> Result<u8> {
     let layout = args.layout.validate()?;
     toplevel::check_device(&layout.device)?;
     let top = TopLevel::mount(&layout.device, true)?;
-    let roots = scan(top.fd(), &layout.old_roots)?;
+    let scan = scan_all(top.fd(), &layout.old_roots)?;
     let now = now();
-    let verdicts = judge(&roots, args.retention, now);
-    let dir = btrfs::open_dir_at(top.fd(), OsStr::new(&layout.old_roots)).ok();
+    // What prune would keep whatever retention says: mounted, or the default subvolume.
+    let in_use = protected_ids(&top, &[])?;
     let mut listed = Vec::new();
-    for (root, verdict) in roots.iter().zip(verdicts).rev() {
-        let (created, nested) = match dir
-            .as_ref()
-            .and_then(|d| btrfs::open_dir_at(d.as_fd(), OsStr::new(&root.name)).ok())
-        {
-            Some(fd) => {
-                let info = btrfs::subvol_info(fd.as_fd())?;
-                (
-                    info.otime,
-                    btrfs::tree::descendants_depth_first(top.fd(), info.id)?.len(),
-                )
-            }
-            None => (0, 0),
-        };
-        listed.push(ListedRoot {
+    let describe = |root: &OldRoot, verdict: Listed| -> Result<ListedRoot> {
+        let dir = btrfs::open_dir_at(top.fd(), OsStr::new(&layout.old_roots))?;
+        let fd = btrfs::open_dir_at(dir.as_fd(), OsStr::new(&root.name))?;
+        let info = btrfs::subvol_info(fd.as_fd())?;
+        Ok(ListedRoot {
             name: root.name.clone(),
             retired: root.retired,
             age_seconds: now.saturating_sub(root.retired),
-            created,
-            nested_subvolumes: nested,
+            created: info.otime,
+            nested_subvolumes: btrfs::tree::descendants_depth_first(top.fd(), info.id)?.len(),
             verdict,
+        })
+    };
+    let verdicts = judge(&scan.roots, args.retention, now);
+    for (root, verdict) in scan.roots.iter().zip(verdicts).rev() {
+        let verdict = match verdict {
+            Verdict::Prune if holds_protected(&top, root.id, &in_use)? => Listed::KeptInUse,
+            Verdict::KeptByCount => Listed::KeptByCount,
+            Verdict::KeptByAge => Listed::KeptByAge,
+            Verdict::Prune => Listed::Prune,
+        };
+        listed.push(describe(root, verdict)?);
+    }
+    for claimed in &scan.claimed {
+        listed.push(describe(claimed, Listed::BeingPruned)?);
+    }
+    for other in &scan.other {
+        listed.push(ListedRoot {
+            name: other.name.clone(),
+            retired: 0,
+            age_seconds: 0,
+            created: 0,
+            nested_subvolumes: 0,
+            verdict: Listed::NotRasas,
         });
     }
-    drop(dir);
     top.unmount()?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&listed)?);
@@ -422,22 +608,32 @@ pub fn run_old_roots(command: OldRootsCommand) -> Result<u8> {
         );
         return Ok(crate::error::exit::OK);
     }
+    let width = listed
+        .iter()
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(18);
     println!(
-        "{:<18} {:>10} {:>7}  RETENTION",
+        "{:<width$} {:>10} {:>7}  RETENTION",
         "NAME", "RETIRED", "NESTED"
     );
     for root in &listed {
         let verdict = match root.verdict {
-            Verdict::KeptByCount => "kept (newest)",
-            Verdict::KeptByAge => "kept (age)",
-            Verdict::Prune => "pruned at next prune",
+            Listed::KeptByCount => "kept (newest)",
+            Listed::KeptByAge => "kept (age)",
+            Listed::KeptInUse => "kept (mounted or in use)",
+            Listed::Prune => "pruned at next prune",
+            Listed::BeingPruned => "being pruned (the next prune finishes it)",
+            Listed::NotRasas => "not made by rasa: left alone",
+        };
+        let age = match root.verdict {
+            Listed::NotRasas => "-".to_owned(),
+            _ => human_age(root.age_seconds),
         };
         println!(
-            "{:<18} {:>10} {:>7}  {}",
-            root.name,
-            human_age(root.age_seconds),
-            root.nested_subvolumes,
-            verdict
+            "{:<width$} {:>10} {:>7}  {}",
+            root.name, age, root.nested_subvolumes, verdict
         );
     }
     println!(
@@ -490,38 +686,109 @@ mod tests {
         }
     }
 
+    fn roots_at(times: &[u64]) -> Vec<OldRoot> {
+        times
+            .iter()
+            .enumerate()
+            .map(|(i, t)| OldRoot {
+                name: format_timestamp(*t),
+                retired: *t,
+                order: (10 + i as u64, 1),
+                id: 256 + i as u64,
+            })
+            .collect()
+    }
+
     #[test]
-    fn next_name_stays_monotonic_when_the_clock_is_behind() {
-        let existing = vec![OldRoot {
-            name: format_timestamp(2_000_000_000),
-            retired: 2_000_000_000,
-        }];
+    fn names_from_any_clock_parse_back() {
+        // Year 9999's last second, and what a clock past it makes: the parser reads them all.
+        for secs in [253_402_300_799u64, 253_402_300_800, 10_000_000_000_000] {
+            let name = format_timestamp(secs);
+            assert_eq!(parse_timestamp(&name), Some(secs), "{name}");
+        }
+        expect_test::expect!["100000101T000000Z"].assert_eq(&format_timestamp(253_402_300_800));
+        // Leading zeros beyond four year digits are not a name rasa makes.
+        assert_eq!(parse_timestamp("020261122T193000Z"), None);
+    }
+
+    #[test]
+    fn next_name_is_the_clock_and_only_steps_past_taken_names() {
+        let scan = Scan {
+            roots: roots_at(&[2_000_000_000]),
+            ..Scan::default()
+        };
+        // Behind the newest: the clock's own name (order comes from the transids), with a warning.
+        assert_eq!(next_name(&scan, 1_000), (format_timestamp(1_000), true));
+        // Taken: one second on.
         assert_eq!(
-            next_name(&existing, 1_000),
-            (format_timestamp(2_000_000_001), true)
+            next_name(&scan, 2_000_000_000),
+            (format_timestamp(2_000_000_001), false)
         );
+        assert_eq!(next_name(&Scan::default(), 5), (format_timestamp(5), false));
+        // A boot in the year 9999 does not drag every later name after it.
+        let poisoned = Scan {
+            roots: roots_at(&[253_402_300_799]),
+            ..Scan::default()
+        };
         assert_eq!(
-            next_name(&existing, 2_000_000_000),
-            (format_timestamp(2_000_000_001), true)
+            next_name(&poisoned, 1_800_000_000).0,
+            format_timestamp(1_800_000_000)
         );
+    }
+
+    #[test]
+    fn a_clock_behind_keeps_more_never_fewer() {
+        let day = 86_400;
+        let now = 1_800_000_000;
+        use Verdict::*;
+        let age_only = RetentionArgs {
+            keep: 0,
+            keep_days: 7,
+        };
+        // The second root was retired by a boot with a dead clock (1970): it counts as retired
+        // when the next root was, or now while it is the newest.
+        let roots = roots_at(&[now - 30 * day, 0]);
+        assert_eq!(judge(&roots, age_only, now), vec![Prune, KeptByAge]);
+        let roots = roots_at(&[now - 30 * day, 0, now - 2 * day]);
         assert_eq!(
-            next_name(&existing, 2_000_000_500),
-            (format_timestamp(2_000_000_500), false)
+            judge(&roots, age_only, now),
+            vec![Prune, KeptByAge, KeptByAge]
         );
-        assert_eq!(next_name(&[], 5), (format_timestamp(5), false));
+        let roots = roots_at(&[now - 30 * day, 0, now - 9 * day]);
+        assert_eq!(judge(&roots, age_only, now), vec![Prune, Prune, Prune]);
+    }
+
+    #[test]
+    fn a_future_clock_does_not_freeze_age_retention() {
+        let day = 86_400;
+        let now = 1_800_000_000;
+        use Verdict::*;
+        let retention = RetentionArgs {
+            keep: 1,
+            keep_days: 7,
+        };
+        // Retired in order: one at year 9999, then three with a correct clock, 30, 20 and 1
+        // days ago. The 9999 one is older than the root retired 30 days ago: it goes.
+        let roots = roots_at(&[253_402_300_799, now - 30 * day, now - 20 * day, now - day]);
+        assert_eq!(
+            judge(&roots, retention, now),
+            vec![Prune, Prune, Prune, KeptByCount]
+        );
+        // While it is the newest it is kept (by count here, and its age is clamped to now).
+        let roots = roots_at(&[now - 30 * day, 253_402_300_799]);
+        assert_eq!(judge(&roots, retention, now), vec![Prune, KeptByCount]);
+        let none = RetentionArgs {
+            keep: 0,
+            keep_days: 7,
+        };
+        assert_eq!(judge(&roots, none, now), vec![Prune, KeptByAge]);
     }
 
     #[test]
     fn retention_keeps_newest_by_count_and_young_by_age() {
         let day = 86_400;
         let now = 100 * day;
-        let roots: Vec<OldRoot> = [90, 95, 97, 98, 99]
-            .iter()
-            .map(|d| OldRoot {
-                name: format_timestamp(d * day),
-                retired: d * day,
-            })
-            .collect();
+        let roots = roots_at(&[90 * day, 95 * day, 97 * day, 98 * day, 99 * day]);
         let judge_with = |keep, keep_days| judge(&roots, RetentionArgs { keep, keep_days }, now);
         use Verdict::*;
         assert_eq!(

@@ -12,8 +12,16 @@
 //! | 2. move root aside  | -        | fresh           | old_roots/<stamp>  | step 3 only          |
 //! | 3. install new      | fresh    | -               | old_roots/<stamp>  | (done)               |
 //!
-//! Nothing is deleted on the boot's critical path except a stale `root.rasa-new` (a name only
-//! rasa creates and nothing ever mounts). Pruning old roots is separate (`rasa prune`, run from
+//! Before step 1, a stale `root.rasa-new` (a name only rasa creates, the rules reserve, and
+//! nothing ever mounts) is discarded, nested subvolumes first, read-only flags cleared: a crash
+//! half-way leaves `root` untouched (or, with `root` gone, a partial stray that the next run
+//! discards and remakes: `Plan::Remake`). Nothing else is deleted on the boot's critical path.
+//!
+//! Before anything, with the top level locked against every other rasa (see
+//! `TopLevel::lock`), `inspect` refuses (exit 3, nothing changed) what no rerun could complete:
+//! a root that is mounted (a running system), the filesystem's default subvolume, or
+//! read-only; a `root.rasa-new` that is not a subvolume; `/nix` or `/boot` inside the root,
+//! which the blank root would lack. Pruning old roots is separate (`rasa prune`, run from
 //! a stage-2 service) because deleting a root that holds thousands of nested subvolumes takes
 //! time proportional to that tree, and the boot should not wait for it.
 
@@ -31,6 +39,7 @@ use crate::failpoint;
 use crate::layout::{Layout, LayoutArgs, RetentionArgs};
 use crate::log;
 use crate::old_roots;
+use crate::rules;
 use crate::toplevel::{self, TopLevel};
 
 #[derive(clap::Args, Debug)]
@@ -67,6 +76,10 @@ enum Plan {
     Full { discard_stale_new: bool },
     /// A previous run retired the root but stopped before installing the new one.
     InstallOnly,
+    /// The root is gone, and the `root.rasa-new` left is not one rasa would install (read-only,
+    /// or holding nested subvolumes, which a snapshot of the blank never does): discard it,
+    /// make a new one and install that.
+    Remake,
 }
 
 pub fn run(args: RollbackArgs) -> Result<u8> {
@@ -91,8 +104,15 @@ pub fn run(args: RollbackArgs) -> Result<u8> {
         log::info(format!(
             "pruned {} old root(s), kept {}",
             report.pruned.len(),
-            report.kept.len()
+            report.kept.len() + report.in_use.len()
         ));
+        for failure in &report.failed {
+            // The new root is in place; a root prune could not delete is retried next time.
+            log::warn(format!(
+                "could not prune {}: {}",
+                failure.name, failure.error
+            ));
+        }
     }
     top.unmount()?;
     Ok(exit::OK)
@@ -147,20 +167,89 @@ fn inspect(top: &TopLevel, layout: &Layout) -> Result<Plan> {
             "pass the name of the root subvolume with --root (the subvol= option of /)",
         ));
     }
-    let new_present = top.is_subvolume(OsStr::new(&new))?;
-    match (root_is_subvol, new_present) {
-        (true, stale) => Ok(Plan::Full {
-            discard_stale_new: stale,
-        }),
-        (false, true) => Ok(Plan::InstallOnly),
-        (false, false) => Err(refuse(
-            format!(
-                "the root subvolume {root:?} does not exist at the top level of {dev} (found: {})",
-                top_level_listing(top)
-            ),
-            "pass the name of the root subvolume with --root (the subvol= option of /)",
-        )),
+
+    // `root.rasa-new` is rasa's own name (the rules reserve it), but what is there now may not
+    // be what rasa left: a snapshot into it would fail with EEXIST at every boot.
+    let new_present = match fstatat(
+        top.fd(),
+        new.as_str(),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    ) {
+        Err(nix::errno::Errno::ENOENT) => false,
+        Err(e) => return Err(e).with_context(|| format!("inspecting {new}")),
+        Ok(_) if top.is_subvolume(OsStr::new(&new))? => true,
+        Ok(st) => {
+            let kind = if st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFDIR {
+                "a plain directory"
+            } else {
+                "not a directory"
+            };
+            return Err(refuse(
+                format!("{new:?} at the top level of {dev} is {kind}, not a subvolume; rasa reserves that name for the root it prepares, and did not make this"),
+                format!("look inside, then move it away (`mv <top>/{new} <top>/{new}.moved`) or delete it; the next rollback then goes ahead"),
+            ));
+        }
+    };
+    let new_is_rasas = new_present && {
+        let fd = btrfs::open_dir_at(top.fd(), OsStr::new(&new))?;
+        let info = btrfs::subvol_info(fd.as_fd())?;
+        !btrfs::is_readonly(fd.as_fd())?
+            && btrfs::tree::child_subvolumes(top.fd(), info.id)?.is_empty()
+    };
+
+    if !root_is_subvol {
+        return match (new_present, new_is_rasas) {
+            (true, true) => Ok(Plan::InstallOnly),
+            (true, false) => Ok(Plan::Remake),
+            (false, _) => Err(refuse(
+                format!(
+                    "the root subvolume {root:?} does not exist at the top level of {dev} (found: {})",
+                    top_level_listing(top)
+                ),
+                "pass the name of the root subvolume with --root (the subvol= option of /)",
+            )),
+        };
     }
+
+    let root_fd = btrfs::open_dir_at(top.fd(), OsStr::new(root))?;
+    let root_id = btrfs::subvol_info(root_fd.as_fd())?.id;
+    if let Some((_, at)) = top
+        .mounted_subvolumes()
+        .into_iter()
+        .find(|(id, _)| *id == root_id)
+    {
+        return Err(refuse(
+            format!("the root subvolume {root:?} is mounted at {}: this is a running system (or the initrd after sysroot.mount), and retiring the root it runs on would leave it writing into an old root that prune later deletes", at.display()),
+            "rasa rollback runs in the initrd before / is mounted (the NixOS module's rasa-rollback.service); to start from a blank root, reboot",
+        ));
+    }
+    if top.default_subvolume()? == root_id {
+        return Err(refuse(
+            format!("the root subvolume {root:?} is the filesystem's default subvolume (what a mount without subvol= gets): after a rollback that default would be the retired root, and a boot that relies on it would keep booting the old state until prune deletes it"),
+            format!("mount / with subvol={root} explicitly (NixOS: fileSystems.\"/\".options), then reset the default: `btrfs subvolume set-default 5 <top>`"),
+        ));
+    }
+    if btrfs::is_readonly(root_fd.as_fd())? {
+        return Err(refuse(
+            format!("the root subvolume {root:?} is read-only, so it cannot be moved into {}", layout.old_roots),
+            format!("make it writable (`btrfs property set <top>/{root} ro false`), or pass the right name with --root"),
+        ));
+    }
+    let mut lost = rules::boot_dirs_inside(root_fd.as_fd())?;
+    if let Some(blank) = &layout.blank {
+        let blank_fd = btrfs::open_dir_at(top.fd(), OsStr::new(blank))?;
+        let kept = rules::boot_dirs_inside(blank_fd.as_fd())?;
+        lost.retain(|d| !kept.contains(d));
+    }
+    if let Some(dir) = lost.first() {
+        return Err(refuse(
+            format!("/{dir} is part of the root subvolume {root:?} (a directory or a nested subvolume), not a subvolume of its own at the top level: it would be retired with the root, the blank root would have no /{dir}{}, and the machine could not boot", if *dir == "nix" { " (no /nix/store)" } else { " (no kernels)" }),
+            format!("move /{dir} into a subvolume of its own at the top level, mounted at /{dir} (docs/guide.md), and boot once with it before enabling rollback"),
+        ));
+    }
+    Ok(Plan::Full {
+        discard_stale_new: new_present,
+    })
 }
 
 fn top_level_listing(top: &TopLevel) -> String {
@@ -201,14 +290,24 @@ fn execute(top: &TopLevel, layout: &Layout, plan: &Plan) -> Result<()> {
     let old_dir = btrfs::open_dir_at(top.fd(), OsStr::new(&layout.old_roots))
         .context("opening the old-roots directory")?;
 
-    if let Plan::Full { discard_stale_new } = plan {
-        // A leftover new root is from a run that stopped before installing it: `root` is still
-        // the previous root, so the leftover was never booted and holds nothing of value.
-        if *discard_stale_new {
+    if let Plan::Full { .. } | Plan::Remake = plan {
+        // A leftover new root is from a run that stopped before installing it (or, for Remake,
+        // not one rasa would install): it was never booted and holds nothing of value.
+        if matches!(
+            plan,
+            Plan::Full {
+                discard_stale_new: true
+            } | Plan::Remake
+        ) {
             log::info(format!(
                 "discarding {new}, left by an interrupted run before it was used"
             ));
-            btrfs::delete_subvolume_tree(top.fd(), top.fd(), OsStr::new(&new), &[], || {})?;
+            let mut keep: Vec<&str> = vec![root, &layout.persist];
+            keep.extend(layout.blank.as_deref());
+            let protected = old_roots::protected_ids(top, &keep)?;
+            btrfs::delete_subvolume_tree(top.fd(), top.fd(), OsStr::new(&new), &protected, || {
+                failpoint::hit("discarded-stale-subvolume")
+            })?;
         }
 
         // Step 1. The new root is made under a temporary name; `root` is untouched.
@@ -224,13 +323,14 @@ fn execute(top: &TopLevel, layout: &Layout, plan: &Plan) -> Result<()> {
             }
         }
         failpoint::hit("created-new-root");
-
+    }
+    if let Plan::Full { .. } = plan {
         // Step 2. Retire the current root with one rename into the old-roots directory. Both
         // live in the top-level subvolume, so this is atomic; NOREPLACE guards a kept root.
-        let existing = old_roots::scan(top.fd(), &layout.old_roots)?;
+        let existing = old_roots::scan_all(top.fd(), &layout.old_roots)?;
         let (stamp, clock_behind) = old_roots::next_name(&existing, old_roots::now());
         if clock_behind {
-            log::warn(format!("the clock is at or behind the newest old root; naming this one {stamp} to keep the order"));
+            log::warn(format!("the clock ({stamp}) is behind the newest old root's name; retention orders old roots by creation, not by name"));
         }
         renameat2(
             top.fd(),
@@ -245,7 +345,7 @@ fn execute(top: &TopLevel, layout: &Layout, plan: &Plan) -> Result<()> {
             layout.old_roots
         ));
         failpoint::hit("moved-old-root");
-    } else {
+    } else if let Plan::InstallOnly = plan {
         log::info(format!(
             "resuming an interrupted rollback: {root} was already kept, installing {new}"
         ));
@@ -271,7 +371,7 @@ fn execute(top: &TopLevel, layout: &Layout, plan: &Plan) -> Result<()> {
 
 fn print_plan(top: &TopLevel, layout: &Layout, plan: &Plan) -> Result<()> {
     let new = layout.new_root_name();
-    let existing = old_roots::scan(top.fd(), &layout.old_roots)?;
+    let existing = old_roots::scan_all(top.fd(), &layout.old_roots)?;
     let (stamp, _) = old_roots::next_name(&existing, old_roots::now());
     println!("dry run: nothing will be changed. rasa rollback would:");
     match plan {
@@ -286,8 +386,15 @@ fn print_plan(top: &TopLevel, layout: &Layout, plan: &Plan) -> Result<()> {
             println!("  2. move {} to {}/{stamp}", layout.root, layout.old_roots);
         }
         Plan::InstallOnly => println!("  (a previous run already kept the old root)"),
+        Plan::Remake => {
+            println!("  - discard {new}: the root is gone and {new} is not one rasa would install");
+            match &layout.blank {
+                Some(blank) => println!("  1. snapshot {blank} (read-only blank) as {new}"),
+                None => println!("  1. create {new} as an empty subvolume"),
+            }
+        }
     }
     println!("  3. rename {new} to {}", layout.root);
-    println!("old roots kept now: {}", existing.len());
+    println!("old roots kept now: {}", existing.roots.len());
     Ok(())
 }

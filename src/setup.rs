@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::btrfs;
 use crate::error::{exit, refuse};
-use crate::layout::{check_name, LayoutArgs};
+use crate::layout::LayoutArgs;
 use crate::log;
 use crate::toplevel::{self, TopLevel};
 
@@ -75,6 +75,8 @@ struct Report {
     root: String,
     applied: bool,
     steps: Vec<Step>,
+    /// What would make the first `rasa rollback` refuse, found now rather than at that boot.
+    warnings: Vec<String>,
     nix: String,
 }
 
@@ -115,19 +117,7 @@ pub fn run(args: SetupArgs) -> Result<u8> {
     if layout_args.device.is_none() {
         layout_args.device = Some(live.source.clone());
     }
-    if let Some(log_name) = &args.log {
-        check_name("log subvolume", "--log", log_name)?;
-    }
-    let layout = layout_args.validate()?;
-    if args.log.as_deref().is_some_and(|l| {
-        [&layout.root, &layout.old_roots, &layout.persist].contains(&&l.to_owned())
-            || layout.blank.as_deref() == Some(l)
-    }) {
-        return Err(refuse(
-            "--log names the same thing as another subvolume",
-            "give --log its own name, e.g. --log log",
-        ));
-    }
+    let layout = layout_args.validate_with(args.log.as_deref())?;
     toplevel::check_device(&layout.device)?;
     let top = TopLevel::mount(&layout.device, !args.apply)?;
 
@@ -162,6 +152,7 @@ pub fn run(args: SetupArgs) -> Result<u8> {
             }
         }
     }
+    let warnings = rollback_warnings(&top, &layout.root)?;
     drop(top);
 
     let nix = filesystems_snippet(
@@ -175,6 +166,7 @@ pub fn run(args: SetupArgs) -> Result<u8> {
         root: layout.root.clone(),
         applied: args.apply,
         steps,
+        warnings,
         nix,
     };
     if args.json {
@@ -237,7 +229,7 @@ fn create(top: &TopLevel, name: &str, kind: &Kind) -> Result<()> {
         }
         Kind::Subvolume => btrfs::create_subvolume(top.fd(), OsStr::new(name)),
         Kind::Blank => {
-            let temp = format!("{name}.rasa-new");
+            let temp = crate::rules::temporary_name(name);
             if top.is_subvolume(OsStr::new(&temp))? {
                 // Left by an interrupted setup; it was never renamed into use.
                 btrfs::delete_subvolume_tree(top.fd(), top.fd(), OsStr::new(&temp), &[], || {})?;
@@ -278,6 +270,25 @@ fn filesystems_snippet(
     nix + "}\n"
 }
 
+/// What `rasa rollback` would refuse about the root (the same predicates it uses): `/nix` or
+/// `/boot` inside the root subvolume, or the root being the default subvolume.
+fn rollback_warnings(top: &TopLevel, root: &str) -> Result<Vec<String>> {
+    let mut warnings = Vec::new();
+    let fd = btrfs::open_dir_at(top.fd(), OsStr::new(root))
+        .with_context(|| format!("opening the root subvolume {root}"))?;
+    for dir in crate::rules::boot_dirs_inside(fd.as_fd())? {
+        warnings.push(format!(
+            "/{dir} is part of the root subvolume {root:?}: rasa rollback will refuse until /{dir} is a subvolume of its own at the top level, mounted at /{dir}"
+        ));
+    }
+    if top.default_subvolume()? == btrfs::subvol_info(fd.as_fd())?.id {
+        warnings.push(format!(
+            "{root:?} is the filesystem's default subvolume: rasa rollback will refuse until / is mounted with subvol={root} and the default is reset (`btrfs subvolume set-default 5 <top>`)"
+        ));
+    }
+    Ok(warnings)
+}
+
 fn print_report(report: &Report) {
     let verb = if report.applied { "" } else { "dry run: " };
     println!(
@@ -295,6 +306,9 @@ fn print_report(report: &Report) {
             Some(note) => println!(": {note}"),
             None => println!(),
         }
+    }
+    for warning in &report.warnings {
+        println!("  ! {warning}");
     }
     if !report.applied && report.steps.iter().any(|s| s.action == Action::Create) {
         println!("run again with --apply to create what is missing.");

@@ -28,6 +28,8 @@ const MAGIC: &[u8; 8] = b"_BHRfS_M";
 pub struct TopLevel {
     dir: PathBuf,
     fd: Option<OwnedFd>,
+    /// Held from a writable mount to its unmount: see [`TopLevel::lock`].
+    lock: Option<nix::fcntl::Flock<OwnedFd>>,
     mounted: bool,
 }
 
@@ -108,12 +110,13 @@ impl TopLevel {
         let mut top = TopLevel {
             dir,
             fd: None,
+            lock: None,
             mounted: false,
         };
         let flags = if read_only {
-            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME
         } else {
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME
         };
         if let Err(e) = mount(
             Some(device),
@@ -135,7 +138,82 @@ impl TopLevel {
             "mounted the top level of {} privately",
             device.display()
         ));
+        if !read_only {
+            top.lock()?;
+        }
         Ok(top)
+    }
+
+    /// Take the filesystem's one rasa lock, waiting (with a message) while another rasa holds
+    /// it. Every command that changes the top level mounts it writable through here, so none
+    /// can forget the lock: two rollbacks at once could otherwise each retire the other's new
+    /// root and leave neither `root` nor `root.rasa-new`.
+    ///
+    /// The lock is a `flock` on the top-level directory: every mount of the filesystem, in any
+    /// mount namespace (rasa mounts it in a private one) and in the initrd, shares that one
+    /// inode, flock is per open file description, and the kernel drops it when the holder dies,
+    /// so a crash never leaves a stale lock.
+    fn lock(&mut self) -> Result<()> {
+        use nix::fcntl::{Flock, FlockArg};
+        let fd = btrfs::open_dir_at(self.fd(), OsStr::new("."))
+            .context("opening the top level to lock it")?;
+        let held = match Flock::lock(fd, FlockArg::LockExclusiveNonblock) {
+            Ok(held) => held,
+            Err((fd, nix::errno::Errno::EWOULDBLOCK)) => {
+                log::info(
+                    "another rasa is changing this filesystem (rollback, prune or setup); waiting for it to finish",
+                );
+                Flock::lock(fd, FlockArg::LockExclusive)
+                    .map_err(|(_, e)| e)
+                    .context("waiting for the rasa lock on the top level")?
+            }
+            Err((_, e)) => return Err(e).context("locking the top level"),
+        };
+        self.lock = Some(held);
+        Ok(())
+    }
+
+    /// The subvolumes of this filesystem mounted anywhere in this mount namespace (a copy of
+    /// the caller's): the running system's `/`, a boot from an old root, a manual mount.
+    /// Our own top-level mount is left out.
+    pub fn mounted_subvolumes(&self) -> Vec<(u64, PathBuf)> {
+        let all = mounts();
+        let Some(own) = all.iter().rev().find(|m| m.mount_point == self.dir) else {
+            return Vec::new();
+        };
+        all.iter()
+            .filter(|m| m.fstype == "btrfs" && m.dev == own.dev && m.mount_point != self.dir)
+            .filter_map(|m| Some((m.subvolid()?, m.mount_point.clone())))
+            .collect()
+    }
+
+    /// The subvolume a mount without `subvol=`/`subvolid=` gets (`btrfs subvolume
+    /// set-default`): the location of the `default` entry in the root tree's directory.
+    pub fn default_subvolume(&self) -> Result<u64> {
+        use btrfs::tree::{search, SearchKey, DIR_ITEM_KEY, ROOT_TREE_OBJECTID};
+        /// BTRFS_ROOT_TREE_DIR_OBJECTID: the directory in the root tree that holds `default`.
+        const ROOT_TREE_DIR: u64 = 6;
+        let mut found = btrfs::FS_TREE_OBJECTID;
+        let key = SearchKey::range(
+            ROOT_TREE_OBJECTID,
+            (ROOT_TREE_DIR, DIR_ITEM_KEY, 0),
+            (ROOT_TREE_DIR, DIR_ITEM_KEY, u64::MAX),
+        );
+        search(self.fd(), key, 4096, |item| {
+            // struct btrfs_dir_item { btrfs_disk_key location (17); le64 transid; le16 data_len;
+            // le16 name_len; u8 type; } name
+            let d = item.data;
+            if item.objectid == ROOT_TREE_DIR && item.item_type == DIR_ITEM_KEY && d.len() >= 30 {
+                let name_len = u16::from_le_bytes([d[27], d[28]]) as usize;
+                if d.get(30..30 + name_len) == Some(b"default".as_slice()) {
+                    found = u64::from_le_bytes(d[0..8].try_into().unwrap());
+                    return false;
+                }
+            }
+            true
+        })
+        .context("reading the default subvolume")?;
+        Ok(found)
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -153,6 +231,7 @@ impl TopLevel {
 
     fn release(&mut self) -> Result<()> {
         self.fd = None;
+        self.lock = None;
         if self.mounted {
             self.mounted = false;
             umount2(&self.dir, MntFlags::empty())
@@ -184,6 +263,20 @@ pub struct MountInfo {
     pub fs_root: String,
     pub fstype: String,
     pub source: PathBuf,
+    /// `major:minor` of the filesystem: the same for every mount of one btrfs filesystem.
+    pub dev: String,
+    /// The filesystem's own options (`subvolid=256,subvol=/root` for btrfs).
+    pub super_options: String,
+}
+
+impl MountInfo {
+    /// The btrfs subvolume id this mount shows, from `subvolid=`.
+    pub fn subvolid(&self) -> Option<u64> {
+        self.super_options
+            .split(',')
+            .find_map(|o| o.strip_prefix("subvolid="))
+            .and_then(|id| id.parse().ok())
+    }
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
@@ -221,10 +314,12 @@ pub fn mounts() -> Vec<MountInfo> {
             let left: Vec<&[u8]> = line[..sep].split(|&b| b == b' ').collect();
             let mut right = line[sep + 3..].split(|&b| b == b' ');
             Some(MountInfo {
+                dev: text_of(left.get(2)?),
                 fs_root: text_of(left.get(3)?),
                 mount_point: path(left.get(4)?),
                 fstype: text_of(right.next()?),
                 source: path(right.next()?),
+                super_options: text_of(right.next().unwrap_or_default()),
             })
         })
         .collect()

@@ -90,6 +90,123 @@ fn check_manifest_reports_each_problem_and_exits_4() {
     assert_eq!(v["problems"].as_array().unwrap().len(), 4);
 }
 
+/// The one rule set (src/rules.rs, tests/rules-cases.json) behind `check manifest`: names
+/// that collide or that rasa reserves for its temporaries (rollback or setup would delete the
+/// persistent subvolume), runtime filesystems, storage roots inside entries or each other.
+#[test]
+fn check_manifest_refuses_collisions_reserved_names_and_runtime_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |rollback: &str, entries: &str| {
+        let file = dir.path().join("m.json");
+        std::fs::write(
+            &file,
+            format!(
+                r#"{{"version": 1, "rollback": {{"device": "/dev/mapper/cryptroot", "keep": 5, "keepDays": 7, {rollback}}}, "entries": [{entries}]}}"#
+            ),
+        )
+        .unwrap();
+        let out = rasa(&["check", "manifest", file.to_str().unwrap()]);
+        (out.status.code(), stdout(&out))
+    };
+    let names = |root: &str, blank: &str, persist: &str| {
+        format!(
+            r#""root": "{root}", "blank": "{blank}", "oldRoots": "old_roots", "persist": "{persist}""#
+        )
+    };
+    let entry = |root: &str, path: &str| {
+        format!(
+            r#"{{"storageRoot": "{root}", "path": "{path}", "kind": "directory", "user": "root", "group": "root", "mode": "0755"}}"#
+        )
+    };
+    let ok = entry("/persist", "/var/lib/nixos");
+    assert_eq!(
+        check(&names("root", "root-blank", "persist"), &ok).0,
+        Some(0)
+    );
+    for (rollback, entries, phrase) in [
+        (
+            names("root", "root-blank", "root"),
+            ok.clone(),
+            "both name \"root\"",
+        ),
+        (
+            names("root", "root-blank", "root.rasa-new"),
+            ok.clone(),
+            "ends in .rasa-new",
+        ),
+        (
+            names("root", "root-blank", "root-blank.rasa-new"),
+            ok.clone(),
+            "ends in .rasa-new",
+        ),
+        (
+            names("root", "root-blank", "persist"),
+            entry("/persist", "/proc/sys"),
+            "runtime filesystem",
+        ),
+        (
+            names("root", "root-blank", "persist"),
+            entry("/persist", "/run/keys"),
+            "runtime filesystem",
+        ),
+        (
+            names("root", "root-blank", "persist"),
+            format!("{ok}, {}", entry("/persist/home", "/home")),
+            "storage roots must not contain each other",
+        ),
+        (
+            names("root", "root-blank", "persist"),
+            format!(
+                "{}, {}",
+                entry("/persist", "/srv"),
+                entry("/srv/persist", "/etc")
+            ),
+            "bind mount would cover the storage",
+        ),
+    ] {
+        let (code, text) = check(&rollback, &entries);
+        assert_eq!(code, Some(4), "{rollback} {entries}: {text}");
+        assert!(text.contains(phrase), "{phrase:?} not in: {text}");
+    }
+}
+
+/// A large hostile manifest (tens of thousands of directory entries, deep nesting) is checked
+/// in seconds: the rules sort and sweep instead of comparing every pair of entries.
+#[test]
+fn check_manifest_stays_fast_on_a_large_hostile_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("big.json");
+    let mut entries = Vec::new();
+    let mut deep = String::new();
+    for i in 0..1500 {
+        deep.push_str("/d");
+        entries.push(format!(
+            r#"{{"storageRoot": "/persist{}", "path": "{deep}", "kind": "directory", "user": "root", "group": "root", "mode": "0755"}}"#,
+            i % 2
+        ));
+    }
+    for i in 0..40_000 {
+        entries.push(format!(
+            r#"{{"storageRoot": "/persist", "path": "/srv/{i}", "kind": "directory", "user": "root", "group": "root", "mode": "0755"}}"#
+        ));
+    }
+    std::fs::write(
+        &file,
+        format!(
+            r#"{{"version": 1, "rollback": {{"device": "/dev/x", "root": "root", "blank": "root-blank", "oldRoots": "old_roots", "persist": "persist", "keep": 5, "keepDays": 7}}, "entries": [{}]}}"#,
+            entries.join(",")
+        ),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let out = rasa(&["check", "manifest", "--json", file.to_str().unwrap()]);
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["problems"].as_array().unwrap().len(), 1499);
+    assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
+}
+
 #[test]
 fn check_manifest_refuses_unreadable_and_non_json_with_exit_3() {
     let dir = tempfile::tempdir().unwrap();
@@ -419,4 +536,19 @@ fn check_system_reads_the_profile_through_its_symlinks_inside_the_live_root() {
         report.contains("! users.mutableUsers is true but /etc/shadow is not persisted"),
         "{report}"
     );
+}
+
+/// A closed stdout (`rasa check manifest … | head -c1`) ends rasa quietly, not with a panic.
+#[test]
+fn check_manifest_on_a_closed_stdout_is_not_a_crash() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(common::RASA)
+        .args(["check", "manifest"])
+        .arg(example())
+        .stdout(writer)
+        .output()
+        .unwrap();
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(141), "{}", stderr(&out));
 }

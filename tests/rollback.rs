@@ -233,6 +233,12 @@ fn retention_keeps_exactly_the_newest_and_the_young_and_prunes_nested_trees() {
     let Some(fs) = LoopBtrfs::new("retention_keeps_exactly_the_newest", 512) else {
         return;
     };
+    // Two roots retired long ago (created before the root, so first in retirement order, and
+    // named in 2020): only age could keep them.
+    std::fs::create_dir_all(fs.path("old_roots")).unwrap();
+    fs.subvolume("old_roots/20200101T000000Z");
+    fs.subvolume("old_roots/20200101T000000Z/nested");
+    fs.subvolume("old_roots/20200102T000000Z");
     fs.standard_layout();
     populate_persist(&fs);
     let persist_before = persist_fingerprint(&fs);
@@ -245,17 +251,6 @@ fn retention_keeps_exactly_the_newest_and_the_young_and_prunes_nested_trees() {
         let out = fs.rasa(&["rollback"]);
         assert!(out.status.success(), "{}", stderr(&out));
     }
-    // Two roots retired long ago, by name: only age can keep them.
-    std::fs::create_dir_all(fs.path("old_roots")).unwrap();
-    sh(&format!(
-        "btrfs -q subvolume snapshot '{0}/root-blank' '{0}/old_roots/20200101T000000Z'",
-        fs.top.display()
-    ));
-    fs.subvolume("old_roots/20200101T000000Z/nested");
-    sh(&format!(
-        "btrfs -q subvolume snapshot '{0}/root-blank' '{0}/old_roots/20200102T000000Z'",
-        fs.top.display()
-    ));
     // Something a user put there by hand is never pruned.
     fs.subvolume("old_roots/my-backup");
     let recent = old_roots(&fs)
@@ -450,6 +445,57 @@ fn crash_after_each_rollback_step_then_rerun_completes() {
     }
 }
 
+/// Discarding a stray read-only `root.rasa-new` with nested subvolumes is a step of its own:
+/// a crash half-way through leaves a root and a partial stray, and the rerun completes.
+#[cfg(feature = "failpoints")]
+#[test]
+fn crash_while_discarding_a_stray_new_root_then_rerun_completes() {
+    for root_present in [true, false] {
+        let Some(fs) = LoopBtrfs::new("crash_discarding_stray", 256) else {
+            return;
+        };
+        fs.standard_layout();
+        if root_present {
+            populate_root(&fs);
+        } else {
+            sh(&format!(
+                "btrfs -q subvolume delete '{}'",
+                fs.path("root").display()
+            ));
+        }
+        fs.subvolume("root.rasa-new");
+        fs.subvolume("root.rasa-new/a");
+        fs.subvolume("root.rasa-new/a/b");
+        sh(&format!(
+            "btrfs property set '{}' ro true",
+            fs.path("root.rasa-new").display()
+        ));
+        sh(&format!(
+            "btrfs property set '{}' ro true",
+            fs.path("root.rasa-new/a").display()
+        ));
+        let step = "discarded-stale-subvolume";
+        let crashed = fs.rasa_env(&["rollback"], &[("RASA_FAILPOINT", step)]);
+        assert!(
+            stderr(&crashed).contains(&format!("RASA-FAILPOINT-REACHED {step}")),
+            "{}",
+            stderr(&crashed)
+        );
+        assert_eq!(
+            fs.subvolumes().contains(&"root".to_string()),
+            root_present,
+            "{:?}",
+            fs.subvolumes()
+        );
+        let again = fs.rasa(&["rollback"]);
+        assert!(again.status.success(), "{}", stderr(&again));
+        assert!(ls(&fs.path("root")).is_empty());
+        assert!(!fs.path("root.rasa-new").exists());
+        let kept = old_roots(&fs);
+        assert_eq!(kept.len(), usize::from(root_present), "{kept:?}");
+    }
+}
+
 #[cfg(feature = "failpoints")]
 #[test]
 fn crash_during_prune_then_rerun_completes() {
@@ -612,4 +658,458 @@ fn refuses_missing_and_non_btrfs_devices() {
         rasa:          fix: check `dmesg` for the kernel's reason; the device must be an unlocked, healthy btrfs
         rasa:          nothing was changed"#]]
     .assert_eq(&message);
+}
+
+// ---- issue 12: what rollback and prune must never do, whatever they find -------------------
+
+/// Mount subvolume `subvol` (a path below the top level) of the test filesystem on a fresh
+/// directory; unmounted on drop.
+struct SubvolMount {
+    dir: tempfile::TempDir,
+}
+
+impl SubvolMount {
+    fn new(fs: &LoopBtrfs, subvol: &str) -> SubvolMount {
+        let dir = tempfile::Builder::new()
+            .prefix("rasa-mounted.")
+            .tempdir()
+            .unwrap();
+        sh(&format!(
+            "mount -o subvol='{subvol}' {} '{}'",
+            fs.device.display(),
+            dir.path().display()
+        ));
+        SubvolMount { dir }
+    }
+}
+
+impl Drop for SubvolMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Rollback expecting exit 3, a message with `phrase`, and the top level unchanged.
+fn refused_with(fs: &LoopBtrfs, args: &[&str], phrase: &str) -> String {
+    let message = refusal(fs, args);
+    assert!(message.contains(phrase), "{args:?}: {message}");
+    message
+}
+
+/// Two rollbacks at once: the second waits for the first (one lock on the top level), so the
+/// next boot always finds a root. Without the lock the second one installs its own new root
+/// while the first holds at "created-new-root"; the first then retires that root and finds
+/// no `root.rasa-new` to install: neither `root` nor `root.rasa-new` is left.
+#[cfg(feature = "failpoints")]
+#[test]
+fn concurrent_rollbacks_take_turns_and_always_leave_a_root() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let Some(fs) = LoopBtrfs::new("concurrent_rollbacks", 256) else {
+        return;
+    };
+    fs.standard_layout();
+    populate_root(&fs);
+    let spawn = |env: &[(&str, &str)]| {
+        let mut cmd = Command::new(common::RASA);
+        cmd.args(["rollback", "--device"])
+            .arg(&fs.device)
+            .env("NO_COLOR", "1")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.spawn().unwrap()
+    };
+    let mut first = spawn(&[
+        ("RASA_FAILPOINT", "created-new-root"),
+        ("RASA_FAILPOINT_ACTION", "wait"),
+    ]);
+    let mut first_err = BufReader::new(first.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("RASA-FAILPOINT-REACHED created-new-root") {
+        let mut line = String::new();
+        assert!(
+            first_err.read_line(&mut line).unwrap() > 0,
+            "the first rollback ended early: {seen}"
+        );
+        seen += &line;
+    }
+    let mut second = spawn(&[]);
+    // Let the first one go on once the second waits for the lock (or, without a lock, once
+    // the second has finished).
+    let mut second_err = BufReader::new(second.stderr.take().unwrap());
+    let mut second_log = String::new();
+    loop {
+        let mut line = String::new();
+        if second_err.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        second_log += &line;
+        if line.contains("another rasa is changing this filesystem") {
+            break;
+        }
+    }
+    drop(first.stdin.take());
+    let first_status = first.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut first_err, &mut rest).unwrap();
+    std::io::Read::read_to_string(&mut second_err, &mut second_log).unwrap();
+    let second_status = second.wait().unwrap();
+    let subvols = fs.subvolumes();
+    assert!(
+        subvols.contains(&"root".to_string()),
+        "no root for the next boot: {subvols:?}\nfirst: {seen}{rest}\nsecond: {second_log}"
+    );
+    assert!(!fs.path("root.rasa-new").exists(), "{subvols:?}");
+    assert!(first_status.success(), "first: {seen}{rest}");
+    assert!(second_status.success(), "second: {second_log}");
+    assert!(
+        second_log.contains("another rasa is changing this filesystem"),
+        "the second run did not wait: {second_log}"
+    );
+    // Both retired a root: the populated one and the first run's blank one.
+    assert_eq!(old_roots(&fs).len(), 2, "{:?}", old_roots(&fs));
+    assert!(ls(&fs.path("root")).is_empty());
+}
+
+/// A running system: the root subvolume is mounted (here on a scratch directory, as / would
+/// be). Retiring it would leave the system writing into an old root that prune later deletes.
+#[test]
+fn rollback_refuses_while_the_root_is_mounted() {
+    let Some(fs) = LoopBtrfs::new("rollback_refuses_mounted_root", 256) else {
+        return;
+    };
+    fs.standard_layout();
+    populate_root(&fs);
+    let mounted = SubvolMount::new(&fs, "root");
+    refused_with(&fs, &["rollback"], "is mounted at");
+    drop(mounted);
+    assert!(fs.rasa(&["rollback"]).status.success());
+}
+
+/// The root is what a mount without subvol= gets: rollback says so instead of leaving the
+/// default on the retired root.
+#[test]
+fn rollback_refuses_when_the_root_is_the_default_subvolume() {
+    let Some(fs) = LoopBtrfs::new("rollback_refuses_default_subvolume", 256) else {
+        return;
+    };
+    fs.standard_layout();
+    sh(&format!(
+        "btrfs subvolume set-default '{}'",
+        fs.path("root").display()
+    ));
+    refused_with(&fs, &["rollback"], "default subvolume");
+    sh(&format!(
+        "btrfs subvolume set-default 5 '{}'",
+        fs.top.display()
+    ));
+    assert!(fs.rasa(&["rollback"]).status.success());
+    assert!(fs.rasa(&["rollback"]).status.success());
+    // Prune never deletes the default subvolume either (here: an old root).
+    let kept = old_roots(&fs);
+    sh(&format!(
+        "btrfs subvolume set-default '{}'",
+        fs.path(&format!("old_roots/{}", kept[0])).display()
+    ));
+    let out = fs.rasa(&["prune", "--keep", "0", "--keep-days", "0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(old_roots(&fs), vec![kept[0].clone()]);
+}
+
+/// A boot from an old root (or a manual mount of one): prune keeps it, whatever retention says,
+/// and prunes the rest.
+#[test]
+fn prune_never_deletes_a_mounted_old_root() {
+    let Some(fs) = LoopBtrfs::new("prune_never_deletes_mounted", 384) else {
+        return;
+    };
+    fs.standard_layout();
+    for _ in 0..3 {
+        populate_root(&fs);
+        assert!(fs.rasa(&["rollback"]).status.success());
+    }
+    let kept = old_roots(&fs);
+    let booted = SubvolMount::new(&fs, &format!("old_roots/{}", kept[0]));
+    // A nested subvolume of another old root mounted somewhere keeps that whole root too.
+    let nested = SubvolMount::new(&fs, &format!("old_roots/{}/var/lib/machines", kept[1]));
+    let out = fs.rasa(&[
+        "old-roots",
+        "list",
+        "--keep",
+        "0",
+        "--keep-days",
+        "0",
+        "--json",
+    ]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let verdicts: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["verdict"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        verdicts,
+        ["prune", "kept-in-use", "kept-in-use"],
+        "{listed:#}"
+    );
+    let out = fs.rasa(&["prune", "--keep", "0", "--keep-days", "0", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(old_roots(&fs), kept[..2].to_vec());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["in_use"], serde_json::json!([kept[0], kept[1]]));
+    assert!(booted.dir.path().join("test_flag").exists());
+    drop((booted, nested));
+    let out = fs.rasa(&["prune", "--keep", "0", "--keep-days", "0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(old_roots(&fs).is_empty());
+}
+
+/// Prune deletes only what it made, read-only nesting included, goes on past a root it cannot
+/// delete, and `list` shows every entry.
+#[test]
+fn prune_claims_only_its_own_and_never_wedges() {
+    let Some(fs) = LoopBtrfs::new("prune_claims_only_its_own", 384) else {
+        return;
+    };
+    fs.standard_layout();
+    for boot in 0..3 {
+        populate_root(&fs);
+        if boot == 1 {
+            // A container image: a read-only subvolume holding a nested subvolume.
+            fs.subvolume("root/var/lib/image");
+            fs.subvolume("root/var/lib/image/inner");
+            sh(&format!(
+                "btrfs property set '{}' ro true",
+                fs.path("root/var/lib/image").display()
+            ));
+        }
+        assert!(fs.rasa(&["rollback"]).status.success());
+    }
+    let retired = old_roots(&fs);
+    // The oldest old root is read-only itself.
+    sh(&format!(
+        "btrfs property set '{}' ro true",
+        fs.path(&format!("old_roots/{}", retired[0])).display()
+    ));
+    // Not rasa's: a name that merely starts with .pruning-, and one like persist.
+    fs.subvolume("old_roots/.pruning-mine");
+    fs.subvolume("old_roots/persist");
+    // rasa's own, left by an interrupted prune.
+    fs.subvolume("old_roots/.pruning-20200101T000000Z");
+    // The newest cannot be deleted (immutable): the others still go.
+    let stuck = retired[2].clone();
+    sh(&format!(
+        "chattr +i '{}'",
+        fs.path(&format!("old_roots/{stuck}")).display()
+    ));
+
+    let out = fs.rasa(&["old-roots", "list", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    for name in [".pruning-mine", "persist", ".pruning-20200101T000000Z"] {
+        assert!(names.contains(&name), "{name} not listed: {names:?}");
+    }
+    assert_eq!(names.len(), 6, "{names:?}");
+
+    let out = fs.rasa(&["prune", "--keep", "0", "--keep-days", "0"]);
+    sh(&format!(
+        "chattr -i '{}'",
+        fs.path(&format!("old_roots/{stuck}")).display()
+    ));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("FAILED to prune {stuck}")),
+        "{}",
+        stdout(&out)
+    );
+    let mut expected = vec![".pruning-mine".to_string(), "persist".into(), stuck.clone()];
+    expected.sort();
+    assert_eq!(old_roots(&fs), expected);
+    let subvols = fs.subvolumes();
+    assert!(!subvols.iter().any(|s| s.contains("image")), "{subvols:?}");
+
+    let out = fs.rasa(&["prune", "--keep", "0", "--keep-days", "0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        old_roots(&fs),
+        vec![".pruning-mine".to_string(), "persist".into()]
+    );
+    assert!(fs.subvolumes().contains(&"persist".to_string()));
+}
+
+/// Clocks: boots in the year 9999 (and past it) give names the parser reads back, rollback
+/// keeps working after them, and retention prunes them once a correct clock has moved on.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_boot_in_the_year_9999_neither_breaks_rollback_nor_freezes_retention() {
+    let Some(fs) = LoopBtrfs::new("clock_year_9999", 384) else {
+        return;
+    };
+    fs.standard_layout();
+    let y9999 = "253402300799"; // 9999-12-31T23:59:59Z
+    for _ in 0..3 {
+        let out = fs.rasa_env(&["rollback"], &[("RASA_TEST_NOW", y9999)]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let out = fs.rasa_env(&["rollback"], &[("RASA_TEST_NOW", &now.to_string())]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let names = old_roots(&fs);
+    assert_eq!(names.len(), 4, "{names:?}");
+    assert!(names.contains(&"99991231T235959Z".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"100000101T000000Z".to_string()),
+        "{names:?}"
+    );
+    let listed = fs.rasa(&["old-roots", "list", "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["verdict"] != "not-rasas"),
+        "{listed:#}"
+    );
+    // Eight days on, with the default retention (5 newest, 7 days): four old roots are all
+    // among the 5 newest; with --keep 1 only the one retired with a correct clock stays.
+    let later = (now + 8 * 86_400).to_string();
+    let out = fs.rasa_env(
+        &["prune", "--keep", "1", "--keep-days", "7"],
+        &[("RASA_TEST_NOW", &later)],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let left = old_roots(&fs);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(
+        !left[0].starts_with("9999") && left[0].len() == 16,
+        "{left:?}"
+    );
+}
+
+/// Layouts rollback must look at before acting: refused with the fix (exit 3, nothing
+/// changed), or repaired where the thing is rasa's own.
+#[test]
+fn rollback_inspects_stray_temporaries_and_read_only_roots() {
+    let Some(fs) = LoopBtrfs::new("rollback_inspects_layouts", 384) else {
+        return;
+    };
+    fs.standard_layout();
+    populate_root(&fs);
+
+    // A plain directory where rasa prepares the new root.
+    std::fs::create_dir(fs.path("root.rasa-new")).unwrap();
+    std::fs::write(fs.path("root.rasa-new/something"), "x").unwrap();
+    refused_with(&fs, &["rollback"], "is a plain directory, not a subvolume");
+    std::fs::remove_dir_all(fs.path("root.rasa-new")).unwrap();
+
+    // A read-only root cannot be moved into old_roots.
+    sh(&format!(
+        "btrfs property set '{}' ro true",
+        fs.path("root").display()
+    ));
+    refused_with(&fs, &["rollback"], "is read-only");
+    sh(&format!(
+        "btrfs property set '{}' ro false",
+        fs.path("root").display()
+    ));
+
+    // A stray read-only root.rasa-new holding a nested subvolume: rasa's own name, so it is
+    // discarded and the rollback completes.
+    fs.subvolume("root.rasa-new");
+    fs.subvolume("root.rasa-new/nested");
+    sh(&format!(
+        "btrfs property set '{}' ro true",
+        fs.path("root.rasa-new").display()
+    ));
+    let out = fs.rasa(&["rollback"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(ls(&fs.path("root")).is_empty());
+    assert!(!fs.path("root.rasa-new").exists());
+
+    // The root gone and such a stray in its place: a fresh new root is made and installed,
+    // never the read-only stray.
+    sh(&format!(
+        "btrfs -q subvolume delete '{}'",
+        fs.path("root").display()
+    ));
+    fs.subvolume("root.rasa-new");
+    fs.subvolume("root.rasa-new/nested");
+    sh(&format!(
+        "btrfs property set '{}' ro true",
+        fs.path("root.rasa-new").display()
+    ));
+    let out = fs.rasa(&["rollback"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(ls(&fs.path("root")).is_empty());
+    std::fs::write(fs.path("root/writable"), "yes").unwrap();
+    assert!(!fs.path("root.rasa-new").exists());
+}
+
+/// /nix (or /boot) kept inside the root subvolume would be retired with it: the blank root
+/// could not boot. Rollback refuses with the fix.
+#[test]
+fn rollback_refuses_when_nix_or_boot_live_inside_the_root() {
+    let Some(fs) = LoopBtrfs::new("rollback_refuses_nix_in_root", 256) else {
+        return;
+    };
+    fs.standard_layout();
+    // An empty mount point is what a separate /nix leaves in the root: fine.
+    std::fs::create_dir_all(fs.path("root/nix")).unwrap();
+    std::fs::create_dir_all(fs.path("root/boot")).unwrap();
+    assert!(fs.rasa(&["rollback", "--dry-run"]).status.success());
+    std::fs::create_dir_all(fs.path("root/nix/store/abc-glibc")).unwrap();
+    refused_with(&fs, &["rollback"], "/nix is part of the root subvolume");
+    std::fs::remove_dir_all(fs.path("root/nix")).unwrap();
+    fs.subvolume("root/boot/kernels");
+    refused_with(&fs, &["rollback"], "/boot is part of the root subvolume");
+}
+
+/// A closed stdout is not a crash: the listing stops quietly (SIGPIPE's status), no panic.
+#[test]
+fn a_closed_stdout_is_not_a_crash() {
+    let Some(fs) = LoopBtrfs::new("closed_stdout", 256) else {
+        return;
+    };
+    fs.standard_layout();
+    for _ in 0..3 {
+        assert!(fs.rasa(&["rollback"]).status.success());
+    }
+    for args in [
+        &["old-roots", "list"][..],
+        &["old-roots", "list", "--json"],
+        &["prune", "--dry-run", "--json"],
+        &["rollback", "--dry-run"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new(common::RASA)
+            .args(args)
+            .arg("--device")
+            .arg(&fs.device)
+            .env("NO_COLOR", "1")
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {err}");
+    }
 }

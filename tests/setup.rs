@@ -324,3 +324,53 @@ fn setup_refuses_a_root_that_is_not_the_named_subvolume_or_not_btrfs() {
     "#]]
     .assert_eq(&stderr(&out).replace(&tmpfs.display().to_string(), "<TMPFS>"));
 }
+
+/// A persistent subvolume named like setup's temporary blank (`<blank>.rasa-new`): setup used
+/// to take it for its own leftover and delete it. The rules reserve the name: refused, and
+/// nothing changed.
+#[test]
+fn setup_refuses_a_persist_named_like_its_temporary_and_deletes_nothing() {
+    let Some(live) = Live::new("setup_refuses_reserved_persist", "root") else {
+        return;
+    };
+    live.fs.subvolume("root-blank.rasa-new");
+    std::fs::write(live.fs.path("root-blank.rasa-new/precious"), "data").unwrap();
+    let before = live.state();
+    let out = live.setup(&["--persist", "root-blank.rasa-new", "--apply"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("ends in .rasa-new"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(live.state(), before);
+    assert!(live.fs.path("root-blank.rasa-new/precious").exists());
+    // --log is one more name under the same rules.
+    let out = live.setup(&["--log", "persist"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("both name"), "{}", stderr(&out));
+}
+
+/// What would make the first rollback refuse (/nix inside the root, the root as the default
+/// subvolume) is said by setup already, not only at that boot.
+#[test]
+fn setup_warns_about_what_rollback_would_refuse() {
+    let Some(live) = Live::new("setup_warns_rollback_refusals", "root") else {
+        return;
+    };
+    std::fs::create_dir_all(live.fs.path("root/nix/store/abc-glibc")).unwrap();
+    sh(&format!(
+        "btrfs subvolume set-default '{}'",
+        live.fs.path("root").display()
+    ));
+    let out = live.setup(&["--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let warnings = report["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[0]
+        .as_str()
+        .unwrap()
+        .starts_with("/nix is part of the root subvolume"));
+    assert!(warnings[1].as_str().unwrap().contains("default subvolume"));
+}

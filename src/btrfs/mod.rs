@@ -196,6 +196,7 @@ pub struct SubvolInfo {
     pub generation: u64,
     /// The generation at which the subvolume was created.
     pub otransid: u64,
+
     /// Creation time, seconds since the epoch.
     pub otime: u64,
     pub uuid: [u8; 16],
@@ -286,9 +287,66 @@ pub fn delete_subvolume_tree(
             name
         );
     }
+    // A child's directory entry lives in its parent, so a read-only parent (a read-only old
+    // root, a container image) would make deleting the child fail with EROFS forever.
+    make_tree_writable(fs, parent, name, info.id)?;
     for id in &ids {
         delete_subvolume_by_id(fs, *id)?;
         after_each();
     }
     Ok(ids.len())
+}
+
+/// Clear the read-only flag of the subvolume `name` in `parent` (id `top_id`) and of every
+/// subvolume nested in it that holds others, parents first. Each child is found by id in the root tree, opened
+/// beneath its parent without following symlinks, and checked to be that id before its flags
+/// are touched.
+fn make_tree_writable(
+    fs: BorrowedFd<'_>,
+    parent: BorrowedFd<'_>,
+    name: &OsStr,
+    top_id: u64,
+) -> Result<()> {
+    use nix::fcntl::{openat2, OpenHow, ResolveFlag};
+    let open_beneath = |dir: BorrowedFd<'_>, path: &OsStr| {
+        openat2(
+            dir,
+            path,
+            OpenHow::new()
+                .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+                .resolve(
+                    ResolveFlag::RESOLVE_BENEATH
+                        | ResolveFlag::RESOLVE_NO_SYMLINKS
+                        | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                        | ResolveFlag::RESOLVE_NO_XDEV,
+                ),
+        )
+    };
+    let top = open_dir_at(parent, name).with_context(|| format!("opening {:?}", name))?;
+    let mut stack = vec![(top, top_id)];
+    while let Some((fd, id)) = stack.pop() {
+        if subvol_info(fd.as_fd())?.id != id {
+            bail!("subvolume id {id} changed while it was being deleted");
+        }
+        if is_readonly(fd.as_fd())? {
+            set_readonly(fd.as_fd(), false)
+                .with_context(|| format!("making subvolume id {id} writable to delete it"))?;
+        }
+        for child in tree::child_subvolumes(fs, id)? {
+            // Only a subvolume that holds others must be writable (a read-only leaf deletes
+            // fine), so a leaf is never opened: a path deeper than INO_LOOKUP can return
+            // cannot stop its deletion.
+            if tree::child_subvolumes(fs, child.id)?.is_empty() {
+                continue;
+            }
+            let mut path = tree::ino_lookup(fs, id, child.dirid)?;
+            path.extend_from_slice(&child.name);
+            let child_fd =
+                open_beneath(fd.as_fd(), OsStr::from_bytes(&path)).with_context(|| {
+                    format!("opening nested subvolume id {} to delete it", child.id)
+                })?;
+            stack.push((child_fd, child.id));
+        }
+    }
+    Ok(())
 }

@@ -3,14 +3,13 @@
 //! It runs in the Nix build sandbox, so it reads the file and nothing else: users and groups
 //! are checked for being names, not looked up (the build machine's passwd is not the target's).
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Result;
 use serde::Serialize;
 
 use crate::error::{exit, refuse};
-use crate::manifest::{EntryKind, Manifest, VERSION};
+use crate::manifest::{Manifest, VERSION};
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "\
@@ -92,188 +91,12 @@ pub fn problems_in(value: &serde_json::Value) -> Vec<String> {
     problems(&manifest)
 }
 
+/// The problems of a parsed manifest, as lines (the rules are in [`crate::rules`]).
 pub fn problems(manifest: &Manifest) -> Vec<String> {
-    let mut out = Vec::new();
-    let r = &manifest.rollback;
-    for (field, name) in [
-        ("rollback.root", Some(&r.root)),
-        ("rollback.blank", r.blank.as_ref()),
-        ("rollback.oldRoots", Some(&r.old_roots)),
-        ("rollback.persist", Some(&r.persist)),
-    ] {
-        if let Some(name) = name {
-            if let Err(e) = crate::layout::check_name(field, field, name) {
-                let first = e.to_string();
-                out.push(format!(
-                    "{field}: {}",
-                    first.lines().next().unwrap_or_default()
-                ));
-            }
-        }
-    }
-    if !r.device.starts_with('/') {
-        out.push(format!(
-            "rollback.device {:?} is not an absolute path such as /dev/mapper/cryptroot",
-            r.device
-        ));
-    }
-
-    let storage_roots: Vec<&str> = {
-        let mut v: Vec<&str> = manifest
-            .entries
-            .iter()
-            .map(|e| e.storage_root.as_str())
-            .collect();
-        v.sort();
-        v.dedup();
-        v
-    };
-    for root in &storage_roots {
-        if let Some(why) = path_problem(root) {
-            out.push(format!("storageRoot {root:?} {why}"));
-        } else if *root == "/" || under_any(root, &["/nix", "/boot"]) {
-            out.push(format!(
-                "storageRoot {root:?} must be a dedicated mount point such as /persist, not /, \
-                 /nix or /boot"
-            ));
-        }
-    }
-
-    let mut seen: HashMap<&str, usize> = HashMap::new();
-    for (i, e) in manifest.entries.iter().enumerate() {
-        let at = format!("entries[{i}] ({})", e.path);
-        let path_ok = match path_problem(&e.path) {
-            Some(why) => {
-                out.push(format!("{at}: path {:?} {why}", e.path));
-                false
-            }
-            None => true,
-        };
-        if !path_ok {
-        } else if e.path == "/" {
-            out.push(format!(
-                "{at}: / itself cannot be persisted; list what below it to keep"
-            ));
-        }
-        if path_ok && under_any(&e.path, &["/nix", "/boot"]) {
-            out.push(format!(
-                "{at}: {} is under /nix or /boot, which survive every boot by themselves",
-                e.path
-            ));
-        }
-        if let Some(root) = storage_roots.iter().filter(|_| path_ok).find(|root| {
-            path_problem(root).is_none() && **root != "/" && under_any(&e.path, &[root])
-        }) {
-            out.push(format!(
-                "{at}: {} is inside the storage root {root}; list the path as it appears on /",
-                e.path
-            ));
-        }
-        if let Some(first) = seen.insert(e.path.as_str(), i) {
-            out.push(format!("{at}: duplicate of entries[{first}]"));
-        }
-        for (field, name) in [("user", &e.user), ("group", &e.group)] {
-            if let Some(why) = name_problem(name) {
-                out.push(format!("{at}: {field} {name:?} {why}"));
-            }
-        }
-        if crate::migrate::parse_mode_str(&e.mode).is_none() {
-            out.push(format!(
-                "{at}: mode {:?} is not an octal mode such as \"0755\"",
-                e.mode
-            ));
-        }
-    }
-    // A path inside a directory that another storage root holds would be persisted twice, in
-    // two places, and the bind mounts would shadow each other.
-    for (i, outer) in manifest.entries.iter().enumerate() {
-        if outer.kind != EntryKind::Directory || path_problem(&outer.path).is_some() {
-            continue;
-        }
-        for (j, inner) in manifest.entries.iter().enumerate() {
-            if i != j
-                && inner.storage_root != outer.storage_root
-                && path_problem(&inner.path).is_none()
-                && inner.path != outer.path
-                && under_any(&inner.path, &[&outer.path])
-            {
-                out.push(format!(
-                    "entries[{j}] ({}): inside the directory {} that entries[{i}] persists in \
-                     {}, but stored in {}; keep nested paths in one storage root",
-                    inner.path, outer.path, outer.storage_root, inner.storage_root
-                ));
-            }
-        }
-    }
-    for (i, pattern) in manifest.diff_ignore.iter().enumerate() {
-        if !pattern.starts_with('/') {
-            out.push(format!(
-                "diffIgnore[{i}] {pattern:?} is not an absolute pattern"
-            ));
-        } else if let Err(e) = globset::Glob::new(pattern) {
-            out.push(format!(
-                "diffIgnore[{i}] {pattern:?} is not a valid glob: {e}"
-            ));
-        }
-    }
-    out
-}
-
-/// Why `path` is not an absolute, normalized path, if it is not.
-fn path_problem(path: &str) -> Option<&'static str> {
-    if !path.starts_with('/') {
-        return Some("is not absolute");
-    }
-    if path.contains('\0') {
-        return Some("contains a NUL byte");
-    }
-    if path.len() > 1 && path.ends_with('/') {
-        return Some("ends with '/' (write it without)");
-    }
-    if path.contains("//") {
-        return Some("contains '//' (not normalized)");
-    }
-    let parts = path.split('/').skip(1);
-    for part in parts {
-        if part == ".." {
-            return Some("contains '..'");
-        }
-        if part == "." {
-            return Some("contains '.' (not normalized)");
-        }
-    }
-    None
-}
-
-fn under_any(path: &str, roots: &[&str]) -> bool {
-    roots.iter().any(|root| {
-        let root = root.trim_end_matches('/');
-        path == root
-            || Path::new(path).starts_with(Path::new(if root.is_empty() { "/" } else { root }))
-    })
-}
-
-/// Why a user or group is not given by name (syntax only: the build sandbox cannot look it up).
-fn name_problem(name: &str) -> Option<&'static str> {
-    if name.is_empty() {
-        return Some("is empty");
-    }
-    if name.bytes().all(|b| b.is_ascii_digit()) {
-        return Some("is a number; give users and groups by name");
-    }
-    if name.len() > 32 {
-        return Some("is longer than 32 characters");
-    }
-    let first = name.as_bytes()[0];
-    let valid = (first.is_ascii_alphabetic() || first == b'_')
-        && name.bytes().enumerate().all(|(i, b)| {
-            b.is_ascii_alphanumeric()
-                || b == b'_'
-                || b == b'-'
-                || b == b'.'
-                || (b == b'$' && i == name.len() - 1)
-        });
-    (!valid).then_some("is not a valid user or group name")
+    crate::rules::validate_manifest(manifest)
+        .iter()
+        .map(ToString::to_string)
+        .collect()
 }
 
 #[cfg(test)]
@@ -311,13 +134,12 @@ mod tests {
   ],
   "diffIgnore": ["/var/cache/**", "relative/**", "/bad/[z-a]"]}"#;
         expect_test::expect![[r#"
-            rollback.blank: the rollback.blank name "a/b" contains '/': it must be one plain name at the top level of the filesystem
-            rollback.device "cryptroot" is not an absolute path such as /dev/mapper/cryptroot
+            rollback.blank: the blank subvolume name "a/b" contains '/': it must be one plain name at the top level of the filesystem
+            rollback.device: "cryptroot" is not an absolute path such as /dev/mapper/cryptroot
             entries[0] (/var/lib/../etc): path "/var/lib/../etc" contains '..'
             entries[2] (/var/lib/nixos): duplicate of entries[1]
             entries[4] (/nix/store): /nix/store is under /nix or /boot, which survive every boot by themselves
             entries[5] (/boot/loader): /boot/loader is under /nix or /boot, which survive every boot by themselves
-            entries[6] (/persist/etc): /persist/etc is inside the storage root /persist; list the path as it appears on /
             entries[7] (home/alice): path "home/alice" is not absolute
             entries[7] (home/alice): user "1000" is a number; give users and groups by name
             entries[8] (/home/bob/): path "/home/bob/" ends with '/' (write it without)
@@ -326,9 +148,10 @@ mod tests {
             entries[9] (/etc//ssh): path "/etc//ssh" contains '//' (not normalized)
             entries[9] (/etc//ssh): user "Bad Name" is not a valid user or group name
             entries[3] (/var/lib/nixos/uid-map): inside the directory /var/lib/nixos that entries[1] persists in /persist, but stored in /persist/home; keep nested paths in one storage root
-            entries[3] (/var/lib/nixos/uid-map): inside the directory /var/lib/nixos that entries[2] persists in /persist, but stored in /persist/home; keep nested paths in one storage root
-            diffIgnore[1] "relative/**" is not an absolute pattern
-            diffIgnore[2] "/bad/[z-a]" is not a valid glob: error parsing glob '/bad/[z-a]': invalid range; 'z' > 'a'
+            entries[6] (/persist/etc): /persist/etc is inside the storage root /persist; list the path as it appears on /
+            storageRoot "/persist/home": is inside the storage root /persist; storage roots must not contain each other
+            diffIgnore[1]: "relative/**" is not an absolute pattern
+            diffIgnore[2]: "/bad/[z-a]" is not a valid glob: error parsing glob '/bad/[z-a]': invalid range; 'z' > 'a'
         "#]]
         .assert_eq(&(check(text).join("\n") + "\n"));
     }
