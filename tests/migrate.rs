@@ -1148,7 +1148,11 @@ fn overlapping_storage_roots_are_never_renamed_away() {
     );
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("which is or contains the storage root /persist/home"),
+        // The one rule set refuses the manifest before anything is planned.
+        stderr(&out).contains(
+            "storageRoot \"/persist/home\": is inside the storage root /persist; storage roots \
+             must not contain each other"
+        ),
         "{}",
         stderr(&out)
     );
@@ -1311,7 +1315,10 @@ fn entry_containing_a_storage_root_is_refused() {
     let out = fx.migrate(&manifest, &["--apply"]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("the entry /srv/data contains the storage root /srv/data/store"),
+        stderr(&out).contains(
+            "storageRoot \"/srv/data/store\": is inside entries[0] (/srv/data), so its bind \
+             mount would cover the storage"
+        ),
         "{}",
         stderr(&out)
     );
