@@ -245,6 +245,7 @@ impl Artefacts {
                 done_marker: "RASA-VM-PROVISIONED",
                 timeout: Duration::from_secs(300),
                 log: self.log("provision"),
+                second_disk: None,
             })?;
             if transcript.ending != Ending::Completed {
                 bail!(

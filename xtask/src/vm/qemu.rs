@@ -34,6 +34,9 @@ pub struct Boot<'a> {
     pub done_marker: &'a str,
     pub timeout: Duration,
     pub log: PathBuf,
+    /// A second disk (raw), seen by the guest as /dev/vdb: a swap area for the hibernation
+    /// scenario.
+    pub second_disk: Option<&'a Path>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +93,12 @@ pub fn boot(spec: &Boot) -> Result<Transcript> {
                 "unsafe"
             }
         ))
+        .args(spec.second_disk.iter().flat_map(|disk| {
+            [
+                "-drive".to_owned(),
+                format!("file={},if=virtio,format=raw,cache=unsafe", disk.display()),
+            ]
+        }))
         .args(["-append", &spec.append])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

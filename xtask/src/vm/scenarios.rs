@@ -9,7 +9,13 @@ use anyhow::{bail, Result};
 use super::artefacts::{Artefacts, Initrd, PASSPHRASE};
 use super::qemu::{self, Ending, Transcript};
 
-pub const ALL: &[&str] = &["two-boot", "bad-config", "retention", "power-cut"];
+pub const ALL: &[&str] = &[
+    "two-boot",
+    "bad-config",
+    "retention",
+    "power-cut",
+    "hibernation",
+];
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// systemd shortens status lines on the console, even the unit's name: "rollback.s…".
@@ -27,6 +33,7 @@ pub fn run(a: &Artefacts, name: &str) -> Result<Report> {
         "bad-config" => bad_config(a),
         "retention" => retention(a),
         "power-cut" => power_cut(a),
+        "hibernation" => hibernation(a),
         _ => bail!("unknown scenario {name:?}"),
     }?;
     report.took = report.started.elapsed();
@@ -126,6 +133,7 @@ struct BootArgs<'a> {
     typed: bool,
     extra: &'a str,
     cut_at: Option<(String, Duration)>,
+    second_disk: Option<&'a Path>,
 }
 
 fn boot(a: &Artefacts, args: BootArgs) -> Result<Transcript> {
@@ -161,6 +169,7 @@ fn boot(a: &Artefacts, args: BootArgs) -> Result<Transcript> {
         done_marker: "RASA-VM: POWEROFF",
         timeout: BOOT_TIMEOUT,
         log: a.log(args.label),
+        second_disk: args.second_disk,
     })?;
     eprintln!(
         "vm: boot {}: {:?} in {:.1} s",
@@ -187,6 +196,7 @@ fn simple_boot(
             typed: false,
             extra,
             cut_at: None,
+            second_disk: None,
         },
     )
 }
@@ -284,6 +294,7 @@ pub fn two_boot(a: &Artefacts, narrate: bool) -> Result<Report> {
                 typed: true,
                 extra: "",
                 cut_at: None,
+                second_disk: None,
             },
         )
     };
@@ -582,6 +593,7 @@ fn power_cut(a: &Artefacts) -> Result<Report> {
                 typed: false,
                 extra: &format!("rasa.failpoint={step} rasa.failpoint_action=pause"),
                 cut_at: Some((marker.clone(), CUT_AFTER)),
+                second_disk: None,
             },
         )?;
         r.check(
@@ -776,4 +788,73 @@ pub fn bench_boot(a: &Artefacts, rounds: usize) -> Result<()> {
         mr / 1e3 / mw * 100.0
     );
     Ok(())
+}
+
+/// A swap area as mkswap leaves it (`SWAPSPACE2` at the end of the header page), or as the
+/// kernel leaves it after hibernating into it (`S1SUSPEND` there instead).
+fn swap_area(a: &Artefacts, name: &str, signature: &[u8]) -> Result<PathBuf> {
+    use std::os::unix::fs::FileExt;
+    let path = a.dir.join(format!("{name}.raw"));
+    let file = std::fs::File::create(&path)?;
+    file.set_len(1 << 20)?;
+    file.write_all_at(signature, 4096 - 10)?;
+    Ok(path)
+}
+
+/// A resume that did not happen must not be followed by a wipe: the hibernated system's root is
+/// what its memory image refers to. This initrd has no resume machinery (dracut's resume module
+/// is left out), which is exactly a skipped resume: the image stays on /dev/vdb, and rasa must
+/// find it and keep the root. `noresume` then says the image is being thrown away, and the next
+/// boot wipes as usual.
+fn hibernation(a: &Artefacts) -> Result<Report> {
+    let mut r = Report::new("hibernation");
+    let disk = scenario_disk(a, "hibernation")?;
+    let image = swap_area(a, "hibernated-swap", b"S1SUSPEND\0")?;
+    let with_image = |label: &str, extra: &str| {
+        boot(
+            a,
+            BootArgs {
+                label,
+                initrd: Initrd::Rollback,
+                disk: &disk,
+                typed: false,
+                extra,
+                cut_at: None,
+                second_disk: Some(&image),
+            },
+        )
+    };
+    let kept = with_image("hibernation-pending", "resume=/dev/vdb")?;
+    r.completed(&kept);
+    r.line(
+        &kept,
+        "hibernation image",
+        "rasa names the pending hibernation image in the journal",
+    );
+    r.check(
+        kept.find("new root in place").is_none(),
+        "rasa did not reset the root",
+        vec![format!("{}: no \"new root in place\" line", kept.label)],
+    );
+    r.vm_is(
+        &kept,
+        "FLAG",
+        "EXISTS written in boot 1",
+        "the hibernated system's root is intact: /test_flag is still there",
+    );
+    r.vm_is(&kept, "NESTED", "SUBVOLUME", "its nested subvolume too");
+    let discarded = with_image("hibernation-noresume", "resume=/dev/vdb noresume")?;
+    r.completed(&discarded);
+    r.line(
+        &discarded,
+        "new root in place in",
+        "with noresume (the image thrown away) the next boot resets the root",
+    );
+    r.vm_is(
+        &discarded,
+        "FLAG",
+        "ABSENT",
+        "with noresume, /test_flag is gone",
+    );
+    Ok(r)
 }
