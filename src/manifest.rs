@@ -121,7 +121,17 @@ pub fn parse(text: &str, origin: &Path) -> Result<Manifest> {
     })
 }
 
+/// Read a manifest and hold it to the one rule set (`rules::validate_manifest`), refusing it
+/// with every problem listed: what every command that acts on a manifest reads it with.
 pub fn load(path: &Path) -> Result<Manifest> {
+    let manifest = read(path)?;
+    crate::rules::check_manifest(&manifest, path)?;
+    Ok(manifest)
+}
+
+/// Read and parse a manifest without the rules, for `check system`, which reports each of the
+/// rules' problems as a failed check of its own instead of refusing.
+pub fn read(path: &Path) -> Result<Manifest> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -36,6 +36,7 @@ use nix::sys::stat::{fstatat, mkdirat, Mode};
 use crate::btrfs;
 use crate::error::{exit, refuse};
 use crate::failpoint;
+use crate::hibernation::{self, Verdict};
 use crate::layout::{Layout, LayoutArgs, RetentionArgs};
 use crate::log;
 use crate::old_roots;
@@ -68,6 +69,11 @@ pub struct RollbackArgs {
     /// Inspect and print the plan; change nothing (the top level is mounted read-only).
     #[arg(long)]
     pub dry_run: bool,
+    /// Reset the root even when a hibernation image is waiting to be resumed (which then can no
+    /// longer resume safely). The kernel parameter `rasa.ignore-hibernation` does the same from
+    /// the boot menu; `noresume` discards the image and so lets the reset go on as well.
+    #[arg(long)]
+    pub ignore_hibernation: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -86,6 +92,19 @@ pub fn run(args: RollbackArgs) -> Result<u8> {
     let started = Instant::now();
     let layout = args.layout.validate()?;
     toplevel::check_device(&layout.device)?;
+    if let Some(why) = kept_for_resume(&args) {
+        // Not a failure: the boot goes on with the root the hibernated system left, which is
+        // what a resume needs; the next boot without an image resets it as usual.
+        log::warn(format!(
+            "{why}; the root is kept as it is (nothing reset) so that the hibernated system can \
+             still resume. To reset it anyway, boot with `noresume` (which throws the image \
+             away) or `rasa.ignore-hibernation`"
+        ));
+        if args.dry_run {
+            println!("dry run: nothing will be changed. rasa rollback would keep the root: {why}");
+        }
+        return Ok(exit::OK);
+    }
     let top = TopLevel::mount(&layout.device, args.dry_run)?;
     let plan = inspect(&top, &layout)?;
     if args.dry_run {
@@ -116,6 +135,32 @@ pub fn run(args: RollbackArgs) -> Result<u8> {
     }
     top.unmount()?;
     Ok(exit::OK)
+}
+
+/// Why this boot must not reset the root: a hibernation image waits to be resumed (or a resume
+/// location is configured and cannot be read, so rasa cannot tell).
+fn kept_for_resume(args: &RollbackArgs) -> Option<String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if args.ignore_hibernation
+        || cmdline
+            .split_whitespace()
+            .any(|arg| arg == "rasa.ignore-hibernation")
+    {
+        return None;
+    }
+    match hibernation::inspect_this_machine() {
+        Verdict::ImagePresent(at, signature) => Some(format!(
+            "a hibernation image ({signature}) is waiting on {} ({})",
+            at.device.display(),
+            at.named_by
+        )),
+        Verdict::Unreadable(at, why) => Some(format!(
+            "a resume location is configured ({}) but {why}, so rasa cannot tell whether a \
+             hibernated system is waiting on it",
+            at.named_by
+        )),
+        Verdict::NoResumeConfigured | Verdict::ResumeDisabled | Verdict::NoImage(_) => None,
+    }
 }
 
 /// Look at the top level and decide; refuse (changing nothing) when the layout is not one rasa

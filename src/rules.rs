@@ -55,10 +55,12 @@ impl fmt::Display for Problem {
 }
 
 impl Problem {
+    /// Paths from a manifest may hold any byte but `/` (a NUL, a newline, an escape sequence):
+    /// they are shown escaped, so a message is one readable line in a terminal and the journal.
     fn new(at: impl Into<String>, message: impl Into<String>, fix: impl Into<String>) -> Self {
         Problem {
-            at: at.into(),
-            message: message.into(),
+            at: printable(at.into()),
+            message: printable(message.into()),
             fix: fix.into(),
         }
     }
@@ -67,6 +69,21 @@ impl Problem {
     pub fn refusal(&self) -> anyhow::Error {
         crate::error::refuse(self.message.clone(), self.fix.clone())
     }
+}
+
+fn printable(text: String) -> String {
+    if !text.chars().any(char::is_control) {
+        return text;
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 // ---- names at the top level ----------------------------------------------------------------
@@ -553,9 +570,8 @@ fn relation_problems<'a>(
     found.into_iter().map(|(_, p)| p).collect()
 }
 
-/// Refuse (exit 3) a manifest with problems, listing them: for commands that act on it
-/// (`migrate`, `diff`, `check system` call it once their owners wire it in).
-#[allow(dead_code)]
+/// Refuse (exit 3) a manifest with problems, listing them: `manifest::load` calls it, so every
+/// command that acts on a manifest (`migrate`, `diff`, `watch`) holds it to these rules.
 pub fn check_manifest(manifest: &Manifest, origin: &std::path::Path) -> anyhow::Result<()> {
     let problems = validate_manifest(manifest);
     if problems.is_empty() {
@@ -580,6 +596,13 @@ pub fn check_manifest(manifest: &Manifest, origin: &std::path::Path) -> anyhow::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_with_control_characters_are_shown_escaped() {
+        let p = Problem::new("entries[0] (/a\0b\nc)", "x\u{1b}[31m", "fix");
+        assert_eq!(p.at, "entries[0] (/a\\0b\\nc)");
+        assert_eq!(p.message, "x\\u{1b}[31m");
+    }
 
     #[derive(serde::Deserialize)]
     struct Case {

@@ -29,10 +29,6 @@ pub enum Command {
 
 /// Every problem of a manifest, by the rules `rasa check manifest` applies: what `migrate`
 /// validates its manifest with.
-pub fn manifest_problems(manifest: &crate::manifest::Manifest) -> Vec<String> {
-    manifest::problems(manifest)
-}
-
 pub fn run(args: Args) -> Result<u8> {
     match args.command {
         Command::Manifest(args) => manifest::run(args),

@@ -142,7 +142,7 @@ pub fn render(items: &[Item], colour: bool) -> String {
 
 fn inspect(args: &Args, report: &mut Report) {
     let manifest = match manifest::locate(args.manifest.as_deref()) {
-        Ok((path, source)) => match manifest::load(&path) {
+        Ok((path, source)) => match manifest::read(&path) {
             Ok(m) => {
                 let problems = super::manifest::problems(&m);
                 if problems.is_empty() {

@@ -18,9 +18,8 @@ use serde::Serialize;
 
 use crate::error::{exit, refuse};
 use crate::log;
-use crate::manifest::{self, Manifest};
+use crate::manifest;
 
-pub use plan::parse_mode_str;
 use plan::PlannedEntry;
 
 #[derive(clap::Args, Debug)]
@@ -88,7 +87,6 @@ pub fn run(args: Args) -> Result<u8> {
         manifest_path.display()
     ));
     let manifest = manifest::load(&manifest_path)?;
-    validate(&manifest, &manifest_path)?;
     if args.apply && !nix::unistd::geteuid().is_root() {
         return Err(refuse(
             "rasa migrate --apply must run as root: it keeps every file's owner and reads files \
@@ -117,28 +115,6 @@ pub fn run(args: Args) -> Result<u8> {
     log::print_stdout(&text)?;
     let unresolved = report.entries.iter().any(PlannedEntry::unresolved);
     Ok(if unresolved { exit::PROBLEMS } else { exit::OK })
-}
-
-/// The one place migrate validates the manifest it acts on: by the same rules as `rasa check
-/// manifest`, every problem at once, before anything is looked at or changed.
-fn validate(manifest: &Manifest, path: &Path) -> Result<()> {
-    let problems = crate::check::manifest_problems(manifest);
-    if problems.is_empty() {
-        return Ok(());
-    }
-    Err(refuse(
-        format!(
-            "the manifest {} has {} problem{}: {}",
-            path.display(),
-            problems.len(),
-            if problems.len() == 1 { "" } else { "s" },
-            problems.join("; ")
-        ),
-        format!(
-            "run `rasa check manifest {}` for the list, correct the configuration and rebuild",
-            path.display()
-        ),
-    ))
 }
 
 /// The live root, open, and its absolute path (to compare with mount points).

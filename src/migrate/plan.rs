@@ -572,7 +572,7 @@ fn resolve_owner(entry: &Entry) -> Result<Owner> {
                  rebuild",
             )
         })?;
-    let mode = parse_mode_str(&entry.mode).ok_or_else(|| {
+    let mode = crate::rules::parse_mode(&entry.mode).ok_or_else(|| {
         refuse(
             format!(
                 "the manifest gives mode {:?} for {}, which is not an octal mode like \"0755\"",
@@ -586,11 +586,4 @@ fn resolve_owner(entry: &Entry) -> Result<Owner> {
         gid: group.gid.as_raw(),
         mode,
     })
-}
-
-pub fn parse_mode_str(mode: &str) -> Option<u32> {
-    if mode.is_empty() || mode.len() > 5 || !mode.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
-        return None;
-    }
-    u32::from_str_radix(mode, 8).ok().filter(|m| *m <= 0o7777)
 }
