@@ -241,7 +241,10 @@ impl<'p> Copier<'p> {
             if Kind::of(&st) != Kind::Directory {
                 self.copy_entry(src_at.dir(), &name, &st, dst_at.dir(), &name, dst_dir, at)?;
                 at.pop();
-            } else if self.left_out.is_some_and(|is_mount_point| is_mount_point(&st)) {
+            } else if self
+                .left_out
+                .is_some_and(|is_mount_point| is_mount_point(&st))
+            {
                 let shown = self.shown(at);
                 self.stats.mount_points_left_out.push(shown);
                 at.pop();
@@ -307,7 +310,8 @@ impl<'p> Copier<'p> {
         let names = fs::list(src.as_fd()).context("listing the directory")?;
         let initial = Mode::from_bits_truncate(st.st_mode & 0o700);
         nix::sys::stat::mkdirat(dst_dir, dst_name, initial).context("creating the directory")?;
-        let Some((dst, _)) = fs::open_dir(dst_dir, dst_name).context("opening the new directory")?
+        let Some((dst, _)) =
+            fs::open_dir(dst_dir, dst_name).context("opening the new directory")?
         else {
             bail!("the new directory vanished while it was being created");
         };
