@@ -86,6 +86,8 @@ fn walk(
     Ok(None)
 }
 
+// One value at a time, returned and taken apart at once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Compared {
     Differs(String),
     /// The same in everything but what is inside (for directories); both as inspected.
