@@ -610,16 +610,18 @@ fn with_file_limit(cmd: &Command, limit: u32) -> Command {
 }
 
 const DEPTH: usize = 2000;
+/// The name of each level: 2,000 of them make a path of 10,000 bytes, over PATH_MAX (4096).
+const LEVEL: &str = "dir0";
 
-/// Make `parent/name/d/d/.../d` (`DEPTH` levels of `d` below `name`) and return the top and the
+/// Make `parent/name/dir0/dir0/...` (`DEPTH` levels below `name`) and return the top and the
 /// bottom directory, open. Built through descriptors: the path is longer than PATH_MAX.
 fn deep_tree(parent: &Path, name: &str) -> (OwnedFd, OwnedFd) {
     std::fs::create_dir_all(parent.join(name)).unwrap();
     let top: OwnedFd = std::fs::File::open(parent.join(name)).unwrap().into();
     let mut dir = nix::unistd::dup(top.as_fd()).unwrap();
     for _ in 0..DEPTH {
-        nix::sys::stat::mkdirat(dir.as_fd(), "d", Mode::from_bits_truncate(0o755)).unwrap();
-        dir = open_below(dir.as_fd(), "d");
+        nix::sys::stat::mkdirat(dir.as_fd(), LEVEL, Mode::from_bits_truncate(0o755)).unwrap();
+        dir = open_below(dir.as_fd(), LEVEL);
     }
     (top, dir)
 }
@@ -638,7 +640,7 @@ fn open_below(dir: BorrowedFd<'_>, name: &str) -> OwnedFd {
 fn bottom_of(parent: &Path, name: &str) -> OwnedFd {
     let mut dir: OwnedFd = std::fs::File::open(parent.join(name)).unwrap().into();
     for _ in 0..DEPTH {
-        dir = open_below(dir.as_fd(), "d");
+        dir = open_below(dir.as_fd(), LEVEL);
     }
     dir
 }
@@ -646,7 +648,9 @@ fn bottom_of(parent: &Path, name: &str) -> OwnedFd {
 /// Item 17: a 2,000-level tree (a file, a symlink, a fifo and a hard link to a file 2,000
 /// levels up at the bottom) is copied, and then compared, by a rasa that may open 64 files at
 /// most, and a leftover 2,000-level temporary copy of an interrupted run is removed first. A
-/// walk holding one directory per level runs out of descriptors after some 30 levels.
+/// walk holding one directory per level runs out of descriptors after some 30 levels. The top
+/// name of the hard link is met after the bottom one (btrfs lists in creation order), so it is
+/// linked to a first copy whose path is longer than PATH_MAX.
 #[test]
 fn a_2000_level_tree_copies_and_compares_under_a_limit_of_64_open_files() {
     let Some(lr) = LiveRoot::new(
