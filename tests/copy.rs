@@ -645,20 +645,10 @@ fn bottom_of(parent: &Path, name: &str) -> OwnedFd {
     dir
 }
 
-/// Item 17: a 2,000-level tree (a file, a symlink, a fifo and a hard link to a file 2,000
-/// levels up at the bottom) is copied, and then compared, by a rasa that may open 64 files at
-/// most, and a leftover 2,000-level temporary copy of an interrupted run is removed first. A
-/// walk holding one directory per level runs out of descriptors after some 30 levels. The top
-/// name of the hard link is met after the bottom one (btrfs lists in creation order), so it is
-/// linked to a first copy whose path is longer than PATH_MAX.
-#[test]
-fn a_2000_level_tree_copies_and_compares_under_a_limit_of_64_open_files() {
-    let Some(lr) = LiveRoot::new(
-        "a_2000_level_tree_copies_and_compares_under_a_limit_of_64_open_files",
-        false,
-    ) else {
-        return;
-    };
+/// `/srv/deep`: 2,000 levels with, at the bottom, a file `f`, a symlink, a fifo and a second
+/// name of the file `linked` at the top; and a manifest for it.
+fn deep_fixture(test: &str) -> Option<(LiveRoot, PathBuf)> {
+    let lr = LiveRoot::new(test, false)?;
     let srv = lr.live.join("srv");
     let (top, bottom) = deep_tree(&srv, "deep");
     std::fs::write(srv.join("deep/linked"), b"one inode, two names").unwrap();
@@ -688,10 +678,26 @@ fn a_2000_level_tree_copies_and_compares_under_a_limit_of_64_open_files() {
     )
     .unwrap();
     drop((top, bottom, file));
+    let manifest = lr.manifest(APP_ENTRY.replace("/srv/app", "/srv/deep").as_str());
+    Some((lr, manifest))
+}
+
+/// Item 17: a 2,000-level tree (a file, a symlink, a fifo and a hard link to a file 2,000
+/// levels up at the bottom) is copied, and then compared, by a rasa that may open 64 files at
+/// most, and a leftover 2,000-level temporary copy of an interrupted run is removed first. A
+/// walk holding one directory per level runs out of descriptors after some 30 levels. The top
+/// name of the hard link is met after the bottom one (btrfs lists in creation order), so it is
+/// linked to a first copy whose path is longer than PATH_MAX.
+#[test]
+fn a_2000_level_tree_copies_and_compares_under_a_limit_of_64_open_files() {
+    let Some((lr, manifest)) =
+        deep_fixture("a_2000_level_tree_copies_and_compares_under_a_limit_of_64_open_files")
+    else {
+        return;
+    };
     // What an interrupted run leaves: a partial copy under the temporary name.
     let storage = lr.live.join("persist/srv");
     drop(deep_tree(&storage, ".deep.rasa-migrate"));
-    let manifest = lr.manifest(APP_ENTRY.replace("/srv/app", "/srv/deep").as_str());
 
     let applied = with_file_limit(&lr.migrate(&manifest, &["--apply"]), 64)
         .output()
@@ -734,4 +740,50 @@ fn a_2000_level_tree_copies_and_compares_under_a_limit_of_64_open_files() {
         .unwrap();
     assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
     assert!(stdout(&again).contains("identical"), "{}", stdout(&again));
+}
+
+/// Item 17, comparing: a file at the bottom of a 2,000-level tree replaced while a rerun compares
+/// it is an error that names its path once (not once per level), with what to do.
+#[test]
+fn an_error_comparing_a_2000_level_tree_names_its_path_once() {
+    let test = "an_error_comparing_a_2000_level_tree_names_its_path_once";
+    if !failpoints(test) {
+        return;
+    }
+    let Some((lr, manifest)) = deep_fixture(test) else {
+        return;
+    };
+    let applied = lr.migrate(&manifest, &["--apply"]).output().unwrap();
+    assert_eq!(applied.status.code(), Some(0), "{}", stderr(&applied));
+    // Names are compared in order, so the first regular file compared is the bottom `f`.
+    let (status, err, stops) = run_stopping_at(
+        lr.migrate(&manifest, &[]),
+        "compare-before-opening-file",
+        |stop| {
+            if stop == 0 {
+                let bottom = bottom_of(&lr.live.join("srv"), "deep");
+                nix::unistd::unlinkat(bottom.as_fd(), "f", nix::unistd::UnlinkatFlags::NoRemoveDir)
+                    .unwrap();
+                nix::sys::stat::mknodat(
+                    bottom.as_fd(),
+                    "f",
+                    SFlag::S_IFIFO,
+                    Mode::from_bits_truncate(0o600),
+                    0,
+                )
+                .unwrap();
+            }
+        },
+    );
+    assert!(stops >= 1);
+    assert_eq!(status.code(), Some(1), "{err}");
+    let path = format!("deep/{}f", format!("{LEVEL}/").repeat(DEPTH));
+    assert!(
+        err.contains(&format!(
+            "comparing {path}: it was replaced while being compared"
+        )),
+        "{}",
+        &err[..3000.min(err.len())]
+    );
+    assert_eq!(err.matches(LEVEL).count(), DEPTH, "the path is named once");
 }

@@ -10,7 +10,8 @@ use anyhow::{Context, Result};
 use nix::sys::stat::FileStat;
 
 use super::attrs::xattrs_at;
-use super::{changed_while_copied, moved_while_walked, same_content};
+use super::{moved_while_walked, replaced_while, same_content};
+use crate::failpoint;
 use crate::fs::{self, Cursor, Kind};
 
 /// The first difference between two trees, or `None` when they are the same in everything the
@@ -136,8 +137,9 @@ fn compare_entry(
         return at("extended attributes (xattrs, ACLs, capabilities)");
     }
     if kind == Kind::File {
-        let fa = fs::open_verified(a_dir, a_name, &a).map_err(changed_while_copied)?;
-        let fb = fs::open_verified(b_dir, b_name, &b).map_err(changed_while_copied)?;
+        failpoint::hit("compare-before-opening-file");
+        let fa = fs::open_verified(a_dir, a_name, &a).map_err(replaced_while("compared"))?;
+        let fb = fs::open_verified(b_dir, b_name, &b).map_err(replaced_while("compared"))?;
         if !same_content(fa.as_fd(), fb.as_fd())? {
             return at("content");
         }
@@ -162,8 +164,8 @@ fn open_pair(
     b: &FileStat,
     left_out: &dyn Fn(&FileStat) -> bool,
 ) -> Result<Opened> {
-    let da = fs::open_verified(a_dir, a_name, a).map_err(changed_while_copied)?;
-    let db = fs::open_verified(b_dir, b_name, b).map_err(changed_while_copied)?;
+    let da = fs::open_verified(a_dir, a_name, a).map_err(replaced_while("compared"))?;
+    let db = fs::open_verified(b_dir, b_name, b).map_err(replaced_while("compared"))?;
     let na = kept_names(da.as_fd(), left_out)?;
     let nb = kept_names(db.as_fd(), &|_| false)?;
     Ok(if na == nb {

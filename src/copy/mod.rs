@@ -57,14 +57,18 @@ pub use attrs::{remove_inherited_acls, XattrSource};
 pub use compare::same_content;
 pub use difference::first_difference;
 
-fn changed_while_copied(e: nix::Error) -> anyhow::Error {
-    if e == fs::CHANGED {
-        anyhow::anyhow!(
-            "it was replaced while being copied (it is not the file rasa inspected); rerun when \
-             it is quiet"
-        )
-    } else {
-        anyhow::Error::new(e).context("opening")
+/// The error of a file or directory that is no longer the inode inspected (it was replaced
+/// between inspection and open) while being `done` ("copied", "compared", "removed").
+fn replaced_while(done: &'static str) -> impl Fn(nix::Error) -> anyhow::Error {
+    move |e| {
+        if e == fs::CHANGED {
+            anyhow::anyhow!(
+                "it was replaced while being {done} (it is not the file rasa inspected); rerun \
+                 when it is quiet"
+            )
+        } else {
+            anyhow::Error::new(e).context("opening")
+        }
     }
 }
 
@@ -72,8 +76,8 @@ fn changed_while_copied(e: nix::Error) -> anyhow::Error {
 fn moved_while_walked(e: nix::Error) -> anyhow::Error {
     if e == fs::CHANGED {
         anyhow::anyhow!(
-            "it was moved while being copied (its parent is no longer the directory rasa came \
-             from); rerun when it is quiet"
+            "it was moved while rasa went through it (its parent is no longer the directory \
+             rasa came down from); rerun when it is quiet"
         )
     } else {
         anyhow::Error::new(e).context("going back up to the parent directory")
@@ -306,7 +310,7 @@ impl<'p> Copier<'p> {
         dst_name: &OsStr,
         rel: &Path,
     ) -> Result<(OwnedFd, OwnedFd, DirFrame)> {
-        let src = fs::open_verified(src_dir, src_name, &st).map_err(changed_while_copied)?;
+        let src = fs::open_verified(src_dir, src_name, &st).map_err(replaced_while("copied"))?;
         let names = fs::list(src.as_fd()).context("listing the directory")?;
         let initial = Mode::from_bits_truncate(st.st_mode & 0o700);
         nix::sys::stat::mkdirat(dst_dir, dst_name, initial).context("creating the directory")?;
@@ -390,7 +394,7 @@ impl<'p> Copier<'p> {
         crate::failpoint::hit("copy-before-opening-file");
         // What was inspected, or nothing: a FIFO or another file swapped in since is refused
         // without blocking.
-        let src = fs::open_verified(src_dir, src_name, st).map_err(changed_while_copied)?;
+        let src = fs::open_verified(src_dir, src_name, st).map_err(replaced_while("copied"))?;
         // O_EXCL never opens an existing file or follows a symlink.
         let dst = nix::fcntl::openat(
             dst_dir,
@@ -576,7 +580,7 @@ fn open_to_remove(
     name: &OsStr,
     st: &FileStat,
 ) -> Result<(OwnedFd, Vec<OsString>)> {
-    let fd = fs::open_verified(dir, name, st).map_err(changed_while_copied)?;
+    let fd = fs::open_verified(dir, name, st).map_err(replaced_while("removed"))?;
     clear_locking_flags(fd.as_fd());
     let names = fs::list(fd.as_fd()).context("listing the directory")?;
     Ok((fd, names))
