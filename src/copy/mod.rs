@@ -24,10 +24,13 @@
 //! `fstat` before and one after its content) is emptied and copied again, a few times, then
 //! reported as an error: a copy is always one version the file really had, never the start of
 //! one and the end (or a zero tail) of another.
-
 //!
 //! A tree is copied, compared and removed with one open directory per side however deep it is
 //! (`fs::Cursor`): a 2,000-level tree needs no more descriptors than a flat one.
+//!
+//! Here: the walks (copy, remove); `attrs`: flags, xattrs, owner, mode and times; `file`: the
+//! content of one file; `compare`: whether two files hold the same bytes; `difference`: the
+//! first difference between two trees.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
