@@ -8,6 +8,9 @@
 //! Everything works on file descriptors: callers open directories with `openat` and
 //! `O_NOFOLLOW`, so no path handed to this module is ever resolved through a symlink.
 
+// The one place of rasa with `unsafe` (see `main.rs`): the ioctl calls, each with its SAFETY.
+#![allow(unsafe_code)]
+
 pub mod fiemap;
 pub mod file;
 pub mod find_new;
