@@ -1,5 +1,9 @@
 //! rasa: a blank root on every boot, with the state you opted in kept under /persist.
 
+// `unsafe` only in `src/btrfs/` (the ioctls, which `#![allow]` it there); everything else goes
+// through nix's safe wrappers and the descriptor layer `src/fs/`.
+#![deny(unsafe_code)]
+
 mod btrfs;
 mod check;
 mod copy;

@@ -6,8 +6,13 @@
 
 mod common;
 
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::{Mode, SFlag};
 
 use common::{quoted, run_counting_reads, run_stopping_at, sh, stderr, stdout, LiveRoot};
 
@@ -585,4 +590,200 @@ fn new_parent_directories_do_not_inherit_the_storage_default_acl() {
             "{rel}"
         );
     }
+}
+
+/// `cmd` run under a limit of `limit` open files, soft and hard, so that rasa cannot raise it.
+fn with_file_limit(cmd: &Command, limit: u32) -> Command {
+    let mut limited = Command::new("prlimit");
+    limited
+        .arg(format!("--nofile={limit}:{limit}"))
+        .arg("--")
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => limited.env(key, value),
+            None => limited.env_remove(key),
+        };
+    }
+    limited
+}
+
+const DEPTH: usize = 2000;
+/// The name of each level: 2,000 of them make a path of 10,000 bytes, over PATH_MAX (4096).
+const LEVEL: &str = "dir0";
+
+/// Make `parent/name/dir0/dir0/...` (`DEPTH` levels below `name`) and return the top and the
+/// bottom directory, open. Built through descriptors: the path is longer than PATH_MAX.
+fn deep_tree(parent: &Path, name: &str) -> (OwnedFd, OwnedFd) {
+    std::fs::create_dir_all(parent.join(name)).unwrap();
+    let top: OwnedFd = std::fs::File::open(parent.join(name)).unwrap().into();
+    let mut dir = nix::unistd::dup(top.as_fd()).unwrap();
+    for _ in 0..DEPTH {
+        nix::sys::stat::mkdirat(dir.as_fd(), LEVEL, Mode::from_bits_truncate(0o755)).unwrap();
+        dir = open_below(dir.as_fd(), LEVEL);
+    }
+    (top, dir)
+}
+
+fn open_below(dir: BorrowedFd<'_>, name: &str) -> OwnedFd {
+    nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .unwrap()
+}
+
+/// The bottom of a tree made by `deep_tree`.
+fn bottom_of(parent: &Path, name: &str) -> OwnedFd {
+    let mut dir: OwnedFd = std::fs::File::open(parent.join(name)).unwrap().into();
+    for _ in 0..DEPTH {
+        dir = open_below(dir.as_fd(), LEVEL);
+    }
+    dir
+}
+
+/// `/srv/deep`: 2,000 levels with, at the bottom, a file `f`, a symlink, a fifo and a second
+/// name of the file `linked` at the top; and a manifest for it.
+fn deep_fixture(test: &str) -> Option<(LiveRoot, PathBuf)> {
+    let lr = LiveRoot::new(test, false)?;
+    let srv = lr.live.join("srv");
+    let (top, bottom) = deep_tree(&srv, "deep");
+    std::fs::write(srv.join("deep/linked"), b"one inode, two names").unwrap();
+    nix::unistd::linkat(
+        top.as_fd(),
+        "linked",
+        bottom.as_fd(),
+        "linked-too",
+        AtFlags::empty(),
+    )
+    .unwrap();
+    let file = nix::fcntl::openat(
+        bottom.as_fd(),
+        "f",
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
+    nix::unistd::write(&file, b"bottom\n").unwrap();
+    nix::unistd::symlinkat("f", bottom.as_fd(), "link").unwrap();
+    nix::sys::stat::mknodat(
+        bottom.as_fd(),
+        "fifo",
+        SFlag::S_IFIFO,
+        Mode::from_bits_truncate(0o600),
+        0,
+    )
+    .unwrap();
+    drop((top, bottom, file));
+    let manifest = lr.manifest(APP_ENTRY.replace("/srv/app", "/srv/deep").as_str());
+    Some((lr, manifest))
+}
+
+/// Item 17: a 2,000-level tree (a file, a symlink, a fifo and a hard link to a file 2,000
+/// levels up at the bottom) is copied, and then compared, by a rasa that may open 64 files at
+/// most, and a leftover 2,000-level temporary copy of an interrupted run is removed first. A
+/// walk holding one directory per level runs out of descriptors after some 30 levels. The top
+/// name of the hard link is met after the bottom one (btrfs lists in creation order), so it is
+/// linked to a first copy whose path is longer than PATH_MAX.
+#[test]
+fn a_2000_level_tree_copies_and_compares_under_a_limit_of_64_open_files() {
+    let Some((lr, manifest)) =
+        deep_fixture("a_2000_level_tree_copies_and_compares_under_a_limit_of_64_open_files")
+    else {
+        return;
+    };
+    // What an interrupted run leaves: a partial copy under the temporary name.
+    let storage = lr.live.join("persist/srv");
+    drop(deep_tree(&storage, ".deep.rasa-migrate"));
+
+    let applied = with_file_limit(&lr.migrate(&manifest, &["--apply"]), 64)
+        .output()
+        .unwrap();
+    assert_eq!(applied.status.code(), Some(0), "{}", stderr(&applied));
+    assert!(!storage.join(".deep.rasa-migrate").exists());
+    let copied_bottom = bottom_of(&storage, "deep");
+    let read = |name: &str| {
+        let fd = nix::fcntl::openat(
+            copied_bottom.as_fd(),
+            name,
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
+        let mut content = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut content).unwrap();
+        content
+    };
+    assert_eq!(read("f"), "bottom\n");
+    assert_eq!(read("linked-too"), "one inode, two names");
+    let stat = |name: &str| {
+        nix::sys::stat::fstatat(copied_bottom.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW).unwrap()
+    };
+    assert_eq!(
+        stat("linked-too").st_ino,
+        std::fs::metadata(storage.join("deep/linked"))
+            .unwrap()
+            .ino(),
+        "the hard link is one inode in the copy too"
+    );
+    assert_eq!(stat("fifo").st_mode & 0o170000, 0o010000);
+    assert_eq!(
+        nix::fcntl::readlinkat(copied_bottom.as_fd(), "link").unwrap(),
+        "f"
+    );
+
+    let again = with_file_limit(&lr.migrate(&manifest, &[]), 64)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    assert!(stdout(&again).contains("identical"), "{}", stdout(&again));
+}
+
+/// Item 17, comparing: a file at the bottom of a 2,000-level tree replaced while a rerun compares
+/// it is an error that names its path once (not once per level), with what to do.
+#[test]
+fn an_error_comparing_a_2000_level_tree_names_its_path_once() {
+    let test = "an_error_comparing_a_2000_level_tree_names_its_path_once";
+    if !failpoints(test) {
+        return;
+    }
+    let Some((lr, manifest)) = deep_fixture(test) else {
+        return;
+    };
+    let applied = lr.migrate(&manifest, &["--apply"]).output().unwrap();
+    assert_eq!(applied.status.code(), Some(0), "{}", stderr(&applied));
+    // Names are compared in order, so the first regular file compared is the bottom `f`.
+    let (status, err, stops) = run_stopping_at(
+        lr.migrate(&manifest, &[]),
+        "compare-before-opening-file",
+        |stop| {
+            if stop == 0 {
+                let bottom = bottom_of(&lr.live.join("srv"), "deep");
+                nix::unistd::unlinkat(bottom.as_fd(), "f", nix::unistd::UnlinkatFlags::NoRemoveDir)
+                    .unwrap();
+                nix::sys::stat::mknodat(
+                    bottom.as_fd(),
+                    "f",
+                    SFlag::S_IFIFO,
+                    Mode::from_bits_truncate(0o600),
+                    0,
+                )
+                .unwrap();
+            }
+        },
+    );
+    assert!(stops >= 1);
+    assert_eq!(status.code(), Some(1), "{err}");
+    let path = format!("deep/{}f", format!("{LEVEL}/").repeat(DEPTH));
+    assert!(
+        err.contains(&format!(
+            "comparing {path}: it was replaced while being compared"
+        )),
+        "{}",
+        &err[..3000.min(err.len())]
+    );
+    assert_eq!(err.matches(LEVEL).count(), DEPTH, "the path is named once");
 }

@@ -8,7 +8,11 @@
 //! Everything works on file descriptors: callers open directories with `openat` and
 //! `O_NOFOLLOW`, so no path handed to this module is ever resolved through a symlink.
 
+// The one place of rasa with `unsafe` (see `main.rs`): the ioctl calls, each with its SAFETY.
+#![allow(unsafe_code)]
+
 pub mod fiemap;
+pub mod file;
 pub mod find_new;
 pub mod tree;
 
@@ -84,7 +88,17 @@ pub(crate) struct GetSubvolInfoArgs {
 
 const _: () = assert!(std::mem::size_of::<VolArgs>() == 4096);
 const _: () = assert!(std::mem::size_of::<VolArgsV2>() == 4096);
+/// `btrfs_ioctl_fs_info_args`: only the filesystem UUID is read.
+#[repr(C)]
+pub(crate) struct FsInfoArgs {
+    max_id: u64,
+    num_devices: u64,
+    fsid: [u8; 16],
+    rest: [u8; 1024 - 32],
+}
+
 const _: () = assert!(std::mem::size_of::<GetSubvolInfoArgs>() == 504);
+const _: () = assert!(std::mem::size_of::<FsInfoArgs>() == 1024);
 
 mod ioctl {
     use super::*;
@@ -95,6 +109,7 @@ mod ioctl {
     nix::ioctl_write_ptr!(subvol_setflags, 0x94, 26, u64);
     nix::ioctl_read!(get_subvol_info, 0x94, 60, GetSubvolInfoArgs);
     nix::ioctl_write_ptr!(snap_destroy_v2, 0x94, 63, VolArgsV2);
+    nix::ioctl_read!(fs_info, 0x94, 31, FsInfoArgs);
 }
 
 fn zeroed<T>() -> Box<T> {
@@ -223,6 +238,16 @@ pub fn subvol_info(fd: BorrowedFd<'_>) -> Result<SubvolInfo> {
         parent_id: args.parent_id,
         dirid: args.dirid,
     })
+}
+
+/// The btrfs filesystem UUID of an open file, or `None` when it is not on btrfs. Subvolumes of
+/// one filesystem have different `st_dev`s but share this UUID, and FICLONE works between them.
+pub fn fsid(fd: BorrowedFd<'_>) -> Option<[u8; 16]> {
+    let mut args = zeroed::<FsInfoArgs>();
+    // SAFETY: the kernel fills the 1024-byte struct.
+    unsafe { ioctl::fs_info(fd.as_raw_fd(), &mut *args) }
+        .ok()
+        .map(|_| args.fsid)
 }
 
 pub fn is_btrfs(fd: BorrowedFd<'_>) -> Result<bool> {

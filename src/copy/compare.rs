@@ -61,7 +61,7 @@ pub fn same_content(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> Result<bool> {
 /// Physical addresses mean the same thing only within one filesystem. Subvolumes of one btrfs
 /// have different `st_dev`s but one filesystem UUID.
 fn same_filesystem(a: BorrowedFd<'_>, sa: &FileStat, b: BorrowedFd<'_>, sb: &FileStat) -> bool {
-    match (super::btrfs_fsid(a), super::btrfs_fsid(b)) {
+    match (crate::btrfs::fsid(a), crate::btrfs::fsid(b)) {
         (Some(x), Some(y)) => x == y,
         (None, None) => sa.st_dev == sb.st_dev,
         _ => false,

@@ -10,6 +10,7 @@
 //! Everything returns `nix::Result`; a descriptor that is not the inspected inode is
 //! [`CHANGED`]. Callers add their context (which path, what for) once.
 
+pub mod cursor;
 pub mod walk;
 
 use std::ffi::{OsStr, OsString};
@@ -20,6 +21,7 @@ use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{FileStat, Mode, SFlag};
 
+pub use cursor::Cursor;
 pub use walk::{measure, Measure, MountRoots};
 
 /// The error of [`open_verified`] when the name no longer refers to the inspected inode: it was
@@ -222,18 +224,6 @@ pub fn read_in_root(root: BorrowedFd<'_>, path: &std::path::Path) -> nix::Result
     std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut bytes)
         .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(Errno::EIO as i32)))?;
     Ok(Some(bytes))
-}
-
-/// Raise this process's soft limit of open files to its hard limit. The soft limit (often
-/// 1024) exists for programs using select(2); rasa does not, and a copy of a deep tree keeps a
-/// source and a destination directory open per level.
-pub fn raise_open_file_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-        }
-    }
 }
 
 /// The components of an absolute, normalized path (`/a/b` -> `["a", "b"]`); `/` is empty.

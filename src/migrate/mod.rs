@@ -95,7 +95,6 @@ pub fn run(args: Args) -> Result<u8> {
         ));
     }
     let (live, live_root) = open_live_root(&args.live_root)?;
-    crate::fs::raise_open_file_limit();
     let mut plan = plan::plan(&manifest, live.as_fd(), &live_root, args.on_conflict)?;
     if args.apply {
         apply::apply(&mut plan, live.as_fd(), &live_root)?;

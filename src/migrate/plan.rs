@@ -534,7 +534,7 @@ fn stored_at(storage_root: &str, parts: &[OsString]) -> String {
 }
 
 fn predict_method(source: BorrowedFd<'_>, storage: BorrowedFd<'_>) -> Method {
-    match (copy::btrfs_fsid(source), copy::btrfs_fsid(storage)) {
+    match (crate::btrfs::fsid(source), crate::btrfs::fsid(storage)) {
         (Some(a), Some(b)) if a == b => Method::Reflink,
         _ => Method::Copy,
     }

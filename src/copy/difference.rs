@@ -1,0 +1,201 @@
+//! Whether a copy is still what its source is: the first difference between two trees, walked
+//! side by side with one open directory per side (see `fs::Cursor`), so a tree of any depth is
+//! compared within any file limit.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use nix::sys::stat::FileStat;
+
+use super::attrs::xattrs_at;
+use super::{moved_while_walked, replaced_while, same_content};
+use crate::failpoint;
+use crate::fs::{self, Cursor, Kind};
+
+/// The first difference between two trees, or `None` when they are the same in everything the
+/// copy preserves (type, owner, mode, mtime, size, content, link target, device number, xattrs,
+/// names). Sockets are ignored on both sides because the copy skips them, and so are the
+/// directories of side `a` for which `left_out` holds (mount points the copy leaves out).
+/// An error names the path it happened at, once.
+pub fn first_difference(
+    a_dir: BorrowedFd<'_>,
+    a_name: &OsStr,
+    b_dir: BorrowedFd<'_>,
+    b_name: &OsStr,
+    rel: &Path,
+    left_out: &dyn Fn(&FileStat) -> bool,
+) -> Result<Option<String>> {
+    let mut at = rel.to_path_buf();
+    let result = walk(a_dir, a_name, b_dir, b_name, &mut at, left_out);
+    result.with_context(|| format!("comparing {}", show(&at)))
+}
+
+/// One level of the walk: the names inside a pair of directories still to compare.
+type Names = std::vec::IntoIter<OsString>;
+
+fn walk(
+    a_dir: BorrowedFd<'_>,
+    a_name: &OsStr,
+    b_dir: BorrowedFd<'_>,
+    b_name: &OsStr,
+    at: &mut PathBuf,
+    left_out: &dyn Fn(&FileStat) -> bool,
+) -> Result<Option<String>> {
+    let (a, b) = match compare_entry(a_dir, a_name, b_dir, b_name, at)? {
+        Compared::Differs(difference) => return Ok(Some(difference)),
+        Compared::Same(a, b) => (a, b),
+    };
+    if Kind::of(&a) != Kind::Directory {
+        return Ok(None);
+    }
+    let (da, db, names) = match open_pair(a_dir, a_name, &a, b_dir, b_name, &b, left_out)? {
+        Opened::Differs => return Ok(Some(differs(at, "list of names inside"))),
+        Opened::Pair(da, db, names) => (da, db, names),
+    };
+    let (mut side_a, mut side_b) = (Cursor::new(da)?, Cursor::new(db)?);
+    let mut stack: Vec<Names> = vec![names.into_iter()];
+    while let Some(names) = stack.last_mut() {
+        let Some(name) = names.next() else {
+            stack.pop();
+            if !stack.is_empty() {
+                side_a.leave().map_err(moved_while_walked)?;
+                side_b.leave().map_err(moved_while_walked)?;
+                at.pop();
+            }
+            continue;
+        };
+        at.push(&name);
+        let (a, b) = match compare_entry(side_a.dir(), &name, side_b.dir(), &name, at)? {
+            Compared::Differs(difference) => return Ok(Some(difference)),
+            Compared::Same(a, b) => (a, b),
+        };
+        if Kind::of(&a) != Kind::Directory {
+            at.pop();
+            continue;
+        }
+        match open_pair(side_a.dir(), &name, &a, side_b.dir(), &name, &b, left_out)? {
+            Opened::Differs => return Ok(Some(differs(at, "list of names inside"))),
+            Opened::Pair(da, db, names) => {
+                side_a.enter(da)?;
+                side_b.enter(db)?;
+                stack.push(names.into_iter());
+            }
+        }
+    }
+    Ok(None)
+}
+
+// One value at a time, returned and taken apart at once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Compared {
+    Differs(String),
+    /// The same in everything but what is inside (for directories); both as inspected.
+    Same(FileStat, FileStat),
+}
+
+/// Compare one name on both sides, all but what is inside a directory.
+fn compare_entry(
+    a_dir: BorrowedFd<'_>,
+    a_name: &OsStr,
+    b_dir: BorrowedFd<'_>,
+    b_name: &OsStr,
+    rel: &Path,
+) -> Result<Compared> {
+    let inspect = |dir, name| fs::lstat_at(dir, name).context("inspecting it");
+    let (Some(a), Some(b)) = (inspect(a_dir, a_name)?, inspect(b_dir, b_name)?) else {
+        return Ok(Compared::Differs(format!(
+            "{} exists on one side only",
+            rel.display()
+        )));
+    };
+    let at = |what: &str| Ok(Compared::Differs(differs(rel, what)));
+    if a.st_mode != b.st_mode {
+        return at("type or mode");
+    }
+    if (a.st_uid, a.st_gid) != (b.st_uid, b.st_gid) {
+        return at("owner");
+    }
+    let kind = Kind::of(&a);
+    if kind != Kind::Directory && (a.st_mtime, a.st_mtime_nsec) != (b.st_mtime, b.st_mtime_nsec) {
+        return at("modification time");
+    }
+    if kind == Kind::File && a.st_size != b.st_size {
+        return at("size");
+    }
+    if matches!(kind, Kind::CharDevice | Kind::BlockDevice) && a.st_rdev != b.st_rdev {
+        return at("device number");
+    }
+    if kind == Kind::Symlink {
+        let target = |dir, name| fs::read_link_at(dir, name).context("reading the symlink");
+        if target(a_dir, a_name)? != target(b_dir, b_name)? {
+            return at("symlink target");
+        }
+    }
+    if kind != Kind::Socket && xattrs_at(a_dir, a_name)? != xattrs_at(b_dir, b_name)? {
+        return at("extended attributes (xattrs, ACLs, capabilities)");
+    }
+    if kind == Kind::File {
+        failpoint::hit("compare-before-opening-file");
+        let fa = fs::open_verified(a_dir, a_name, &a).map_err(replaced_while("compared"))?;
+        let fb = fs::open_verified(b_dir, b_name, &b).map_err(replaced_while("compared"))?;
+        if !same_content(fa.as_fd(), fb.as_fd())? {
+            return at("content");
+        }
+    }
+    Ok(Compared::Same(a, b))
+}
+
+enum Opened {
+    /// The two directories hold different names.
+    Differs,
+    /// Both directories, open, and the names inside them, sorted.
+    Pair(OwnedFd, OwnedFd, Vec<OsString>),
+}
+
+/// Open a pair of directories compared equal so far and list what is inside them.
+fn open_pair(
+    a_dir: BorrowedFd<'_>,
+    a_name: &OsStr,
+    a: &FileStat,
+    b_dir: BorrowedFd<'_>,
+    b_name: &OsStr,
+    b: &FileStat,
+    left_out: &dyn Fn(&FileStat) -> bool,
+) -> Result<Opened> {
+    let da = fs::open_verified(a_dir, a_name, a).map_err(replaced_while("compared"))?;
+    let db = fs::open_verified(b_dir, b_name, b).map_err(replaced_while("compared"))?;
+    let na = kept_names(da.as_fd(), left_out)?;
+    let nb = kept_names(db.as_fd(), &|_| false)?;
+    Ok(if na == nb {
+        Opened::Pair(da, db, na)
+    } else {
+        Opened::Differs
+    })
+}
+
+/// The names in `dir` the copy keeps, sorted: sockets and, on the live side, mount points are
+/// not copied, so not compared.
+fn kept_names(dir: BorrowedFd<'_>, left_out: &dyn Fn(&FileStat) -> bool) -> Result<Vec<OsString>> {
+    let mut kept = Vec::new();
+    for name in fs::list(dir).context("listing the directory")? {
+        match fs::lstat_at(dir, &name).context("inspecting what is inside")? {
+            Some(st) if Kind::of(&st) == Kind::Socket || left_out(&st) => {}
+            Some(_) => kept.push(name),
+            None => {}
+        }
+    }
+    kept.sort();
+    Ok(kept)
+}
+
+fn differs(rel: &Path, what: &str) -> String {
+    format!("{}: {what} differs", show(rel))
+}
+
+fn show(rel: &Path) -> String {
+    format!("{:?}", rel.as_os_str())
+        .trim_matches('"')
+        .to_owned()
+}
