@@ -1,7 +1,8 @@
 //! rasa: a blank root on every boot, with the state you opted in kept under /persist.
 
-// `unsafe` only in `src/btrfs/` (the ioctls, which `#![allow]` it there); everything else goes
-// through nix's safe wrappers and the descriptor layer `src/fs/`.
+// `unsafe` only in `src/btrfs/` (the ioctls, which `#![allow]` it there) and in one function of
+// `src/watch/fanotify.rs` (`open_by_handle_at(2)`, a system call nix does not wrap); everything
+// else goes through nix's safe wrappers and the descriptor layer `src/fs/`.
 #![deny(unsafe_code)]
 
 mod btrfs;

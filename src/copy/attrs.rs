@@ -129,7 +129,7 @@ pub fn remove_inherited_acls(target: &XattrSource<'_>) -> Result<()> {
 
 /// Every xattr of the source, capabilities last (see the module comment for why). None on a
 /// filesystem without xattrs.
-fn read_xattrs_sorted(source: &XattrSource<'_>) -> Result<Vec<(OsString, Vec<u8>)>> {
+pub fn read_xattrs_sorted(source: &XattrSource<'_>) -> Result<Vec<(OsString, Vec<u8>)>> {
     let names = match source.list() {
         Ok(names) => names,
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),

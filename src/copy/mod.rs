@@ -56,7 +56,7 @@ use attrs::{
     clear_locking_flags, finish_at, finish_fd, flags_error, get_flags, proc_path, set_flags,
     COPYABLE_FLAGS, EARLY_FLAGS,
 };
-pub use attrs::{remove_inherited_acls, XattrSource};
+pub use attrs::{read_xattrs_sorted, remove_inherited_acls, XattrSource};
 pub use compare::same_content;
 pub use difference::first_difference;
 

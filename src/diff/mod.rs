@@ -231,7 +231,10 @@ pub fn same_dir_attributes(
         let fd = btrfs::open_dir_at(dir, OsStr::from_bytes(name.to_bytes())).ok()?;
         let xattrs =
             crate::copy::read_xattrs_sorted(&crate::copy::XattrSource::Fd(fd.as_fd())).ok()?;
-        Some((xattrs, crate::copy::get_flags(fd.as_fd())))
+        Some((
+            xattrs,
+            crate::btrfs::file::inode_flags(fd.as_fd()).unwrap_or(0),
+        ))
     };
     match (read(live_dir), read(blank_dir)) {
         (Some(live), Some(blank)) => live == blank,

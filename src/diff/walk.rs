@@ -270,8 +270,8 @@ fn nested_subvolume_here(dir: &Dir, dir_ino: u64, name: &CStr) -> Result<bool> {
         return Ok(false);
     };
     // Another filesystem (btrfs or not) whose top happens to be inode 256 is a mount.
-    let same_filesystem = crate::copy::btrfs_fsid(child.as_fd())
-        .is_some_and(|fsid| crate::copy::btrfs_fsid(dir.as_fd()) == Some(fsid));
+    let same_filesystem = crate::btrfs::fsid(child.as_fd())
+        .is_some_and(|fsid| crate::btrfs::fsid(dir.as_fd()) == Some(fsid));
     let Ok(child) = btrfs::subvol_info(child.as_fd()) else {
         return Ok(false);
     };
