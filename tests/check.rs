@@ -446,6 +446,11 @@ fn check_system_names_every_stored_file_whose_owner_drifted() {
            {"storageRoot": "/persist", "path": "/home/alice", "kind": "directory", "user": "alice", "group": "users", "mode": "0700"},
            {"storageRoot": "/persist", "path": "/var/lib/private/dyn", "kind": "directory", "user": "root", "group": "root", "mode": "0700"}"#,
     );
+    // The module's state check names the unit whose state /var/lib/acme is.
+    let text = std::fs::read_to_string(&m.manifest).unwrap();
+    let text = text.trim_end().strip_suffix('}').unwrap().to_owned()
+        + r#", "services": [{"unit": "acme-example.org.service", "paths": ["/var/lib/acme", "/var/lib/acme/example.org"]}]}"#;
+    std::fs::write(&m.manifest, text).unwrap();
     let old_root = m.fs.path("old_roots/20260102T000000Z");
     write_map(
         &old_root,
@@ -495,9 +500,9 @@ fn check_system_names_every_stored_file_whose_owner_drifted() {
         })
         .collect();
     expect_test::expect![[r#"
-        ✗ 4 stored files owned by uid 999, which was acme's in old root 20260102T000000Z; acme is now uid 995, and uid 999 is now nginx's: /persist/var/lib/acme, /persist/var/lib/acme/account.key, /persist/var/lib/acme/certs, /persist/var/lib/acme/certs/cert.pem
+        ✗ 4 stored files (state of acme-example.org.service) owned by uid 999, which was acme's in old root 20260102T000000Z; acme is now uid 995, and uid 999 is now nginx's: /persist/var/lib/acme, /persist/var/lib/acme/account.key, /persist/var/lib/acme/certs, /persist/var/lib/acme/certs/cert.pem
             fix: give them back to acme: find /persist -xdev -uid 999 -exec chown -h 995 {} +; keep /var/lib/nixos (rasa.presets.essential, needed for boot) so that ids stay the same across boots
-        ✗ 4 stored files owned by gid 999, which was acme's in old root 20260102T000000Z; acme is now gid 995, and gid 999 is now nginx's: /persist/var/lib/acme, /persist/var/lib/acme/account.key, /persist/var/lib/acme/certs, /persist/var/lib/acme/certs/cert.pem
+        ✗ 4 stored files (state of acme-example.org.service) owned by gid 999, which was acme's in old root 20260102T000000Z; acme is now gid 995, and gid 999 is now nginx's: /persist/var/lib/acme, /persist/var/lib/acme/account.key, /persist/var/lib/acme/certs, /persist/var/lib/acme/certs/cert.pem
             fix: give them back to acme: find /persist -xdev -gid 999 -exec chgrp -h 995 {} +; keep /var/lib/nixos (rasa.presets.essential, needed for boot) so that ids stay the same across boots"#]]
     .assert_eq(&drift.join("\n"));
     assert!(!report.contains("/persist/home/alice/notes"), "{report}");

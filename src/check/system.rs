@@ -860,10 +860,28 @@ fn check_id_drift(
             })
             .collect();
         let shown: Vec<&str> = paths.iter().take(SHOWN).map(String::as_str).collect();
+        // Whose state it is, from the manifest's services.
+        let mut units: Vec<&str> = paths
+            .iter()
+            .flat_map(|p| {
+                walked.iter().filter_map(move |root| {
+                    p.strip_prefix(root.as_str())
+                        .filter(|rest| rest.starts_with('/'))
+                })
+            })
+            .flat_map(|live| manifest.units_of(live))
+            .collect();
+        units.sort();
+        units.dedup();
         let message = format!(
-            "{} stored file{} owned by {} {id}, which was {}{}: {}{}",
+            "{} stored file{}{} owned by {} {id}, which was {}{}: {}{}",
             paths.len(),
             if paths.len() == 1 { "" } else { "s" },
+            if units.is_empty() {
+                String::new()
+            } else {
+                format!(" (state of {})", units.join(", "))
+            },
             kind.word(),
             reasons.join(", and "),
             match &holder {
