@@ -639,6 +639,60 @@ in
 
   (
     let
+      config = eval [ encrypted { rasa.watch.enable = true; rasa.shutdownReport.enable = true; } ];
+      plain = eval [ encrypted ];
+      watch = config.systemd.services.rasa-watch;
+      report = config.systemd.services.rasa-shutdown-report;
+      layout = [ "--device" "/dev/mapper/cryptroot" "--root" "root" "--blank" "root-blank" "--old-roots" "old_roots" "--persist" "persist" ];
+      keptWatchRecord = eval [ encrypted { rasa.watch.enable = true; rasa.directories = [ "/var/lib/rasa" ]; } ];
+    in
+    expect "rasa.watch.enable: the unit of docs/watch.md, early in stage 2; rasa.shutdownReport.enable: rasa diff when stopped, before the file systems and the watcher go; neither by default"
+      {
+        watch = {
+          inherit (watch) wantedBy before after conflicts;
+          inherit (watch.unitConfig) DefaultDependencies;
+          inherit (watch.serviceConfig) Type Nice CapabilityBoundingSet;
+          argv = systemdArgv watch.serviceConfig.ExecStart;
+        };
+        report = {
+          inherit (report) wantedBy after;
+          inherit (report.serviceConfig) Type RemainAfterExit TimeoutStopSec;
+          hasStart = report.serviceConfig ? ExecStart || report.script != "";
+          argv = systemdArgv report.serviceConfig.ExecStop;
+        };
+        byDefault = map (n: plain.systemd.services ? ${n}) [ "rasa-watch" "rasa-shutdown-report" ];
+        keptRecord = lib.filter (lib.hasInfix "rasa.watch.enable records") keptWatchRecord.warnings;
+      }
+      {
+        watch = {
+          wantedBy = [ "sysinit.target" ];
+          before = [ "sysinit.target" "systemd-tmpfiles-setup.service" "shutdown.target" ];
+          after = [ "local-fs.target" ];
+          conflicts = [ "shutdown.target" ];
+          DefaultDependencies = false;
+          Type = "notify";
+          Nice = 10;
+          CapabilityBoundingSet = [ "CAP_SYS_ADMIN" "CAP_DAC_READ_SEARCH" "CAP_DAC_OVERRIDE" ];
+          argv = [ exe "watch" ];
+        };
+        report = {
+          wantedBy = [ "multi-user.target" ];
+          after = [ "local-fs.target" "rasa-watch.service" ];
+          Type = "oneshot";
+          RemainAfterExit = true;
+          TimeoutStopSec = 60;
+          hasStart = false;
+          argv = [ exe "diff" ] ++ layout;
+        };
+        byDefault = [ false false ];
+        keptRecord = [
+          "rasa: rasa.watch.enable records in /var/lib/rasa/watch, inside the root, so that the record moves with the root it describes and `rasa diff --old-root` finds it; but /var/lib/rasa (in /persist) is persisted, so it lands in storage and stays there: persist narrower paths, so that /var/lib/rasa/watch is on the root."
+        ];
+      }
+  )
+
+  (
+    let
       shadowWarnings = config: lib.filter (lib.hasInfix "/etc/shadow") config.warnings;
     in
     expect "warning: mutable users on a wiped root, and not with declarative users"
