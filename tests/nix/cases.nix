@@ -137,7 +137,17 @@ let
       ((expect "corpus: ${c.name}: the manifest covers what it persisted"
         (lib.filter (p: !(lib.elem p manifestPaths)) c.persisted) [ ])
       // { manifest = config.system.build.rasaManifest.text; })
-    ];
+    ]
+    ++ lib.optional (c ? stateCheck) (
+      let
+        named = config: lib.filter (p: lib.any (m: lib.hasInfix " keeps state in ${p}, which" m) config.warnings) c.stateCheck.paths;
+        servicePresets = lib.filter (n: !(lib.elem n [ "essential" "sudoLecture" ])) (lib.attrNames config.rasa.presets);
+        withoutPresets = eval (c.modules ++ [{ rasa.presets = lib.genAttrs servicePresets (_: lib.mkForce false); }]);
+      in
+      expect "corpus: ${c.name}: the state check names what only rasa's presets keep, and nothing the configuration keeps"
+        { lost = named config; lostWithoutPresets = named withoutPresets; }
+        { inherit (c.stateCheck) lost lostWithoutPresets; }
+    );
   rlib = import ../../modules/lib.nix { inherit lib; };
   entry = storageRoot: path: kind: user: group: mode: { inherit storageRoot path kind user group mode; neededForBoot = false; };
   bootEntry = storageRoot: path: kind: user: group: mode: entry storageRoot path kind user group mode // { neededForBoot = true; };
