@@ -243,7 +243,10 @@ mod tests {
             Path::new("new"),
         )
         .unwrap();
-        assert_eq!(with.units_of("/var/lib/tailscale/tailscaled.state"), ["tailscaled.service"]);
+        assert_eq!(
+            with.units_of("/var/lib/tailscale/tailscaled.state"),
+            ["tailscaled.service"]
+        );
         assert_eq!(with.units_of("/var/lib/tailscale"), ["tailscaled.service"]);
         assert!(with.units_of("/var/lib/tailscale2").is_empty());
         // deny_unknown_fields holds inside a service too.
