@@ -123,6 +123,11 @@ in
     directories = [ (dir "/var/lib/power-profiles-daemon" "root" "root" "0755") ];
     files = [ ];
   };
+  logrotate = service "services.logrotate.enable" [ "logrotate.service" ]
+    "logrotate's record of when each log was last rotated (`/var/lib/logrotate`, its `StateDirectory=`; written to `status.tmp` and renamed): without it a log on a machine that reboots more often than its rotation period is never rotated" // {
+    directories = [ (dir "/var/lib/logrotate" "root" "root" "0755") ];
+    files = [ ];
+  };
   root = {
     enabled = false;
     enabledText = "false";

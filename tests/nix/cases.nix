@@ -425,6 +425,8 @@ in
         (entry "/persist" "/home/alice/.ssh" "directory" "alice" "users" "0700")
         (entry "/persist" "/var/db/sudo/lectured" "directory" "root" "root" "0700")
         (entry "/persist" "/var/lib/libvirt" "directory" "root" "root" "0755")
+        # rasa.presets.logrotate: services.logrotate.enable is on by default in NixOS.
+        (entry "/persist" "/var/lib/logrotate" "directory" "root" "root" "0755")
         (bootEntry "/persist" "/var/lib/nixos" "directory" "root" "root" "0755")
         (entry "/persist" "/var/lib/private/secret" "directory" "root" "root" "0700")
         (entry "/persist" "/var/lib/systemd" "directory" "root" "root" "0755")

@@ -17,6 +17,9 @@ in
     services.cloud-init.enable = mkEnableOption "cloud-init";
     services.power-profiles-daemon.enable = mkEnableOption "power-profiles-daemon";
     virtualisation.containers.enable = mkEnableOption "containers";
+    # nixos/modules/services/logging/logrotate.nix: on by default (it rotates the wtmp and btmp
+    # logs NixOS configures).
+    services.logrotate.enable = mkEnableOption "logrotate" // { default = true; };
     security.acme.certs = mkOption { type = types.attrsOf types.anything; default = { }; };
   };
   config = mkMerge [
@@ -25,6 +28,7 @@ in
     (mkIf config.services.tailscale.enable {
       systemd.services.tailscaled = { wantedBy = [ "multi-user.target" ]; serviceConfig.Environment = [ "PORT=41641" ]; };
     })
+    (mkIf config.services.logrotate.enable { systemd.services.logrotate.serviceConfig = { Type = "oneshot"; StateDirectory = "logrotate"; }; })
     (mkIf config.services.fprintd.enable { systemd.services.fprintd = { }; })
     (mkIf config.services.fwupd.enable { systemd.services.fwupd = { }; })
     (mkIf config.services.power-profiles-daemon.enable { systemd.services.power-profiles-daemon = { }; })
