@@ -573,3 +573,45 @@ fn check_system_compares_a_declared_owner_with_the_current_map() {
         m.report(&out)
     );
 }
+
+/// The manifest's services (the module's state check): state on the root that nothing persists
+/// is named by unit; persisted state, state on a file system of its own and state that does not
+/// exist are not.
+#[test]
+fn check_system_names_the_units_whose_state_the_next_boot_erases() {
+    let Some(m) = Machine::new("check_system_names_the_units_whose_state_the_next_boot_erases")
+    else {
+        return;
+    };
+    with_entries(
+        &m,
+        r#"{"storageRoot": "/persist", "path": "/var/lib/app", "kind": "directory", "user": "root", "group": "root", "mode": "0755"}"#,
+    );
+    let text = std::fs::read_to_string(&m.manifest).unwrap();
+    let text = text.trim_end().strip_suffix('}').unwrap().to_owned()
+        + r#", "services": [
+            {"unit": "app.service", "paths": ["/var/lib/app"]},
+            {"unit": "tailscaled.service", "paths": ["/var/lib/tailscale"]},
+            {"unit": "kuma.service", "paths": ["/var/lib/private/uptime-kuma"]},
+            {"unit": "mounted.service", "paths": ["/srv/mounted"]},
+            {"unit": "absent.service", "paths": ["/var/lib/absent"]}]}"#;
+    std::fs::write(&m.manifest, text).unwrap();
+    std::fs::create_dir_all(m.live.join("var/lib/tailscale")).unwrap();
+    std::fs::write(m.live.join("var/lib/tailscale/tailscaled.state"), b"k").unwrap();
+    std::fs::create_dir_all(m.live.join("var/lib/private/uptime-kuma")).unwrap();
+    // A file system of its own (a tmpfs) at /srv/mounted.
+    std::fs::create_dir_all(m.live.join("srv/mounted")).unwrap();
+    sh(&format!(
+        "mount -t tmpfs none {}",
+        m.live.join("srv/mounted").display()
+    ));
+    let out = m.check(&[]);
+    let _ = Command::new("umount")
+        .arg(m.live.join("srv/mounted"))
+        .output();
+    let report = m.report(&out);
+    let lines: Vec<&str> = report.lines().filter(|l| l.contains("unit")).collect();
+    expect_test::expect![[r#"
+        · state of 2 units is on the root and not persisted, so the next boot erases it: tailscaled.service (/var/lib/tailscale); kuma.service (/var/lib/private/uptime-kuma)"#]]
+    .assert_eq(&lines.join("\n"));
+}

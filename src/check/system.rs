@@ -273,6 +273,7 @@ fn inspect(args: &Args, report: &mut Report) {
         check_entries(live, manifest, report);
         check_records(live, manifest, report);
         check_mutable_users(live, manifest, report);
+        check_service_state(live, manifest, report);
     }
     if let (Some(live), Some(manifest)) = (&live, &manifest) {
         let earlier = earlier_id_maps(&top, &layout.old_roots, live, manifest);
@@ -614,6 +615,54 @@ fn check_mutable_users(live: &OwnedFd, manifest: &Manifest, report: &mut Report)
             "set users.mutableUsers = false with hashedPasswordFile (kept under the storage root), \
              or persist /etc/shadow",
         );
+    }
+}
+
+/// The units whose state (the manifest's `services`, from the module's state check) is on the
+/// live root, not persisted and not on a file system of its own: what the next boot erases,
+/// by unit. Information, not a failure: `rasa.ephemeral` may list it on purpose.
+fn check_service_state(live: &OwnedFd, manifest: &Manifest, report: &mut Report) {
+    let Ok(root_dev) = fs::fstat(live.as_fd()).map(|st| st.st_dev) else {
+        return;
+    };
+    let persisted = |path: &str| {
+        manifest.entries.iter().any(|e| {
+            path == e.path
+                || (path.starts_with(e.path.as_str()) && path[e.path.len()..].starts_with('/'))
+        })
+    };
+    let on_root = |path: &str| -> bool {
+        let parts = fs::components(OsStr::new(path));
+        let Some((name, parents)) = parts.split_last() else {
+            return false;
+        };
+        match fs::open_dir_beneath(live.as_fd(), parents) {
+            Ok(Beneath::Dir(dir, st)) if st.st_dev == root_dev => {
+                matches!(fs::lstat_at(dir.as_fd(), name), Ok(Some(st)) if st.st_dev == root_dev)
+            }
+            _ => false,
+        }
+    };
+    let lost: Vec<String> = manifest
+        .services
+        .iter()
+        .filter_map(|service| {
+            let paths: Vec<&str> = service
+                .paths
+                .iter()
+                .map(String::as_str)
+                .filter(|p| !persisted(p) && on_root(p))
+                .collect();
+            (!paths.is_empty()).then(|| format!("{} ({})", service.unit, paths.join(", ")))
+        })
+        .collect();
+    if !lost.is_empty() {
+        report.info(format!(
+            "state of {} unit{} is on the root and not persisted, so the next boot erases it: {}",
+            lost.len(),
+            if lost.len() == 1 { "" } else { "s" },
+            lost.join("; ")
+        ));
     }
 }
 
