@@ -20,7 +20,8 @@ let
   };
   dir = directory: user: group: mode: { inherit directory user group mode; };
   acmeCerts = lib.attrNames (config.security.acme.certs or { });
-  pkiBundle = config.boot.lanzaboote.pkiBundle or "/var/lib/sbctl";
+  # lanzaboote's option may be null (older releases had no default); sbctl's own place then.
+  pkiBundle = let v = config.boot.lanzaboote.pkiBundle or null; in if v == null then "/var/lib/sbctl" else toString v;
 in
 {
   essential = {
