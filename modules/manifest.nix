@@ -65,6 +65,8 @@ let
     };
     inherit entries;
     inherit (cfg) diffIgnore;
+    # The units that keep state, and where (state-check.nix): `rasa diff` names a path's unit.
+    services = cfg.stateServices;
   };
 
   # One derivation, the checked one: a wrong manifest fails nixos-rebuild here, not the next boot

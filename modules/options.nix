@@ -132,6 +132,17 @@ in
       description = "Per-user state, passed to `environment.persistence.<storageRoot>.users`.";
     };
 
+    watch.enable = lib.mkEnableOption ''
+      `rasa watch` from early in stage 2 (before `sysinit.target`): it records, for each path the
+      next boot erases, the unit that wrote it, in `/run/rasa/watch.jsonl` and inside the root
+      (`/var/lib/rasa/watch/record.jsonl`, which moves with the root to the old roots); see
+      docs/watch.md'';
+
+    shutdownReport.enable = lib.mkEnableOption ''
+      a unit that, when the machine shuts down, logs to the journal what the coming boot will
+      erase (`rasa diff`'s summary), so that `journalctl -b -1 -u rasa-shutdown-report` shows it
+      after the reboot'';
+
     diffIgnore = mkOption {
       type = types.listOf types.str;
       default = [ "/var/cache/**" "/home/*/.cache/**" "/root/.cache/**" ];

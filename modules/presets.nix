@@ -31,23 +31,13 @@ let
     description = "Whether to keep ${what}.";
   };
 
-  # What each preset keeps, in impermanence's syntax.
-  wanted = {
-    essential = {
-      directories = [ "/var/lib/nixos" "/var/lib/systemd" "/var/log" ];
-      files = [ "/etc/machine-id" ];
-    };
-    networkmanager = {
-      directories = [
-        { directory = "/etc/NetworkManager/system-connections"; mode = "0700"; }
-        "/var/lib/NetworkManager"
-      ];
-      files = [ ];
-    };
-    sudoLecture = { directories = [{ directory = "/var/db/sudo/lectured"; mode = "0700"; }]; files = [ ]; };
-    docker = { directories = [{ directory = "/var/lib/docker"; mode = "0710"; }]; files = [ ]; };
-    bluetooth = { directories = [{ directory = "/var/lib/bluetooth"; mode = "0700"; }]; files = [ ]; };
-  };
+  # What each preset keeps, in impermanence's syntax, with the switch that turns it on by default
+  # and the units whose state it is (the state check and the manifest name them). `enabled` reads
+  # the service's own option with `or false`, so that a configuration without that module (the
+  # lanzaboote flake, say) still evaluates. How each program writes, and why the method chosen
+  # survives it, is in docs/nixos.md ("Presets").
+  table = import ./preset-table.nix { inherit config lib; };
+  wanted = lib.mapAttrs (_: p: { inherit (p) directories files; }) table;
   pathOf = e: if builtins.isString e then e else e.directory or e.file;
 
   # environment.persistence as the rest of the configuration defines it.
@@ -110,45 +100,13 @@ let
 in
 {
   options.rasa = {
-    presets = {
-      essential = preset {
-        default = true;
-        defaultText = "true";
-        what = ''
-          what every NixOS machine needs across boots: `/etc/machine-id` (the journal and DHCP
-          identity), `/var/lib/nixos` (stable uids and gids), `/var/lib/systemd` (timers, the
-          random seed, coredumps) and `/var/log`, each unless the configuration keeps it already
-          (for example as a file system of its own)'';
-      };
-      networkmanager = preset {
-        default = config.networking.networkmanager.enable;
-        defaultText = "config.networking.networkmanager.enable";
-        what = ''
-          NetworkManager's saved connections (`/etc/NetworkManager/system-connections`) and its
-          state directory `/var/lib/NetworkManager` (`secret_key`, `seen-bssids`, `timestamps`),
-          as directories: NetworkManager replaces these files by renaming a new file over them'';
-      };
+    presets = lib.mapAttrs (_: p: preset { default = p.enabled; defaultText = p.enabledText; inherit (p) what; }) table // {
       ssh = preset {
         default = config.services.openssh.enable;
         defaultText = "config.services.openssh.enable";
         what = ''
           the ssh host keys: `services.openssh.hostKeys` points into the storage root, so sshd
           creates and reads them there and clients never see a new host key'';
-      };
-      sudoLecture = preset {
-        default = true;
-        defaultText = "true";
-        what = "sudo's record of who has had the lecture (`/var/db/sudo/lectured`)";
-      };
-      docker = preset {
-        default = config.virtualisation.docker.enable;
-        defaultText = "config.virtualisation.docker.enable";
-        what = "Docker's images, containers and volumes (`/var/lib/docker`)";
-      };
-      bluetooth = preset {
-        default = config.hardware.bluetooth.enable;
-        defaultText = "config.hardware.bluetooth.enable";
-        what = "Bluetooth pairings (`/var/lib/bluetooth`)";
       };
     };
 

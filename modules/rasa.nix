@@ -4,5 +4,5 @@
   # Importing this file by path and through the flake's nixosModules.rasa is one module.
   key = toString ./rasa.nix;
   _file = toString ./rasa.nix;
-  imports = [ ./options.nix ./wiring.nix ./presets.nix ];
+  imports = [ ./options.nix ./wiring.nix ./presets.nix ./state-check.nix ];
 }

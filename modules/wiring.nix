@@ -32,6 +32,10 @@ let
     [ "--device" cfg.device "--root" sv.root ]
     ++ (if sv.blank == null then [ "--empty" ] else [ "--blank" sv.blank ])
     ++ [ "--old-roots" sv.oldRoots "--persist" sv.persist ];
+  # The watcher's record inside the root: it must move with the root to the old roots.
+  watchRecordDir = "/var/lib/rasa/watch";
+  watchRecordKeptBy = lib.filter (e: rlib.covers e.path watchRecordDir) manifest.entries;
+
   retentionFlags = [
     "--keep"
     (toString cfg.retention.keep)
@@ -159,6 +163,8 @@ in
       warnings =
         lib.optional (cfg.retention.keep == 0 && cfg.retention.keepDays == 0)
           "rasa: rasa.retention keeps no old roots (keep = 0, keepDays = 0), so a file lost by the wipe cannot be recovered; keep at least one, e.g. rasa.retention.keep = 1."
+        ++ lib.optional (cfg.watch.enable && watchRecordKeptBy != [ ])
+          "rasa: rasa.watch.enable records in ${watchRecordDir}, inside the root, so that the record moves with the root it describes and `rasa diff --old-root` finds it; but ${lib.concatMapStringsSep ", " (e: "${e.path} (in ${e.storageRoot})") watchRecordKeptBy} ${if lib.length watchRecordKeptBy == 1 then "is" else "are"} persisted, so it lands in storage and stays there: persist narrower paths, so that ${watchRecordDir} is on the root."
         ++ lib.optional (config.users.mutableUsers && !shadowPersisted)
           "rasa: users.mutableUsers is true but /etc/shadow is not persisted, so every password set with passwd is lost at the next boot; set users.mutableUsers = false with users.users.<name>.hashedPasswordFile under ${cfg.storageRoot} (docs/guide.md, \"Passwords and users\").";
 
@@ -197,6 +203,43 @@ in
           Nice = 19;
           IOSchedulingClass = "idle";
           ExecStart = execStart ([ "prune" ] ++ layoutFlags ++ retentionFlags);
+        };
+      };
+
+      # rasa watch (docs/watch.md): ready (sd_notify) once its fanotify mark is in place, and
+      # ordered before sysinit.target, so it sees what services write from their start; after
+      # local-fs.target, so that the persisted bind mounts are there to tell apart.
+      systemd.services.rasa-watch = lib.mkIf cfg.watch.enable {
+        description = "Record which unit writes state the next boot erases (rasa)";
+        wantedBy = [ "sysinit.target" ];
+        before = [ "sysinit.target" "systemd-tmpfiles-setup.service" "shutdown.target" ];
+        after = [ "local-fs.target" ];
+        conflicts = [ "shutdown.target" ];
+        unitConfig.DefaultDependencies = false;
+        serviceConfig = {
+          Type = "notify";
+          ExecStart = execStart [ "watch" ];
+          Nice = 10;
+          # fanotify, the private mount of the top level and open_by_handle_at need these, and
+          # nothing else.
+          CapabilityBoundingSet = [ "CAP_SYS_ADMIN" "CAP_DAC_READ_SEARCH" "CAP_DAC_OVERRIDE" ];
+        };
+      };
+
+      # Started with the system and doing nothing until it is stopped: at shutdown, stopped in
+      # the reverse of its After= order, so before the file systems are unmounted and before the
+      # watcher stops (its record still in /run/rasa). The next boot's `journalctl -b -1` has it.
+      systemd.services.rasa-shutdown-report = lib.mkIf cfg.shutdownReport.enable {
+        description = "Log what the coming boot will erase (rasa)";
+        wantedBy = [ "multi-user.target" ];
+        after = [ "local-fs.target" ] ++ lib.optional cfg.watch.enable "rasa-watch.service";
+        serviceConfig = {
+          Type = "oneshot";
+          RemainAfterExit = true;
+          ExecStop = execStart ([ "diff" ] ++ layoutFlags);
+          # A slow diff must not hold the shutdown up.
+          TimeoutStopSec = 60;
+          SyslogIdentifier = "rasa-shutdown-report";
         };
       };
 

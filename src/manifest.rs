@@ -22,6 +22,35 @@ pub struct Manifest {
     /// Glob patterns of absolute paths that `rasa diff` leaves out.
     #[serde(default)]
     pub diff_ignore: Vec<String>,
+    /// The units that keep state, and where (the module's state check): lets `rasa diff` and
+    /// `rasa check system` name the service a path belongs to. Absent in older manifests.
+    #[serde(default)]
+    pub services: Vec<Service>,
+}
+
+/// A unit and the paths it keeps its state in (kept or not).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    /// The unit's name, e.g. `tailscaled.service`, `backup.timer`.
+    pub unit: String,
+    /// Absolute paths on the live root.
+    pub paths: Vec<String>,
+}
+
+impl Manifest {
+    /// The units that keep state at `path` or at a parent of it.
+    pub fn units_of(&self, path: &str) -> Vec<&str> {
+        self.services
+            .iter()
+            .filter(|s| {
+                s.paths.iter().any(|p| {
+                    path == p || (path.starts_with(p.as_str()) && path[p.len()..].starts_with('/'))
+                })
+            })
+            .map(|s| s.unit.as_str())
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,5 +236,31 @@ mod tests {
         // Round trip: what we write is what we read.
         let again = parse(&serde_json::to_string(&manifest).unwrap(), Path::new("x")).unwrap();
         assert_eq!(again, manifest);
+    }
+
+    #[test]
+    fn services_are_optional_strict_and_name_the_unit_of_a_path() {
+        let base = r#"{"version": 1, "rollback": {"device": "/dev/x", "root": "root", "blank": null,
+            "oldRoots": "old_roots", "persist": "persist", "keep": 1, "keepDays": 1}, "entries": []"#;
+        // An older manifest, without the field.
+        let old = parse(&format!("{base}}}"), Path::new("old")).unwrap();
+        assert!(old.services.is_empty());
+        let with = parse(
+            &format!(
+                r#"{base}, "services": [{{"unit": "tailscaled.service", "paths": ["/var/lib/tailscale"]}},
+                {{"unit": "kuma.service", "paths": ["/var/lib/private/uptime-kuma"]}}]}}"#
+            ),
+            Path::new("new"),
+        )
+        .unwrap();
+        assert_eq!(
+            with.units_of("/var/lib/tailscale/tailscaled.state"),
+            ["tailscaled.service"]
+        );
+        assert_eq!(with.units_of("/var/lib/tailscale"), ["tailscaled.service"]);
+        assert!(with.units_of("/var/lib/tailscale2").is_empty());
+        // deny_unknown_fields holds inside a service too.
+        let typo = format!(r#"{base}, "services": [{{"unit": "a.service", "path": ["/x"]}}]}}"#);
+        assert!(parse(&typo, Path::new("typo")).is_err());
     }
 }

@@ -552,3 +552,198 @@ fn check_manifest_on_a_closed_stdout_is_not_a_crash() {
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
     assert_eq!(out.status.code(), Some(141), "{}", stderr(&out));
 }
+
+// ---- check system: uid/gid drift (issue 13 part 4) ----
+
+fn write_map(dir: &Path, file: &str, json: &str) {
+    std::fs::create_dir_all(dir.join("var/lib/nixos")).unwrap();
+    std::fs::write(dir.join("var/lib/nixos").join(file), json).unwrap();
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).unwrap();
+}
+
+/// /var/lib/nixos was not kept: the boot kept as an old root gave acme uid/gid 999, this boot
+/// gave acme 995 and 999 to nginx. acme's stored state (still 999) is named file by file, with
+/// the chown that gives it back; files whose owner still maps to its user are not.
+#[test]
+fn check_system_names_every_stored_file_whose_owner_drifted() {
+    let Some(m) = Machine::new("check_system_names_every_stored_file_whose_owner_drifted") else {
+        return;
+    };
+    with_entries(
+        &m,
+        r#"{"storageRoot": "/persist", "path": "/var/lib/acme", "kind": "directory", "user": "acme", "group": "acme", "mode": "0755"},
+           {"storageRoot": "/persist", "path": "/home/alice", "kind": "directory", "user": "alice", "group": "users", "mode": "0700"},
+           {"storageRoot": "/persist", "path": "/var/lib/private/dyn", "kind": "directory", "user": "root", "group": "root", "mode": "0700"}"#,
+    );
+    // The module's state check names the unit whose state /var/lib/acme is.
+    let text = std::fs::read_to_string(&m.manifest).unwrap();
+    let text = text.trim_end().strip_suffix('}').unwrap().to_owned()
+        + r#", "services": [{"unit": "acme-example.org.service", "paths": ["/var/lib/acme", "/var/lib/acme/example.org"]}]}"#;
+    std::fs::write(&m.manifest, text).unwrap();
+    let old_root = m.fs.path("old_roots/20260102T000000Z");
+    write_map(
+        &old_root,
+        "uid-map",
+        r#"{"acme":999,"alice":1000,"root":0}"#,
+    );
+    write_map(&old_root, "gid-map", r#"{"acme":999,"root":0,"users":100}"#);
+    write_map(
+        &m.live,
+        "uid-map",
+        r#"{"acme":995,"alice":1000,"nginx":999,"root":0}"#,
+    );
+    write_map(
+        &m.live,
+        "gid-map",
+        r#"{"acme":995,"nginx":999,"root":0,"users":100}"#,
+    );
+    let store = m.live.join("persist");
+    std::fs::create_dir_all(store.join("var/lib/acme/certs")).unwrap();
+    std::fs::write(store.join("var/lib/acme/certs/cert.pem"), b"cert").unwrap();
+    std::fs::write(store.join("var/lib/acme/account.key"), b"key").unwrap();
+    std::fs::create_dir_all(store.join("home/alice")).unwrap();
+    std::fs::write(store.join("home/alice/notes"), b"mine").unwrap();
+    // A DynamicUser service's files: ids no map has ever named are nobody's drift.
+    std::fs::create_dir_all(store.join("var/lib/private/dyn")).unwrap();
+    std::fs::write(store.join("var/lib/private/dyn/db"), b"d").unwrap();
+    for p in [
+        "var/lib/acme",
+        "var/lib/acme/certs",
+        "var/lib/acme/certs/cert.pem",
+        "var/lib/acme/account.key",
+    ] {
+        chown(&store.join(p), 999, 999);
+    }
+    for p in ["home/alice", "home/alice/notes"] {
+        chown(&store.join(p), 1000, 100);
+    }
+    chown(&store.join("var/lib/private/dyn/db"), 61_200, 61_200);
+
+    let out = m.check(&[]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let report = m.report(&out);
+    let drift: Vec<&str> = report
+        .lines()
+        .filter(|l| {
+            l.contains("owned by uid") || l.contains("owned by gid") || l.contains("give them back")
+        })
+        .collect();
+    expect_test::expect![[r#"
+        ✗ 4 stored files (state of acme-example.org.service) owned by uid 999, which was acme's in old root 20260102T000000Z; acme is now uid 995, and uid 999 is now nginx's: /persist/var/lib/acme, /persist/var/lib/acme/account.key, /persist/var/lib/acme/certs, /persist/var/lib/acme/certs/cert.pem
+            fix: give them back to acme: find /persist -xdev -uid 999 -exec chown -h 995 {} +; keep /var/lib/nixos (rasa.presets.essential, needed for boot) so that ids stay the same across boots
+        ✗ 4 stored files (state of acme-example.org.service) owned by gid 999, which was acme's in old root 20260102T000000Z; acme is now gid 995, and gid 999 is now nginx's: /persist/var/lib/acme, /persist/var/lib/acme/account.key, /persist/var/lib/acme/certs, /persist/var/lib/acme/certs/cert.pem
+            fix: give them back to acme: find /persist -xdev -gid 999 -exec chgrp -h 995 {} +; keep /var/lib/nixos (rasa.presets.essential, needed for boot) so that ids stay the same across boots"#]]
+    .assert_eq(&drift.join("\n"));
+    assert!(!report.contains("/persist/home/alice/notes"), "{report}");
+    assert!(
+        !report.contains("/persist/var/lib/private/dyn/db"),
+        "{report}"
+    );
+
+    // JSON names every file.
+    let json = m.check(&["--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let paths: Vec<&serde_json::Value> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["message"].as_str().unwrap().contains("owned by uid 999"))
+        .flat_map(|c| c["paths"].as_array().unwrap())
+        .collect();
+    assert_eq!(paths.len(), 4, "{v}");
+
+    // The fix it gives, applied: nothing drifts any more.
+    sh(&format!(
+        "find {} -xdev -uid 999 -exec chown -h 995 {{}} + && find {} -xdev -gid 999 -exec chgrp -h 995 {{}} +",
+        store.display(),
+        store.display()
+    ));
+    let out = m.check(&[]);
+    let report = m.report(&out);
+    assert!(
+        report.contains("stored files match the uid/gid maps (1 earlier map compared)"),
+        "{report}"
+    );
+    assert!(!report.contains("owned by uid"), "{report}");
+}
+
+/// Without an earlier map, the owner a manifest entry declares is what the stored directory
+/// belonged to; and a live root without maps is said to be unchecked, not passed.
+#[test]
+fn check_system_compares_a_declared_owner_with_the_current_map() {
+    let Some(m) = Machine::new("check_system_compares_a_declared_owner_with_the_current_map")
+    else {
+        return;
+    };
+    with_entries(
+        &m,
+        r#"{"storageRoot": "/persist", "path": "/var/lib/tailscale", "kind": "directory", "user": "tailscale", "group": "root", "mode": "0700"}"#,
+    );
+    let store = m.live.join("persist");
+    std::fs::create_dir_all(store.join("var/lib/tailscale")).unwrap();
+    chown(&store.join("var/lib/tailscale"), 990, 0);
+    let out = m.check(&[]);
+    assert!(
+        m.report(&out).contains(
+            "· no /var/lib/nixos/uid-map or gid-map on the live root: uid/gid drift not checked"
+        ),
+        "{}",
+        m.report(&out)
+    );
+    write_map(&m.live, "uid-map", r#"{"root":0,"tailscale":991}"#);
+    let out = m.check(&[]);
+    assert_eq!(out.status.code(), Some(4), "{}", m.report(&out));
+    assert!(
+        m.report(&out).contains(
+            "✗ 1 stored file owned by uid 990, which was tailscale's in the manifest entry \
+             /var/lib/tailscale; tailscale is now uid 991: /persist/var/lib/tailscale"
+        ),
+        "{}",
+        m.report(&out)
+    );
+}
+
+/// The manifest's services (the module's state check): state on the root that nothing persists
+/// is named by unit; persisted state, state on a file system of its own and state that does not
+/// exist are not.
+#[test]
+fn check_system_names_the_units_whose_state_the_next_boot_erases() {
+    let Some(m) = Machine::new("check_system_names_the_units_whose_state_the_next_boot_erases")
+    else {
+        return;
+    };
+    with_entries(
+        &m,
+        r#"{"storageRoot": "/persist", "path": "/var/lib/app", "kind": "directory", "user": "root", "group": "root", "mode": "0755"}"#,
+    );
+    let text = std::fs::read_to_string(&m.manifest).unwrap();
+    let text = text.trim_end().strip_suffix('}').unwrap().to_owned()
+        + r#", "services": [
+            {"unit": "app.service", "paths": ["/var/lib/app"]},
+            {"unit": "tailscaled.service", "paths": ["/var/lib/tailscale"]},
+            {"unit": "kuma.service", "paths": ["/var/lib/private/uptime-kuma"]},
+            {"unit": "mounted.service", "paths": ["/srv/mounted"]},
+            {"unit": "absent.service", "paths": ["/var/lib/absent"]}]}"#;
+    std::fs::write(&m.manifest, text).unwrap();
+    std::fs::create_dir_all(m.live.join("var/lib/tailscale")).unwrap();
+    std::fs::write(m.live.join("var/lib/tailscale/tailscaled.state"), b"k").unwrap();
+    std::fs::create_dir_all(m.live.join("var/lib/private/uptime-kuma")).unwrap();
+    // A file system of its own (a tmpfs) at /srv/mounted.
+    std::fs::create_dir_all(m.live.join("srv/mounted")).unwrap();
+    sh(&format!(
+        "mount -t tmpfs none {}",
+        m.live.join("srv/mounted").display()
+    ));
+    let out = m.check(&[]);
+    let _ = Command::new("umount")
+        .arg(m.live.join("srv/mounted"))
+        .output();
+    let report = m.report(&out);
+    let lines: Vec<&str> = report.lines().filter(|l| l.contains("unit")).collect();
+    expect_test::expect![[r#"
+        · state of 2 units is on the root and not persisted, so the next boot erases it: tailscaled.service (/var/lib/tailscale); kuma.service (/var/lib/private/uptime-kuma)"#]]
+    .assert_eq(&lines.join("\n"));
+}

@@ -60,6 +60,9 @@ pub struct Item {
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fix: Option<String>,
+    /// Every path the item is about, when the message can show only some (JSON shows all).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
 }
 
 #[derive(Default)]
@@ -85,6 +88,7 @@ impl Report {
             status,
             message,
             fix,
+            paths: Vec::new(),
         });
     }
 }
@@ -269,6 +273,11 @@ fn inspect(args: &Args, report: &mut Report) {
         check_entries(live, manifest, report);
         check_records(live, manifest, report);
         check_mutable_users(live, manifest, report);
+        check_service_state(live, manifest, report);
+    }
+    if let (Some(live), Some(manifest)) = (&live, &manifest) {
+        let earlier = earlier_id_maps(&top, &layout.old_roots, live, manifest);
+        check_id_drift(live, &args.live_root, manifest, &earlier, report);
     }
 
     match old_roots::scan(top.fd(), &layout.old_roots) {
@@ -606,5 +615,364 @@ fn check_mutable_users(live: &OwnedFd, manifest: &Manifest, report: &mut Report)
             "set users.mutableUsers = false with hashedPasswordFile (kept under the storage root), \
              or persist /etc/shadow",
         );
+    }
+}
+
+/// The units whose state (the manifest's `services`, from the module's state check) is on the
+/// live root, not persisted and not on a file system of its own: what the next boot erases,
+/// by unit. Information, not a failure: `rasa.ephemeral` may list it on purpose.
+fn check_service_state(live: &OwnedFd, manifest: &Manifest, report: &mut Report) {
+    let Ok(root_dev) = fs::fstat(live.as_fd()).map(|st| st.st_dev) else {
+        return;
+    };
+    let persisted = |path: &str| {
+        manifest.entries.iter().any(|e| {
+            path == e.path
+                || (path.starts_with(e.path.as_str()) && path[e.path.len()..].starts_with('/'))
+        })
+    };
+    let on_root = |path: &str| -> bool {
+        let parts = fs::components(OsStr::new(path));
+        let Some((name, parents)) = parts.split_last() else {
+            return false;
+        };
+        match fs::open_dir_beneath(live.as_fd(), parents) {
+            Ok(Beneath::Dir(dir, st)) if st.st_dev == root_dev => {
+                matches!(fs::lstat_at(dir.as_fd(), name), Ok(Some(st)) if st.st_dev == root_dev)
+            }
+            _ => false,
+        }
+    };
+    let lost: Vec<String> = manifest
+        .services
+        .iter()
+        .filter_map(|service| {
+            let paths: Vec<&str> = service
+                .paths
+                .iter()
+                .map(String::as_str)
+                .filter(|p| !persisted(p) && on_root(p))
+                .collect();
+            (!paths.is_empty()).then(|| format!("{} ({})", service.unit, paths.join(", ")))
+        })
+        .collect();
+    if !lost.is_empty() {
+        report.info(format!(
+            "state of {} unit{} is on the root and not persisted, so the next boot erases it: {}",
+            lost.len(),
+            if lost.len() == 1 { "" } else { "s" },
+            lost.join("; ")
+        ));
+    }
+}
+
+// ---- uid/gid drift: stored files whose owner no longer maps to the user they belonged to ----
+
+/// Users or groups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum IdKind {
+    User,
+    Group,
+}
+
+impl IdKind {
+    fn word(self) -> &'static str {
+        match self {
+            IdKind::User => "uid",
+            IdKind::Group => "gid",
+        }
+    }
+    fn map_file(self) -> &'static str {
+        match self {
+            IdKind::User => "var/lib/nixos/uid-map",
+            IdKind::Group => "var/lib/nixos/gid-map",
+        }
+    }
+}
+
+/// The name → id maps NixOS's update-users-groups.pl keeps in /var/lib/nixos (uid-map,
+/// gid-map: JSON objects; a removed user stays in them so its id is not handed out again).
+#[derive(Debug, Default)]
+struct IdMaps {
+    uid: std::collections::BTreeMap<String, u32>,
+    gid: std::collections::BTreeMap<String, u32>,
+}
+
+impl IdMaps {
+    /// The maps of the system under `root`; `None` when it has neither file.
+    fn read(root: std::os::fd::BorrowedFd<'_>) -> Option<IdMaps> {
+        let read = |file: &str| -> Option<std::collections::BTreeMap<String, u32>> {
+            let bytes = fs::read_in_root(root, Path::new(file)).ok().flatten()?;
+            serde_json::from_slice(&bytes).ok()
+        };
+        let uid = read(IdKind::User.map_file());
+        let gid = read(IdKind::Group.map_file());
+        if uid.is_none() && gid.is_none() {
+            return None;
+        }
+        Some(IdMaps {
+            uid: uid.unwrap_or_default(),
+            gid: gid.unwrap_or_default(),
+        })
+    }
+    fn of(&self, kind: IdKind) -> &std::collections::BTreeMap<String, u32> {
+        match kind {
+            IdKind::User => &self.uid,
+            IdKind::Group => &self.gid,
+        }
+    }
+}
+
+/// The maps earlier boots used: each old root's own /var/lib/nixos (what that boot allocated,
+/// when /var/lib/nixos was not persisted), and the copy in each storage root.
+fn earlier_id_maps(
+    top: &TopLevel,
+    old_roots_dir: &str,
+    live: &OwnedFd,
+    manifest: &Manifest,
+) -> Vec<(String, IdMaps)> {
+    let mut earlier = Vec::new();
+    for root in old_roots::scan(top.fd(), old_roots_dir).unwrap_or_default() {
+        let parts = [old_roots_dir.into(), root.name.clone().into()];
+        if let Ok(Beneath::Dir(fd, _)) = fs::open_dir_beneath(top.fd(), &parts) {
+            if let Some(maps) = IdMaps::read(fd.as_fd()) {
+                earlier.push((format!("old root {}", root.name), maps));
+            }
+        }
+    }
+    for root in storage_roots(manifest) {
+        if let Ok(Beneath::Dir(fd, _)) = open_under(live, &root) {
+            if let Some(maps) = IdMaps::read(fd.as_fd()) {
+                earlier.push((format!("{root}/var/lib/nixos"), maps));
+            }
+        }
+    }
+    earlier
+}
+
+/// Why a stored file's owner is not who it belonged to.
+#[derive(Debug, Clone)]
+struct Belonged {
+    name: String,
+    /// Where `name` had the file's id: an earlier map, or the manifest entry that declares it.
+    source: String,
+    /// The id `name` has now, if the current map has it.
+    now: Option<u32>,
+}
+
+/// The names an id belonged to in the earlier maps and no longer does.
+fn drifted(kind: IdKind, id: u32, current: &IdMaps, earlier: &[(String, IdMaps)]) -> Vec<Belonged> {
+    let mut found: Vec<Belonged> = Vec::new();
+    for (source, maps) in earlier {
+        for (name, _) in maps.of(kind).iter().filter(|(_, &v)| v == id) {
+            let now = current.of(kind).get(name).copied();
+            if now != Some(id) && !found.iter().any(|b| &b.name == name) {
+                found.push(Belonged {
+                    name: name.clone(),
+                    source: source.clone(),
+                    now,
+                });
+            }
+        }
+    }
+    found
+}
+
+/// Files in storage whose uid or gid no longer maps to the user or group it belonged to: when
+/// /var/lib/nixos is not kept (or was kept late), NixOS hands out ids afresh and a service's
+/// state ends up owned by another user, or by nobody. Compared: the current maps (the live
+/// root's /var/lib/nixos) with every earlier map, and with the owner a directory entry of the
+/// manifest declares.
+fn check_id_drift(
+    live: &OwnedFd,
+    live_root: &Path,
+    manifest: &Manifest,
+    earlier: &[(String, IdMaps)],
+    report: &mut Report,
+) {
+    use std::collections::{BTreeMap, HashMap};
+    let Some(current) = IdMaps::read(live.as_fd()) else {
+        report.info(
+            "no /var/lib/nixos/uid-map or gid-map on the live root: uid/gid drift not checked",
+        );
+        return;
+    };
+    let declared: HashMap<PathBuf, &manifest::Entry> = manifest
+        .entries
+        .iter()
+        .filter(|e| e.kind == manifest::EntryKind::Directory)
+        .map(|e| (e.storage_path(), e))
+        .collect();
+    let mut cache: HashMap<(IdKind, u32), Vec<Belonged>> = HashMap::new();
+    // (kind, id) → why, and the files.
+    let mut groups: BTreeMap<(IdKind, u32), (Vec<Belonged>, Vec<String>)> = BTreeMap::new();
+    let mut files = 0u64;
+    let mut walked = Vec::new();
+    for root in storage_roots(manifest) {
+        let parts = fs::components(OsStr::new(&root));
+        let Some((name, parents)) = parts.split_last() else {
+            continue;
+        };
+        let Ok(Beneath::Dir(parent, _)) = fs::open_dir_beneath(live.as_fd(), parents) else {
+            continue;
+        };
+        let mounts = fs::walk::MountRoots::below(&live_root.join(root.trim_start_matches('/')));
+        let Ok(walk) = fs::walk::Walk::new(parent.as_fd(), name, mounts) else {
+            continue;
+        };
+        let base = Path::new(&root)
+            .parent()
+            .unwrap_or(Path::new("/"))
+            .to_path_buf();
+        walked.push(root.clone());
+        for event in walk {
+            let event = match event {
+                Ok(event) => event,
+                Err((rel, e)) => {
+                    report.warn(
+                        format!(
+                            "uid/gid drift: cannot walk {}: {e}",
+                            base.join(&rel).display()
+                        ),
+                        "check the permissions and the filesystem (dmesg)",
+                    );
+                    break;
+                }
+            };
+            if event.mount_point {
+                continue;
+            }
+            files += 1;
+            let path = base.join(&event.rel);
+            for (kind, id) in [
+                (IdKind::User, event.stat.st_uid),
+                (IdKind::Group, event.stat.st_gid),
+            ] {
+                let mut why = cache
+                    .entry((kind, id))
+                    .or_insert_with(|| drifted(kind, id, &current, earlier))
+                    .clone();
+                if let Some(entry) = declared.get(&path) {
+                    let name = match kind {
+                        IdKind::User => &entry.user,
+                        IdKind::Group => &entry.group,
+                    };
+                    // A directory declared as root's is often chowned by its service; only a
+                    // named owner says whose it is.
+                    let now = current.of(kind).get(name).copied();
+                    if name != "root" && now.is_some() && now != Some(id) {
+                        why.push(Belonged {
+                            name: name.clone(),
+                            source: format!("the manifest entry {}", entry.path),
+                            now,
+                        });
+                    }
+                }
+                if !why.is_empty() {
+                    let group = groups.entry((kind, id)).or_default();
+                    for b in why {
+                        // One reason per name: the first place it had this id.
+                        if !group.0.iter().any(|seen| seen.name == b.name) {
+                            group.0.push(b);
+                        }
+                    }
+                    group.1.push(path.display().to_string());
+                }
+            }
+        }
+    }
+    if groups.is_empty() {
+        report.ok(format!(
+            "owners of {files} stored file{} match the uid/gid maps ({} earlier map{} compared)",
+            if files == 1 { "" } else { "s" },
+            earlier.len(),
+            if earlier.len() == 1 { "" } else { "s" }
+        ));
+        return;
+    }
+    const SHOWN: usize = 20;
+    for ((kind, id), (why, mut paths)) in groups {
+        paths.sort();
+        let holder = current
+            .of(kind)
+            .iter()
+            .find(|(_, &v)| v == id)
+            .map(|(n, _)| n.clone());
+        let reasons: Vec<String> = why
+            .iter()
+            .map(|b| {
+                let now = match b.now {
+                    Some(n) => format!("{} is now {} {n}", b.name, kind.word()),
+                    None => format!("{} is not in the current map", b.name),
+                };
+                format!("{}'s in {}; {now}", b.name, b.source)
+            })
+            .collect();
+        let shown: Vec<&str> = paths.iter().take(SHOWN).map(String::as_str).collect();
+        // Whose state it is, from the manifest's services.
+        let mut units: Vec<&str> = paths
+            .iter()
+            .flat_map(|p| {
+                walked.iter().filter_map(move |root| {
+                    p.strip_prefix(root.as_str())
+                        .filter(|rest| rest.starts_with('/'))
+                })
+            })
+            .flat_map(|live| manifest.units_of(live))
+            .collect();
+        units.sort();
+        units.dedup();
+        let message = format!(
+            "{} stored file{}{} owned by {} {id}, which was {}{}: {}{}",
+            paths.len(),
+            if paths.len() == 1 { "" } else { "s" },
+            if units.is_empty() {
+                String::new()
+            } else {
+                format!(" (state of {})", units.join(", "))
+            },
+            kind.word(),
+            reasons.join(", and "),
+            match &holder {
+                Some(h) => format!(", and {} {id} is now {h}'s", kind.word()),
+                None => String::new(),
+            },
+            shown.join(", "),
+            if paths.len() > SHOWN {
+                format!(", and {} more (--json lists all)", paths.len() - SHOWN)
+            } else {
+                String::new()
+            }
+        );
+        let keep = "keep /var/lib/nixos (rasa.presets.essential, needed for boot) so that ids \
+                    stay the same across boots";
+        let fix = match why.as_slice() {
+            [Belonged {
+                name,
+                now: Some(new),
+                ..
+            }] => {
+                let (test, change) = match kind {
+                    IdKind::User => ("-uid", format!("chown -h {new}")),
+                    IdKind::Group => ("-gid", format!("chgrp -h {new}")),
+                };
+                format!(
+                    "give them back to {name}: find {} -xdev {test} {id} -exec {change} {{}} +; \
+                     {keep}",
+                    walked.join(" ")
+                )
+            }
+            _ => format!(
+                "decide whose they are, chown them to that {}, and {keep}",
+                match kind {
+                    IdKind::User => "user",
+                    IdKind::Group => "group",
+                }
+            ),
+        };
+        report.fail(message, fix);
+        if let Some(item) = report.items.last_mut() {
+            item.paths = paths;
+        }
     }
 }

@@ -137,7 +137,17 @@ let
       ((expect "corpus: ${c.name}: the manifest covers what it persisted"
         (lib.filter (p: !(lib.elem p manifestPaths)) c.persisted) [ ])
       // { manifest = config.system.build.rasaManifest.text; })
-    ];
+    ]
+    ++ lib.optional (c ? stateCheck) (
+      let
+        named = config: lib.filter (p: lib.any (m: lib.hasInfix " keeps state in ${p}, which" m) config.warnings) c.stateCheck.paths;
+        servicePresets = lib.filter (n: !(lib.elem n [ "essential" "sudoLecture" ])) (lib.attrNames config.rasa.presets);
+        withoutPresets = eval (c.modules ++ [{ rasa.presets = lib.genAttrs servicePresets (_: lib.mkForce false); }]);
+      in
+      expect "corpus: ${c.name}: the state check names what only rasa's presets keep, and nothing the configuration keeps"
+        { lost = named config; lostWithoutPresets = named withoutPresets; }
+        { inherit (c.stateCheck) lost lostWithoutPresets; }
+    );
   rlib = import ../../modules/lib.nix { inherit lib; };
   entry = storageRoot: path: kind: user: group: mode: { inherit storageRoot path kind user group mode; neededForBoot = false; };
   bootEntry = storageRoot: path: kind: user: group: mode: entry storageRoot path kind user group mode // { neededForBoot = true; };
@@ -395,7 +405,9 @@ in
         }
       ];
     in
-    expect "manifest: rasa's options, presets, direct environment.persistence and a user" (manifestOf config) {
+    # `services` (what the state check found) differs between the stub and a full NixOS, whose
+      # own units have state directories: tested by the state-check cases.
+    expect "manifest: rasa's options, presets, direct environment.persistence and a user" (removeAttrs (manifestOf config) [ "services" ]) {
       version = 1;
       rollback = {
         device = "/dev/mapper/cryptroot";
@@ -413,6 +425,8 @@ in
         (entry "/persist" "/home/alice/.ssh" "directory" "alice" "users" "0700")
         (entry "/persist" "/var/db/sudo/lectured" "directory" "root" "root" "0700")
         (entry "/persist" "/var/lib/libvirt" "directory" "root" "root" "0755")
+        # rasa.presets.logrotate: services.logrotate.enable is on by default in NixOS.
+        (entry "/persist" "/var/lib/logrotate" "directory" "root" "root" "0755")
         (bootEntry "/persist" "/var/lib/nixos" "directory" "root" "root" "0755")
         (entry "/persist" "/var/lib/private/secret" "directory" "root" "root" "0700")
         (entry "/persist" "/var/lib/systemd" "directory" "root" "root" "0755")
@@ -471,6 +485,221 @@ in
         nmFiles = [ ];
         nmDirectories = [ "/etc/NetworkManager/system-connections" "/var/lib/NetworkManager" ];
         manifestHas = [ true true true true true ];
+      }
+  )
+
+  (
+    let
+      # lanzaboote is a flake of its own: its two options, declared as it declares them.
+      lanzaboote = {
+        options.boot.lanzaboote = {
+          enable = lib.mkEnableOption "lanzaboote";
+          pkiBundle = lib.mkOption { type = lib.types.str; default = "/var/lib/sbctl"; };
+        };
+      };
+      every = {
+        services.tailscale.enable = true;
+        security.acme.certs."example.org" = { };
+        boot.lanzaboote.enable = true;
+        services.fprintd.enable = true;
+        services.fwupd.enable = true;
+        virtualisation.libvirtd.enable = true;
+        virtualisation.podman.enable = true;
+        services.flatpak.enable = true;
+        services.cloud-init.enable = true;
+        services.power-profiles-daemon.enable = true;
+        hardware.bluetooth.enable = true;
+        rasa.presets.root = true;
+      };
+      # Each preset path as impermanence will bind-mount it: directory, owner, mode.
+      kept = config: map (d: { inherit (d) dirPath user group mode; })
+        (lib.filter (d: lib.elem d.dirPath presetPaths) config.environment.persistence."/persist".directories);
+      presetPaths = [
+        "/var/lib/tailscale"
+        "/var/lib/acme"
+        "/var/lib/sbctl"
+        "/var/lib/fprint"
+        "/var/lib/fwupd"
+        "/var/lib/libvirt"
+        "/var/lib/containers"
+        "/var/lib/flatpak"
+        "/var/lib/cloud"
+        "/var/lib/power-profiles-daemon"
+        "/var/lib/bluetooth"
+        "/root"
+        "/etc/secureboot"
+      ];
+      d = dirPath: user: group: mode: { inherit dirPath user group mode; };
+      on = eval [ encrypted lanzaboote every ];
+      off = eval [ encrypted lanzaboote ];
+      movedBundle = eval [ encrypted lanzaboote every { boot.lanzaboote.pkiBundle = "/etc/secureboot"; } ];
+      manifestDirs = config: map (e: { inherit (e) path user group mode neededForBoot; })
+        (lib.filter (e: lib.elem e.path (presetPaths ++ [ "/var/lib/nixos" "/var/lib/systemd" ])) (manifestOf config).entries);
+    in
+    expect "presets: each follows the option that turns its service on, and keeps its directory with owner and mode (a bind mount); /var/lib/nixos needed for boot"
+      {
+        on = kept on;
+        off = kept off;
+        secureBootMoved = map (x: x.dirPath) (lib.filter (x: lib.hasInfix "secureboot" x.dirPath || x.dirPath == "/var/lib/sbctl") (kept movedBundle));
+        manifest = manifestDirs on;
+        failed = lib.filter (lib.hasPrefix "rasa:") (failed on);
+      }
+      {
+        on = [
+          (d "/var/lib/acme" "acme" "acme" "0755")
+          (d "/var/lib/bluetooth" "root" "root" "0700")
+          (d "/var/lib/cloud" "root" "root" "0755")
+          (d "/var/lib/containers" "root" "root" "0700")
+          (d "/var/lib/flatpak" "root" "root" "0755")
+          (d "/var/lib/fprint" "root" "root" "0700")
+          (d "/var/lib/fwupd" "root" "root" "0755")
+          (d "/var/lib/libvirt" "root" "root" "0755")
+          (d "/var/lib/power-profiles-daemon" "root" "root" "0755")
+          (d "/root" "root" "root" "0700")
+          (d "/var/lib/sbctl" "root" "root" "0700")
+          (d "/var/lib/tailscale" "root" "root" "0700")
+        ];
+        off = [ ];
+        secureBootMoved = [ "/etc/secureboot" ];
+        manifest = [
+          { path = "/root"; user = "root"; group = "root"; mode = "0700"; neededForBoot = false; }
+          { path = "/var/lib/acme"; user = "acme"; group = "acme"; mode = "0755"; neededForBoot = false; }
+          { path = "/var/lib/bluetooth"; user = "root"; group = "root"; mode = "0700"; neededForBoot = false; }
+          { path = "/var/lib/cloud"; user = "root"; group = "root"; mode = "0755"; neededForBoot = false; }
+          { path = "/var/lib/containers"; user = "root"; group = "root"; mode = "0700"; neededForBoot = false; }
+          { path = "/var/lib/flatpak"; user = "root"; group = "root"; mode = "0755"; neededForBoot = false; }
+          { path = "/var/lib/fprint"; user = "root"; group = "root"; mode = "0700"; neededForBoot = false; }
+          { path = "/var/lib/fwupd"; user = "root"; group = "root"; mode = "0755"; neededForBoot = false; }
+          { path = "/var/lib/libvirt"; user = "root"; group = "root"; mode = "0755"; neededForBoot = false; }
+          { path = "/var/lib/nixos"; user = "root"; group = "root"; mode = "0755"; neededForBoot = true; }
+          { path = "/var/lib/power-profiles-daemon"; user = "root"; group = "root"; mode = "0755"; neededForBoot = false; }
+          { path = "/var/lib/sbctl"; user = "root"; group = "root"; mode = "0700"; neededForBoot = false; }
+          { path = "/var/lib/systemd"; user = "root"; group = "root"; mode = "0755"; neededForBoot = false; }
+          { path = "/var/lib/tailscale"; user = "root"; group = "root"; mode = "0700"; neededForBoot = false; }
+        ];
+        failed = [ ];
+      }
+  )
+
+  (
+    let
+      # Services of the kinds the state check reads, and the units it must name.
+      units = {
+        systemd.services.foo.serviceConfig = { StateDirectory = "foo bar:bar-link"; LogsDirectory = [ "foo" ]; CacheDirectory = "foo"; };
+        systemd.services.kuma.serviceConfig = { DynamicUser = true; StateDirectory = "uptime-kuma"; };
+        systemd.services.off = { enable = false; serviceConfig.StateDirectory = "off"; };
+        systemd.services."tmpl@".serviceConfig.StateDirectory = "tmpl-%i";
+        systemd.services.kept.serviceConfig.StateDirectory = "kept";
+        systemd.services.ownfs.serviceConfig.StateDirectory = "ownfs";
+        systemd.services.gone.serviceConfig.StateDirectory = "gone";
+        systemd.timers.backup.timerConfig.Persistent = true;
+        services.tailscale.enable = true;
+        fileSystems."/var/lib/ownfs" = { device = "/dev/mapper/cryptroot"; fsType = "btrfs"; options = [ "subvol=ownfs" ]; };
+        rasa.directories = [ "/var/lib/kept" ];
+        rasa.ephemeral = [ "/var/lib/gone" ];
+        # Turned off by hand: the check names the preset that would keep it.
+        rasa.presets.tailscale = false;
+        # /var/log not kept: LogsDirectory= matters.
+        fileSystems."/var/log" = { device = "/dev/mapper/cryptroot"; fsType = "btrfs"; options = [ "subvol=log" ]; neededForBoot = true; };
+      };
+      ours = [ "foo.service" "kuma.service" "off.service" "tmpl@.service" "kept.service" "ownfs.service" "gone.service" "backup.timer" "tailscaled.service" ];
+      about = m: lib.any (u: lib.hasInfix "${u} (" m) ours;
+      stateWarnings = config: lib.filter (m: lib.hasInfix "which the next boot erases" m && about m) config.warnings;
+      stateFailures = config: lib.filter (m: lib.hasInfix "which the next boot erases" m && about m) (failed config);
+      warn = eval [ encrypted units ];
+      asError = eval [ encrypted units { rasa.stateCheck = "error"; } ];
+      quiet = eval [ encrypted units { rasa.stateCheck = "off"; } ];
+      timersLost = eval [ encrypted units { rasa.presets.essential = false; } ];
+      misplaced = eval [ encrypted { systemd.services.kuma.serviceConfig = { DynamicUser = "yes"; StateDirectory = [ "uptime-kuma" ]; }; rasa.directories = [ "/var/lib/uptime-kuma" ]; } ];
+      expected = [
+        ''rasa: foo.service (StateDirectory=bar) keeps state in /var/lib/bar, which the next boot erases: add `rasa.directories = [ "/var/lib/bar" ];`, or list "/var/lib/bar" in rasa.ephemeral to lose it on purpose.''
+        ''rasa: foo.service (StateDirectory=foo) keeps state in /var/lib/foo, which the next boot erases: add `rasa.directories = [ "/var/lib/foo" ];`, or list "/var/lib/foo" in rasa.ephemeral to lose it on purpose.''
+        ''rasa: kuma.service (StateDirectory=uptime-kuma with DynamicUser=) keeps state in /var/lib/private/uptime-kuma, which the next boot erases: add `rasa.directories = [ { directory = "/var/lib/private"; mode = "0700"; } ];` (the whole of /var/lib/private, as systemd makes it: 0700, so that no other user reaches the dynamic users' files; impermanence would create it 0755 for /var/lib/private/<name> alone), or list "/var/lib/private/uptime-kuma" in rasa.ephemeral to lose it on purpose.''
+        ''rasa: tailscaled.service (on with services.tailscale.enable) keeps state in /var/lib/tailscale, which the next boot erases: add `rasa.presets.tailscale = true;`, or list "/var/lib/tailscale" in rasa.ephemeral to lose it on purpose.''
+      ];
+    in
+    expect "state check: names each enabled service's unkept state with the line that keeps it; persisted, own file system, ephemeral, disabled and template units are quiet"
+      {
+        warn = stateWarnings warn;
+        error = { warnings = stateWarnings asError; failures = stateFailures asError; };
+        off = stateWarnings quiet;
+        timers = lib.filter (m: lib.hasInfix "/var/lib/systemd/timers" m) (stateWarnings timersLost);
+        misplaced = stateWarnings misplaced;
+        manifest = lib.filter (s: lib.elem s.unit ours) (manifestOf warn).services;
+      }
+      {
+        warn = expected;
+        error = { warnings = [ ]; failures = expected; };
+        off = [ ];
+        timers = [
+          "rasa: backup.timer (Persistent=true) keeps state in /var/lib/systemd/timers, which the next boot erases: add `rasa.presets.essential = true;`, or list \"/var/lib/systemd/timers\" in rasa.ephemeral to lose it on purpose."
+        ];
+        misplaced = [
+          ''rasa: kuma.service (StateDirectory=uptime-kuma with DynamicUser=) keeps state in /var/lib/private/uptime-kuma, which the next boot erases (/var/lib/uptime-kuma is persisted, but with DynamicUser= that is only a symlink to /var/lib/private/uptime-kuma): add `rasa.directories = [ { directory = "/var/lib/private"; mode = "0700"; } ];` (the whole of /var/lib/private, as systemd makes it: 0700, so that no other user reaches the dynamic users' files; impermanence would create it 0755 for /var/lib/private/<name> alone), or list "/var/lib/private/uptime-kuma" in rasa.ephemeral to lose it on purpose.''
+        ];
+        manifest = [
+          { unit = "backup.timer"; paths = [ "/var/lib/systemd/timers" ]; }
+          { unit = "foo.service"; paths = [ "/var/lib/bar" "/var/lib/foo" "/var/log/foo" ]; }
+          { unit = "gone.service"; paths = [ "/var/lib/gone" ]; }
+          { unit = "kept.service"; paths = [ "/var/lib/kept" ]; }
+          { unit = "kuma.service"; paths = [ "/var/lib/private/uptime-kuma" ]; }
+          { unit = "ownfs.service"; paths = [ "/var/lib/ownfs" ]; }
+          { unit = "tailscaled.service"; paths = [ "/var/lib/tailscale" ]; }
+        ];
+      }
+  )
+
+  (
+    let
+      config = eval [ encrypted { rasa.watch.enable = true; rasa.shutdownReport.enable = true; } ];
+      plain = eval [ encrypted ];
+      watch = config.systemd.services.rasa-watch;
+      report = config.systemd.services.rasa-shutdown-report;
+      layout = [ "--device" "/dev/mapper/cryptroot" "--root" "root" "--blank" "root-blank" "--old-roots" "old_roots" "--persist" "persist" ];
+      keptWatchRecord = eval [ encrypted { rasa.watch.enable = true; rasa.directories = [ "/var/lib/rasa" ]; } ];
+    in
+    expect "rasa.watch.enable: the unit of docs/watch.md, early in stage 2; rasa.shutdownReport.enable: rasa diff when stopped, before the file systems and the watcher go; neither by default"
+      {
+        watch = {
+          inherit (watch) wantedBy before after conflicts;
+          inherit (watch.unitConfig) DefaultDependencies;
+          inherit (watch.serviceConfig) Type Nice CapabilityBoundingSet;
+          argv = systemdArgv watch.serviceConfig.ExecStart;
+        };
+        report = {
+          inherit (report) wantedBy after;
+          inherit (report.serviceConfig) Type RemainAfterExit TimeoutStopSec;
+          hasStart = report.serviceConfig ? ExecStart || report.script != "";
+          argv = systemdArgv report.serviceConfig.ExecStop;
+        };
+        byDefault = map (n: plain.systemd.services ? ${n}) [ "rasa-watch" "rasa-shutdown-report" ];
+        keptRecord = lib.filter (lib.hasInfix "rasa.watch.enable records") keptWatchRecord.warnings;
+      }
+      {
+        watch = {
+          wantedBy = [ "sysinit.target" ];
+          before = [ "sysinit.target" "systemd-tmpfiles-setup.service" "shutdown.target" ];
+          after = [ "local-fs.target" ];
+          conflicts = [ "shutdown.target" ];
+          DefaultDependencies = false;
+          Type = "notify";
+          Nice = 10;
+          CapabilityBoundingSet = [ "CAP_SYS_ADMIN" "CAP_DAC_READ_SEARCH" "CAP_DAC_OVERRIDE" ];
+          argv = [ exe "watch" ];
+        };
+        report = {
+          wantedBy = [ "multi-user.target" ];
+          after = [ "local-fs.target" "rasa-watch.service" ];
+          Type = "oneshot";
+          RemainAfterExit = true;
+          TimeoutStopSec = 60;
+          hasStart = false;
+          argv = [ exe "diff" ] ++ layout;
+        };
+        byDefault = [ false false ];
+        keptRecord = [
+          "rasa: rasa.watch.enable records in /var/lib/rasa/watch, inside the root, so that the record moves with the root it describes and `rasa diff --old-root` finds it; but /var/lib/rasa (in /persist) is persisted, so it lands in storage and stays there: persist narrower paths, so that /var/lib/rasa/watch is on the root."
+        ];
       }
   )
 

@@ -6,7 +6,9 @@
 #   unlocks: the cryptsetup units the rollback must be ordered after;
 #   device: the device the rollback resets;
 #   persisted: the live paths the configuration keeps in its storage root (by impermanence or by
-#     pointing a program there), which the manifest must cover.
+#     pointing a program there), which the manifest must cover;
+#   stateCheck (optional): of `paths`, the ones rasa's state check must name as lost (`lost`),
+#     and the ones it must name with every service preset turned off (`lostWithoutPresets`).
 { lib, rasa }:
 let
   rasaOn = extra: { rasa = { enable = true; package = rasa; } // extra; };
@@ -192,10 +194,14 @@ in
         users.mutableUsers = false;
         users.users.gabriel = { isNormalUser = true; group = "users"; extraGroups = [ "wheel" ]; hashedPasswordFile = "/run/secrets-for-users/gabriel-password"; };
         virtualisation.podman.enable = true;
+        # hosts/common/global/tailscale.nix
+        services.tailscale.enable = true;
       }
       (rasaOn { })
     ];
     persisted = [ "/var/lib/systemd" "/var/lib/nixos" "/var/log" "/srv" "/var/lib/tailscale" "/etc/ssh/ssh_host_ed25519_key" ];
+    # tailscale's state is kept by the configuration itself; podman's only by rasa's preset.
+    stateCheck = { paths = [ "/var/lib/tailscale" "/var/lib/containers" ]; lost = [ ]; lostWithoutPresets = [ "/var/lib/containers" ]; };
   }
 
   {
@@ -241,6 +247,8 @@ in
       "/home/alice/Documents"
       "/home/alice/.ssh"
     ];
+    # docker's and bluez's state kept by hand: quiet with or without the presets.
+    stateCheck = { paths = [ "/var/lib/docker" "/var/lib/bluetooth" ]; lost = [ ]; lostWithoutPresets = [ ]; };
   }
 
   {

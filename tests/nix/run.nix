@@ -30,7 +30,7 @@ let
     inherit (tool) lib;
     rasa = tool.pkgs.rasa;
     checker = extraPkgs.pkgsBuildHost.callPackage null { };
-    eval = modules: (tool.eval ([ ../../modules/rasa.nix ] ++ modules)).config;
+    eval = modules: (tool.eval ([ ../../modules/rasa.nix ./services.nix ] ++ modules)).config;
     evalWithoutImpermanence = modules: (bare.eval ([ ../../modules/rasa.nix ] ++ modules)).config;
     unitFile = if builtins.pathExists unitPath then builtins.readFile unitPath else null;
   };
