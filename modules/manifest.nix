@@ -80,7 +80,7 @@ let
   };
 in
 {
-  inherit file entries;
+  inherit file entries value;
 
   assertions = map
     (e: {

@@ -15,6 +15,7 @@
 }:
 let
   rlib = import ./lib.nix { inherit lib; };
+  ruleProblems = (import ./rules.nix { inherit lib; }).problems manifest.value;
   cfg = config.rasa;
   sv = cfg.subvolumes;
   manifest = import ./manifest.nix {
@@ -155,11 +156,26 @@ let
       })
       collisions
     ++ manifest.assertions;
+  # The rule set's problems, said only when no assertion above says more precisely what to change
+  # (a storage root inside /nix, a storage root other than rasa's, ...).
+  rulesPreamble = "rasa: the persisted paths or subvolume names break rules that rasa holds every manifest to";
+  allAssertions = assertions
+    ++ [
+    {
+      # Any other failed assertion (this module's, the presets', impermanence's) is said first;
+      # this one is told apart by its message, so looking at the others never evaluates it.
+      assertion = ruleProblems == [ ]
+        || lib.any (a: !(lib.hasPrefix rulesPreamble a.message) && !a.assertion) config.assertions;
+      message = "${rulesPreamble} (`rasa check manifest` would refuse this one at build time):\n"
+        + lib.concatMapStrings (p: "  - ${p}\n") ruleProblems
+        + "Correct environment.persistence (or rasa.directories, rasa.files, rasa.users) and the rasa.* options as each line says.";
+    }
+  ];
 in
 {
   config = lib.mkIf cfg.enable (lib.mkMerge [
     {
-      inherit assertions;
+      assertions = allAssertions;
       warnings =
         lib.optional (cfg.retention.keep == 0 && cfg.retention.keepDays == 0)
           "rasa: rasa.retention keeps no old roots (keep = 0, keepDays = 0), so a file lost by the wipe cannot be recovered; keep at least one, e.g. rasa.retention.keep = 1."

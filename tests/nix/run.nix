@@ -129,10 +129,15 @@ let
       status = if ordered != null then "pass" else "fail";
       detail = "expected create_needed_for_boot(...) before the wiping specialisation is chosen";
     };
+  rulesCases = import ./rules-cases.nix {
+    inherit (tool) lib;
+    rasa = tool.pkgs.rasa;
+    eval = modules: (tool.eval ([ ../../modules/rasa.nix ./services.nix ] ++ modules)).config;
+  };
   # One case that cannot evaluate is reported as failed instead of hiding the others.
   run = case:
     let tried = builtins.tryEval (builtins.deepSeq case case); in
     if tried.success then tried.value
     else { name = "(a case that does not evaluate)"; status = "fail"; detail = "evaluate tests/nix/run.nix by hand to see the error"; };
 in
-map run (cases ++ flakeCases ++ vmCases ++ [ neededForBootCase ])
+map run (cases ++ flakeCases ++ vmCases ++ [ neededForBootCase ] ++ rulesCases)
