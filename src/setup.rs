@@ -45,6 +45,10 @@ pub struct SetupArgs {
     /// The mount point of the running root (for chroots and tests).
     #[arg(long, value_name = "PATH", default_value = "/")]
     pub live_root: PathBuf,
+    /// The manifest, to report the storage copies the initrd needs (its `neededForBoot`
+    /// entries); by default the next boot's configuration's, when there is one.
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
     /// Carry out the plan. Without it, nothing is changed.
     #[arg(long)]
     pub apply: bool,
@@ -152,8 +156,9 @@ pub fn run(args: SetupArgs) -> Result<u8> {
             }
         }
     }
-    let warnings = rollback_warnings(&top, &layout.root)?;
+    let mut warnings = rollback_warnings(&top, &layout.root)?;
     drop(top);
+    warnings.extend(needed_for_boot_warnings(&args)?);
 
     let nix = filesystems_snippet(
         &layout.device,
@@ -285,6 +290,50 @@ fn rollback_warnings(top: &TopLevel, root: &str) -> Result<Vec<String>> {
         warnings.push(format!(
             "{root:?} is the filesystem's default subvolume: rasa rollback will refuse until / is mounted with subvol={root} and the default is reset (`btrfs subvolume set-default 5 <top>`)"
         ));
+    }
+    Ok(warnings)
+}
+
+/// The storage copies the initrd mounts before activation could create them (`neededForBoot`
+/// entries such as /var/lib/nixos): missing at the first wiping boot, that mount fails and, for
+/// /var/lib/nixos, the uid/gid maps of the boot are lost. Setup runs before the state is moved,
+/// so it reports them; `rasa migrate --apply` creates them (empty when there is nothing to copy)
+/// and `rasa check system` fails while one is missing.
+fn needed_for_boot_warnings(args: &SetupArgs) -> Result<Vec<String>> {
+    let path = match &args.manifest {
+        Some(path) => path.clone(),
+        None => match crate::manifest::locate(None) {
+            Ok((path, _)) => path,
+            // No configuration with rasa yet: nothing to report, and the guide's next steps
+            // (rebuild, then migrate) create these copies.
+            Err(_) => return Ok(Vec::new()),
+        },
+    };
+    let manifest = crate::manifest::load(&path)?;
+    let live = nix::fcntl::open(
+        &args.live_root,
+        nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("opening {}", args.live_root.display()))?;
+    let mut warnings = Vec::new();
+    for entry in manifest.entries.iter().filter(|e| e.needed_for_boot) {
+        let storage = entry.storage_path();
+        let parts = crate::fs::components(storage.as_os_str());
+        let Some((name, parents)) = parts.split_last() else {
+            continue;
+        };
+        let exists = match crate::fs::open_dir_beneath(live.as_fd(), parents)? {
+            crate::fs::Beneath::Dir(dir, _) => crate::fs::lstat_at(dir.as_fd(), name)?.is_some(),
+            _ => false,
+        };
+        if !exists {
+            warnings.push(format!(
+                "the initrd mounts {} from {} (neededForBoot), which does not exist yet: `rasa migrate --apply` creates it before the first wiping boot",
+                entry.path,
+                storage.display()
+            ));
+        }
     }
     Ok(warnings)
 }

@@ -374,3 +374,51 @@ fn setup_warns_about_what_rollback_would_refuse() {
         .starts_with("/nix is part of the root subvolume"));
     assert!(warnings[1].as_str().unwrap().contains("default subvolume"));
 }
+
+/// The initrd mounts a neededForBoot entry (/var/lib/nixos) before activation could create its
+/// storage copy: setup reports the copies that are missing (migrate creates them), and a
+/// symlink on the way there is not followed into something that only looks like the copy.
+#[test]
+fn setup_reports_missing_needed_for_boot_copies() {
+    let Some(live) = Live::new("setup_needed_for_boot", "root") else {
+        return;
+    };
+    let manifest = live.fs.dir.path().join("manifest.json");
+    std::fs::write(
+        &manifest,
+        r#"{"version": 1,
+  "rollback": {"device": "/dev/null", "root": "root", "blank": "root-blank",
+    "oldRoots": "old_roots", "persist": "persist", "keep": 5, "keepDays": 7},
+  "entries": [
+    {"storageRoot": "/persist", "path": "/var/lib/nixos", "kind": "directory", "user": "root", "group": "root", "mode": "0755", "neededForBoot": true},
+    {"storageRoot": "/persist", "path": "/etc/ssh", "kind": "directory", "user": "root", "group": "root", "mode": "0755"}
+  ]}"#,
+    )
+    .unwrap();
+    let warnings = |live: &Live| -> Vec<String> {
+        let out = live.setup(&["--json", "--manifest", manifest.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        report["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let expected = "the initrd mounts /var/lib/nixos from /persist/var/lib/nixos (neededForBoot), \
+                    which does not exist yet: `rasa migrate --apply` creates it before the first \
+                    wiping boot";
+    // /etc/ssh is missing too, but nothing mounts it before activation: not reported.
+    assert_eq!(warnings(&live), vec![expected.to_owned()]);
+
+    // A symlink in the storage path pointing at a directory that has var/lib/nixos.
+    std::fs::create_dir_all(live.live.join("elsewhere/lib/nixos")).unwrap();
+    std::fs::create_dir_all(live.live.join("persist")).unwrap();
+    std::os::unix::fs::symlink(live.live.join("elsewhere"), live.live.join("persist/var")).unwrap();
+    assert_eq!(warnings(&live), vec![expected.to_owned()]);
+
+    std::fs::remove_file(live.live.join("persist/var")).unwrap();
+    std::fs::create_dir_all(live.live.join("persist/var/lib/nixos")).unwrap();
+    assert_eq!(warnings(&live), Vec::<String>::new());
+}
