@@ -288,7 +288,7 @@ pub fn run(args: Args) -> Result<u8> {
 }
 
 /// An absolute path without `.`, `..` or empty components, not `/` itself.
-fn normalized(path: &Path) -> Result<String> {
+pub fn normalized(path: &Path) -> Result<String> {
     let bad = |why: &str| {
         refuse(
             format!("cannot restore {:?}: {why}", path.display().to_string()),
@@ -374,15 +374,15 @@ fn persisted_by<'m>(
     })
 }
 
-/// Where a path is in one old root.
-enum Found {
+/// Where a path is in one old root (`path` as [`normalized`] gives it).
+pub enum Found {
     At(OwnedFd, nix::sys::stat::FileStat),
     Absent,
     /// A symlink on the way (component path and target): not followed.
     Symlink(String, String),
 }
 
-fn find_in(root: BorrowedFd<'_>, path: &str) -> Result<Found> {
+pub fn find_in(root: BorrowedFd<'_>, path: &str) -> Result<Found> {
     let parts = fs::components(OsStr::new(path));
     let (name, parents) = parts.split_last().expect("normalized: not /");
     Ok(
