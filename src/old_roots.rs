@@ -606,6 +606,9 @@ pub struct UmountArgs {
     /// Directory at the top level where previous roots are kept.
     #[arg(long, value_name = "NAME", default_value = "old_roots")]
     pub old_roots: String,
+    /// Only unmount old roots of this device [default: any].
+    #[arg(long, value_name = "DEVICE", env = "RASA_DEVICE")]
+    pub device: Option<std::path::PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -631,10 +634,15 @@ struct ListedRoot {
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case", tag = "state")]
 enum Has {
-    Yes { kind: &'static str },
+    Yes {
+        kind: &'static str,
+    },
     No,
     /// A symlink on the way to the path: not followed.
-    Symlink { at: String, target: String },
+    Symlink {
+        at: String,
+        target: String,
+    },
 }
 
 /// What `list` says about one entry of the old-roots directory.
@@ -697,14 +705,15 @@ fn run_list(args: ListArgs) -> Result<u8> {
             if let Some(bar) = &spinner {
                 bar.set_message(root.name.clone());
             }
-            let size = crate::fs::measure(dir.as_fd(), OsStr::new(&root.name), &mounts)
-                .map_err(|(rel, e)| {
+            let size = crate::fs::measure(dir.as_fd(), OsStr::new(&root.name), &mounts).map_err(
+                |(rel, e)| {
                     anyhow::Error::new(e).context(format!(
                         "measuring {}/{}",
                         layout.old_roots,
                         rel.display()
                     ))
-                })?;
+                },
+            )?;
             Some(size.bytes)
         } else {
             None
@@ -823,7 +832,9 @@ fn run_list(args: ListArgs) -> Result<u8> {
         }
     }
     match &has_path {
-        Some(path) => println!("\nrasa restore {path} [--from NAME]  # dry run; --apply to copy it back"),
+        Some(path) => {
+            println!("\nrasa restore {path} [--from NAME]  # dry run; --apply to copy it back")
+        }
         None => println!(
             "\nrasa restore PATH [--from NAME]      # copy a path back (dry run; --apply to copy)\n\
              rasa old-roots mount NAME            # browse one at {MOUNT_DIR}/NAME"
@@ -867,7 +878,9 @@ fn run_show(args: ShowArgs) -> Result<u8> {
 fn checked_name(name: &str) -> Result<()> {
     if parse_timestamp(name).is_none() {
         return Err(crate::error::refuse(
-            format!("{name:?} is not the name of an old root (they are named like 20261122T193000Z)"),
+            format!(
+                "{name:?} is not the name of an old root (they are named like 20261122T193000Z)"
+            ),
             "pick a NAME from `rasa old-roots list`",
         ));
     }
@@ -875,9 +888,16 @@ fn checked_name(name: &str) -> Result<()> {
 }
 
 /// Is what is mounted at `point` an old root of this layout (`fs_root` `/<old_roots>/<name>`)?
-fn mounted_old_root(point: &std::path::Path, old_roots: &str) -> Option<toplevel::MountInfo> {
+fn mounted_old_root(
+    point: &std::path::Path,
+    old_roots: &str,
+    device: Option<&std::path::Path>,
+) -> Option<toplevel::MountInfo> {
     toplevel::mount_at(point).filter(|m| {
         m.fstype == "btrfs"
+            && device.is_none_or(|d| {
+                m.source == d || std::fs::canonicalize(d).is_ok_and(|d| d == m.source)
+            })
             && m.fs_root
                 .strip_prefix(&format!("/{old_roots}/"))
                 .is_some_and(|name| parse_timestamp(name).is_some())
@@ -890,14 +910,13 @@ fn run_mount(args: MountArgs) -> Result<u8> {
     let layout = args.layout.validate()?;
     toplevel::check_device(&layout.device)?;
     let target = args.at.join(&args.name);
-    if let Some(m) = mounted_old_root(&target, &layout.old_roots) {
+    if let Some(m) = mounted_old_root(&target, &layout.old_roots, Some(&layout.device)) {
         if m.fs_root == format!("/{}/{}", layout.old_roots, args.name) {
             println!("{} is already mounted at {}", args.name, target.display());
             return Ok(crate::error::exit::OK);
         }
     }
-    std::fs::create_dir_all(&args.at)
-        .with_context(|| format!("creating {}", args.at.display()))?;
+    std::fs::create_dir_all(&args.at).with_context(|| format!("creating {}", args.at.display()))?;
     let created = match std::fs::create_dir(&target) {
         Ok(()) => true,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
@@ -954,7 +973,7 @@ fn run_umount(args: UmountArgs) -> Result<u8> {
         Some(name) => {
             checked_name(name)?;
             let target = args.at.join(name);
-            if mounted_old_root(&target, &args.old_roots).is_none() {
+            if mounted_old_root(&target, &args.old_roots, args.device.as_deref()).is_none() {
                 return Err(crate::error::refuse(
                     format!("no old root is mounted at {}", target.display()),
                     "see `findmnt -R /run/rasa/old-roots` for what is mounted",
@@ -967,7 +986,7 @@ fn run_umount(args: UmountArgs) -> Result<u8> {
                 .into_iter()
                 .map(|m| m.mount_point)
                 .filter(|p| p.parent() == Some(args.at.as_path()))
-                .filter(|p| mounted_old_root(p, &args.old_roots).is_some())
+                .filter(|p| mounted_old_root(p, &args.old_roots, args.device.as_deref()).is_some())
                 .collect();
             points.dedup();
             points
@@ -975,7 +994,7 @@ fn run_umount(args: UmountArgs) -> Result<u8> {
     };
     for target in &targets {
         // A point mounted more than once (two `mount`s raced) is unmounted until it is free.
-        while mounted_old_root(target, &args.old_roots).is_some() {
+        while mounted_old_root(target, &args.old_roots, args.device.as_deref()).is_some() {
             nix::mount::umount2(target, nix::mount::MntFlags::empty()).map_err(|e| {
                 let why = if e == nix::errno::Errno::EBUSY {
                     ": a shell or program is using it (cd out of it, close what is open there)"

@@ -93,8 +93,27 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
 
-    #[command(flatten)]
-    pub layout: LayoutArgs,
+    /// Block device that holds the btrfs filesystem [default: the btrfs device mounted at /].
+    #[arg(long, value_name = "DEVICE", env = "RASA_DEVICE")]
+    pub device: Option<PathBuf>,
+
+    /// Directory at the top level where previous roots are kept.
+    #[arg(long, value_name = "NAME", default_value = "old_roots")]
+    pub old_roots: String,
+}
+
+impl Args {
+    /// The layout flags restore has (`--persist` is its own flag here, not the subvolume name).
+    fn layout(&self) -> LayoutArgs {
+        LayoutArgs {
+            device: self.device.clone(),
+            root: "root".into(),
+            blank: "root-blank".into(),
+            empty: false,
+            old_roots: self.old_roots.clone(),
+            persist: "persist".into(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -192,7 +211,7 @@ pub fn run(args: Args) -> Result<u8> {
         .map(|p| normalized(p))
         .collect::<Result<Vec<_>>>()?;
     let manifest = load_manifest(args.manifest.as_deref())?;
-    let layout = args.layout.validate()?;
+    let layout = args.layout().validate()?;
     toplevel::check_device(&layout.device)?;
     let (live, live_root) = crate::migrate::open_live_root(&args.live_root)?;
     let destination = if args.persist {

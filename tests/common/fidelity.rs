@@ -266,4 +266,3 @@ pub fn assert_faithful_except(source: &Path, copy: &Path, btrfs_only_flags: &[ch
         }
     }
 }
-
