@@ -136,6 +136,11 @@ fn restore_is_faithful_and_says_which_old_root() {
         return;
     };
     build_live_tree(&fx.live());
+    // A parent that is not the default 0755 root:root, to be made as it was.
+    sh(&format!(
+        "chmod 0750 {0} && chown 0:65534 {0}",
+        q(&fx.live().join("srv"))
+    ));
     fx.rollback(0);
     assert!(
         !fx.live().join("srv").exists(),
