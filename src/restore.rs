@@ -389,7 +389,7 @@ fn persisted_by<'m>(
                 .strip_prefix("/")
                 .unwrap_or(&entry.storage_path()),
         );
-        (covers && std::fs::symlink_metadata(&stored).is_ok()).then(|| (entry, stored))
+        (covers && std::fs::symlink_metadata(&stored).is_ok()).then_some((entry, stored))
     })
 }
 
