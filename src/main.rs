@@ -51,7 +51,8 @@ Exit codes:
   1  an operation failed part-way; the message says what (the next run completes the job)
   2  the command line is wrong
   3  refused: bad input, configuration or disk layout; nothing was changed
-  4  the command found problems (check: a failed item; migrate: conflicts; diff --exit-code)
+  4  the command found problems (check: a failed item; migrate: conflicts; diff --exit-code;
+     restore: a path not found, a problem, or a conflict left alone)
 
 Environment:
   NO_COLOR       turn colour off
