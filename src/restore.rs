@@ -463,6 +463,29 @@ fn plan_one(
         ));
         return Ok(planned);
     }
+    // Inside a persisted directory it would be put under (or over) a bind mount from storage,
+    // and a replaced directory would take the mounts along into its backup.
+    let inside: Vec<&str> = manifest
+        .map(|m| {
+            m.entries
+                .iter()
+                .filter(|e| e.path != path && Path::new(&e.path).starts_with(path))
+                .map(|e| e.path.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    if !inside.is_empty() {
+        planned.action = Action::Problem;
+        planned.reason = Some(format!(
+            "it holds paths the manifest persists ({}), which are served from storage",
+            inside.join(", ")
+        ));
+        planned.fix = Some(format!(
+            "restore the paths inside {path} that are not persisted, one by one (`rasa old-roots \
+             mount NAME` to see them)"
+        ));
+        return Ok(planned);
+    }
     let parts = fs::components(OsStr::new(path));
     let (name, parents) = parts.split_last().expect("normalized: not /");
     let mut source = None;

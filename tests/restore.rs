@@ -407,6 +407,19 @@ fn a_persisted_path_is_served_from_storage_not_the_old_root() {
             "{text}"
         );
     }
+    // A directory holding a persisted entry is not restored over it either.
+    let out = fx.restore(&[
+        "/var/lib",
+        "--apply",
+        "--on-conflict",
+        "replace-with-backup",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("PROBLEM: it holds paths the manifest persists (/var/lib/bar)"),
+        "{}",
+        stdout(&out)
+    );
     assert_eq!(fingerprint(&fx.live()), before, "nothing was copied");
 }
 
