@@ -670,3 +670,23 @@ fn umount_all_unmounts_every_mounted_old_root() {
         assert!(mountinfo_line(&fx.mounts.join(name)).is_none(), "{name}");
     }
 }
+
+#[test]
+fn a_closed_stdout_is_not_a_crash() {
+    let Some(fx) = Fx::new("restore_closed_stdout") else {
+        return;
+    };
+    three_boots(&fx);
+    let mut restore = fx.restore_cmd(&["/etc/foo"]);
+    let mut list = Command::new(RASA);
+    list.args(["old-roots", "list", "--has", "/etc/foo", "--device"])
+        .arg(&fx.fs.device);
+    for cmd in [&mut restore, &mut list] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = cmd.stdout(writer).output().unwrap();
+        let err = stderr(&out);
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(matches!(out.status.code(), Some(0 | 141)), "{err}");
+    }
+}
