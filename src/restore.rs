@@ -15,6 +15,7 @@
 //! holds.
 
 use std::ffi::{OsStr, OsString};
+use std::io::IsTerminal;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
@@ -274,16 +275,36 @@ pub fn run(args: Args) -> Result<u8> {
         )?);
     }
     if args.apply {
+        let total = entries
+            .iter()
+            .filter(|p| p.will_copy())
+            .map(|p| p.bytes)
+            .sum();
+        let bar = if std::io::stderr().is_terminal() {
+            indicatif::ProgressBar::new(total)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:30!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
         for planned in entries.iter_mut().filter(|p| p.will_copy()) {
             let from = planned.from.clone().expect("a copy has a source");
             let source = &opened.iter().find(|(n, _)| *n == from).expect("opened").1;
-            apply_one(planned, source.as_fd(), &destination).with_context(|| {
-                format!(
+            bar.set_message(planned.path.clone());
+            apply_one(planned, source.as_fd(), &destination, &|n| bar.inc(n)).map_err(|e| {
+                bar.abandon();
+                e.context(format!(
                     "restoring {} (paths before it are complete; rerun to finish)",
                     planned.path
-                )
+                ))
             })?;
         }
+        bar.finish_and_clear();
     }
     drop(opened);
     top.unmount()?;
@@ -644,6 +665,7 @@ fn apply_one(
     planned: &mut Planned,
     old_root: BorrowedFd<'_>,
     destination: &Destination,
+    progress: &dyn Fn(u64),
 ) -> Result<()> {
     let parts = fs::components(OsStr::new(&planned.path));
     let (name, parents) = parts.split_last().expect("normalized: not /");
@@ -659,8 +681,7 @@ fn apply_one(
         (Some(a), Some(b)) if a == b
     );
     let after_file = || failpoint::hit("restore-copied-file");
-    let progress = |_| {};
-    let mut copier = Copier::new(reflink, &progress, &after_file);
+    let mut copier = Copier::new(reflink, progress, &after_file);
     copier.copy(source_parent.as_fd(), name, dest_parent.as_fd(), &temp)?;
     copy::sync_filesystem(dest_parent.as_fd())?;
     if planned.action == Action::Conflict {
