@@ -128,6 +128,8 @@ pub enum Action {
     Conflict,
     /// Persisted by the manifest and in storage: served from there, not from an old root.
     Persisted,
+    /// Inside another path given on the command line, whose copy holds it.
+    Covered,
     /// No old root holds it.
     NotFound,
     /// Cannot be restored as it is; `fix` says what to do.
@@ -172,6 +174,27 @@ pub struct Planned {
 }
 
 impl Planned {
+    fn covered(path: &str, outer: &str, destination: &Destination) -> Planned {
+        Planned {
+            path: path.to_owned(),
+            action: Action::Covered,
+            from: None,
+            newest_holding: false,
+            destination: destination.shown(path),
+            kind: None,
+            bytes: 0,
+            items: 0,
+            replaces: None,
+            reason: Some(format!("inside {outer}, which is restored with it")),
+            fix: None,
+            resolution: None,
+            passed_over: Vec::new(),
+            nix_line: None,
+            backup: None,
+            result: None,
+        }
+    }
+
     fn will_copy(&self) -> bool {
         self.action == Action::Copy
             || (self.action == Action::Conflict
@@ -206,11 +229,13 @@ impl Destination {
 }
 
 pub fn run(args: Args) -> Result<u8> {
-    let paths = args
-        .paths
-        .iter()
-        .map(|p| normalized(p))
-        .collect::<Result<Vec<_>>>()?;
+    let mut paths: Vec<String> = Vec::new();
+    for path in &args.paths {
+        let path = normalized(path)?;
+        if !paths.contains(&path) {
+            paths.push(path);
+        }
+    }
     let manifest = load_manifest(args.manifest.as_deref())?;
     let layout = args.layout().validate()?;
     toplevel::check_device(&layout.device)?;
@@ -263,6 +288,13 @@ pub fn run(args: Args) -> Result<u8> {
 
     let mut entries = Vec::new();
     for path in &paths {
+        if let Some(outer) = paths
+            .iter()
+            .find(|outer| *outer != path && Path::new(path).starts_with(outer))
+        {
+            entries.push(Planned::covered(path, outer, &destination));
+            continue;
+        }
         entries.push(plan_one(
             path,
             &opened,
@@ -798,6 +830,7 @@ fn render(report: &Report, old_roots_dir: &str) -> String {
                     p.reason.as_deref().unwrap_or_default()
                 ),
             },
+            (Action::Covered, _) => format!("  {}", p.reason.as_deref().unwrap_or_default()),
             (Action::Persisted, _) => format!(
                 "  not restored: {}\n  fix: {}",
                 p.reason.as_deref().unwrap_or_default(),

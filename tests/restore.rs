@@ -254,6 +254,15 @@ fn without_from_the_newest_old_root_holding_the_path_is_used() {
         "v2\n"
     );
 
+    // A path given twice, or inside another given path, is restored once, with it.
+    std::fs::remove_file(fx.live().join("etc/foo")).unwrap();
+    let (code, json) = fx.json(&["/etc", "/etc/foo", "/etc", "--apply"]);
+    assert_eq!(code, Some(4), "/etc is there and differs: {json}");
+    let entries = json["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 2, "{json}");
+    assert_eq!(entries[0]["action"], "conflict", "{json}");
+    assert_eq!(entries[1]["action"], "covered", "{json}");
+
     // Nowhere: exit 4, and it says so.
     let out = fx.restore(&["/etc/never-was"]);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
