@@ -75,9 +75,16 @@ pub struct Args {
     #[arg(long, value_name = "PATH", requires = "persist")]
     pub storage_root: Option<String>,
 
-    /// What to do when the destination holds a different version: stop (exit 4),
-    /// keep-storage (keep what the destination holds), replace-with-backup.
-    #[arg(long, value_enum, value_name = "POLICY", default_value = "stop")]
+    /// What to do when the destination holds a different version: `stop` (copy nothing for
+    /// it, exit 4), `keep-storage` (keep what the destination holds), `replace-with-backup`
+    /// (rename it to `<name>.rasa-backup-<unix time>`, then copy). Migrate's policies.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "POLICY",
+        default_value = "stop",
+        hide_possible_values = true
+    )]
     pub on_conflict: ConflictPolicy,
 
     /// The manifest that says what is persisted [default: the next boot's, then
