@@ -18,6 +18,7 @@ mod log;
 mod manifest;
 mod migrate;
 mod old_roots;
+mod restore;
 mod rollback;
 mod rules;
 mod setup;
@@ -42,6 +43,7 @@ Examples:
   rasa migrate --apply                              # ... and do it
   rasa check system                                 # is this machine set up right?
   rasa old-roots list                               # previous roots kept for recovery
+  rasa restore /etc/nixos/configuration.nix --apply # get a file back from the newest old root
   rasa watch                                        # record which unit writes what
 
 Exit codes:
@@ -49,7 +51,8 @@ Exit codes:
   1  an operation failed part-way; the message says what (the next run completes the job)
   2  the command line is wrong
   3  refused: bad input, configuration or disk layout; nothing was changed
-  4  the command found problems (check: a failed item; migrate: conflicts; diff --exit-code)
+  4  the command found problems (check: a failed item; migrate: conflicts; diff --exit-code;
+     restore: a path not found, a problem, or a conflict left alone)
 
 Environment:
   NO_COLOR       turn colour off
@@ -69,6 +72,8 @@ enum Command {
     /// Inspect the previous roots kept for recovery.
     #[command(subcommand)]
     OldRoots(old_roots::OldRootsCommand),
+    /// Copy paths back from an old root (dry run unless --apply).
+    Restore(restore::Args),
     /// Copy existing state into the storage root before the first wiping boot.
     Migrate(migrate::Args),
     /// Show what state on / is not persisted and will be erased.
@@ -105,6 +110,7 @@ fn main() -> ExitCode {
         Command::Rollback(args) => rollback::run(args),
         Command::Prune(args) => old_roots::run_prune(args),
         Command::OldRoots(command) => old_roots::run_old_roots(command),
+        Command::Restore(args) => restore::run(args),
         Command::Migrate(args) => migrate::run(args),
         Command::Diff(args) => diff::run(args),
         Command::Check(args) => check::run(args),

@@ -500,17 +500,43 @@ pub fn run_prune(args: PruneArgs) -> Result<u8> {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum OldRootsCommand {
-    /// List the kept previous roots, newest first, with their age and retention verdict.
+    /// List the kept previous roots, newest first, with their retirement time, age, retention
+    /// verdict and (on request) size and whether they hold a path.
     #[command(after_help = "\
 Examples:
   rasa old-roots list
+  rasa old-roots list --has /etc/nixos/configuration.nix   # which old roots hold it
+  rasa old-roots list --size                               # walk each one for its size
   rasa old-roots list --device /dev/mapper/cryptroot --json
 
 To get a file back from an old root:
-  mount -o subvolid=5 /dev/mapper/cryptroot /mnt
-  cp -a /mnt/old_roots/20261122T193000Z/etc/something /etc/something
-  umount /mnt")]
+  rasa restore /etc/nixos/configuration.nix            # dry run: from which old root, how big
+  rasa restore /etc/nixos/configuration.nix --apply")]
     List(ListArgs),
+    /// What the boot that left this old root created: the old root compared with the blank
+    /// (the same as `rasa diff --old-root NAME`).
+    #[command(after_help = "\
+Examples:
+  rasa old-roots show 20261122T193000Z
+  rasa old-roots show 20261122T193000Z --long     # every path
+  rasa old-roots show 20261122T193000Z --json")]
+    Show(ShowArgs),
+    /// Mount an old root read-only at /run/rasa/old-roots/NAME, for browsing.
+    #[command(after_help = "\
+Examples:
+  rasa old-roots mount 20261122T193000Z
+  ls /run/rasa/old-roots/20261122T193000Z/etc
+  rasa old-roots umount 20261122T193000Z
+
+The mount is read-only, nosuid, nodev and noexec, and visible to every process; prune never
+deletes an old root while it is mounted.")]
+    Mount(MountArgs),
+    /// Unmount what `rasa old-roots mount` mounted.
+    #[command(after_help = "\
+Examples:
+  rasa old-roots umount 20261122T193000Z
+  rasa old-roots umount --all")]
+    Umount(UmountArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -519,9 +545,70 @@ pub struct ListArgs {
     pub layout: LayoutArgs,
     #[command(flatten)]
     pub retention: RetentionArgs,
+    /// Say for each old root whether it holds this absolute path (a symlink on the way to it
+    /// is reported, never followed).
+    #[arg(long, value_name = "PATH")]
+    pub has: Option<std::path::PathBuf>,
+    /// Walk each old root to add up the size of its files (apparent size; old roots share
+    /// most of their blocks with each other, so this is not what deleting one frees).
+    #[arg(long)]
+    pub size: bool,
     /// Print the list as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ShowArgs {
+    /// The old root (a NAME of `rasa old-roots list`).
+    pub name: String,
+    #[command(flatten)]
+    pub layout: LayoutArgs,
+    /// The manifest whose persisted paths and diffIgnore globs are left out.
+    #[arg(long, value_name = "PATH")]
+    pub manifest: Option<std::path::PathBuf>,
+    /// Leave out absolute paths matching this glob; repeatable.
+    #[arg(long = "ignore", value_name = "GLOB")]
+    pub ignore: Vec<String>,
+    /// Print every path instead of the summary.
+    #[arg(long, conflicts_with = "json")]
+    pub long: bool,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Where `mount` puts old roots.
+pub const MOUNT_DIR: &str = "/run/rasa/old-roots";
+
+#[derive(clap::Args, Debug)]
+pub struct MountArgs {
+    /// The old root (a NAME of `rasa old-roots list`).
+    pub name: String,
+    #[command(flatten)]
+    pub layout: LayoutArgs,
+    /// The directory the old root is mounted in, as DIR/NAME.
+    #[arg(long, value_name = "DIR", default_value = MOUNT_DIR)]
+    pub at: std::path::PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct UmountArgs {
+    /// The old root to unmount.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub name: Option<String>,
+    /// Unmount every old root mounted in DIR.
+    #[arg(long)]
+    pub all: bool,
+    /// The directory `mount` used.
+    #[arg(long, value_name = "DIR", default_value = MOUNT_DIR)]
+    pub at: std::path::PathBuf,
+    /// Directory at the top level where previous roots are kept.
+    #[arg(long, value_name = "NAME", default_value = "old_roots")]
+    pub old_roots: String,
+    /// Only unmount old roots of this device [default: any].
+    #[arg(long, value_name = "DEVICE", env = "RASA_DEVICE")]
+    pub device: Option<std::path::PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -530,9 +617,32 @@ struct ListedRoot {
     /// Seconds since the epoch, from the name; 0 for what is not an old root.
     retired: u64,
     age_seconds: u64,
+    /// The name's time, readable: when this root was retired (the next boot began).
+    retired_at: String,
     created: u64,
     nested_subvolumes: usize,
     verdict: Listed,
+    /// With --size: bytes in its files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    size_bytes: Option<u64>,
+    /// With --has: whether it holds the path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    has: Option<Has>,
+}
+
+/// Whether an old root holds a path.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", tag = "state")]
+enum Has {
+    Yes {
+        kind: &'static str,
+    },
+    No,
+    /// A symlink on the way to the path: not followed.
+    Symlink {
+        at: String,
+        target: String,
+    },
 }
 
 /// What `list` says about one entry of the old-roots directory.
@@ -550,7 +660,20 @@ enum Listed {
 }
 
 pub fn run_old_roots(command: OldRootsCommand) -> Result<u8> {
-    let OldRootsCommand::List(args) = command;
+    match command {
+        OldRootsCommand::List(args) => run_list(args),
+        OldRootsCommand::Show(args) => run_show(args),
+        OldRootsCommand::Mount(args) => run_mount(args),
+        OldRootsCommand::Umount(args) => run_umount(args),
+    }
+}
+
+fn run_list(args: ListArgs) -> Result<u8> {
+    let has_path = args
+        .has
+        .as_deref()
+        .map(crate::restore::normalized)
+        .transpose()?;
     let layout = args.layout.validate()?;
     toplevel::check_device(&layout.device)?;
     let top = TopLevel::mount(&layout.device, true)?;
@@ -559,17 +682,52 @@ pub fn run_old_roots(command: OldRootsCommand) -> Result<u8> {
     // What prune would keep whatever retention says: mounted, or the default subvolume.
     let in_use = protected_ids(&top, &[])?;
     let mut listed = Vec::new();
+    let mounts = crate::fs::MountRoots::below(top.path());
+    let spinner = args
+        .size
+        .then(|| crate::diff::spinner("{spinner} measuring {msg}"))
+        .flatten();
     let describe = |root: &OldRoot, verdict: Listed| -> Result<ListedRoot> {
         let dir = btrfs::open_dir_at(top.fd(), OsStr::new(&layout.old_roots))?;
         let fd = btrfs::open_dir_at(dir.as_fd(), OsStr::new(&root.name))?;
         let info = btrfs::subvol_info(fd.as_fd())?;
+        let has = match &has_path {
+            None => None,
+            Some(path) => Some(match crate::restore::find_in(fd.as_fd(), path)? {
+                crate::restore::Found::At(_, st) => Has::Yes {
+                    kind: crate::fs::Kind::of(&st).described(),
+                },
+                crate::restore::Found::Absent => Has::No,
+                crate::restore::Found::Symlink(at, target) => Has::Symlink { at, target },
+            }),
+        };
+        let size_bytes = if args.size {
+            if let Some(bar) = &spinner {
+                bar.set_message(root.name.clone());
+            }
+            let size = crate::fs::measure(dir.as_fd(), OsStr::new(&root.name), &mounts).map_err(
+                |(rel, e)| {
+                    anyhow::Error::new(e).context(format!(
+                        "measuring {}/{}",
+                        layout.old_roots,
+                        rel.display()
+                    ))
+                },
+            )?;
+            Some(size.bytes)
+        } else {
+            None
+        };
         Ok(ListedRoot {
             name: root.name.clone(),
             retired: root.retired,
             age_seconds: now.saturating_sub(root.retired),
+            retired_at: readable_time(root.retired),
             created: info.otime,
             nested_subvolumes: btrfs::tree::descendants_depth_first(top.fd(), info.id)?.len(),
             verdict,
+            size_bytes,
+            has,
         })
     };
     let verdicts = judge(&scan.roots, args.retention, now);
@@ -590,10 +748,16 @@ pub fn run_old_roots(command: OldRootsCommand) -> Result<u8> {
             name: other.name.clone(),
             retired: 0,
             age_seconds: 0,
+            retired_at: String::new(),
             created: 0,
             nested_subvolumes: 0,
             verdict: Listed::NotRasas,
+            size_bytes: None,
+            has: None,
         });
+    }
+    if let Some(bar) = spinner {
+        bar.finish_and_clear();
     }
     top.unmount()?;
     if args.json {
@@ -614,10 +778,17 @@ pub fn run_old_roots(command: OldRootsCommand) -> Result<u8> {
         .max()
         .unwrap_or(0)
         .max(18);
-    println!(
-        "{:<width$} {:>10} {:>7}  RETENTION",
-        "NAME", "RETIRED", "NESTED"
+    let mut header = format!(
+        "{:<width$} {:<23} {:>10} {:>7}",
+        "NAME", "RETIRED AT", "AGE", "NESTED"
     );
+    if args.size {
+        header.push_str(&format!(" {:>10}", "SIZE"));
+    }
+    if has_path.is_some() {
+        header.push_str(&format!(" {:<4}", "HAS"));
+    }
+    println!("{header}  RETENTION");
     for root in &listed {
         let verdict = match root.verdict {
             Listed::KeptByCount => "kept (newest)",
@@ -631,16 +802,214 @@ pub fn run_old_roots(command: OldRootsCommand) -> Result<u8> {
             Listed::NotRasas => "-".to_owned(),
             _ => human_age(root.age_seconds),
         };
-        println!(
-            "{:<width$} {:>10} {:>7}  {}",
-            root.name, age, root.nested_subvolumes, verdict
+        let mut line = format!(
+            "{:<width$} {:<23} {:>10} {:>7}",
+            root.name, root.retired_at, age, root.nested_subvolumes
+        );
+        if args.size {
+            let size = root
+                .size_bytes
+                .map_or("-".to_owned(), |b| indicatif::HumanBytes(b).to_string());
+            line.push_str(&format!(" {size:>10}"));
+        }
+        if has_path.is_some() {
+            let has = match &root.has {
+                Some(Has::Yes { .. }) => "yes",
+                Some(Has::No) => "no",
+                Some(Has::Symlink { .. }) => "link",
+                None => "-",
+            };
+            line.push_str(&format!(" {has:<4}"));
+        }
+        println!("{line}  {verdict}");
+    }
+    for root in &listed {
+        if let Some(Has::Symlink { at, target }) = &root.has {
+            println!(
+                "{}: {at} is a symlink to {target} there; not followed",
+                root.name
+            );
+        }
+    }
+    match &has_path {
+        Some(path) => {
+            println!("\nrasa restore {path} [--from NAME]  # dry run; --apply to copy it back")
+        }
+        None => println!(
+            "\nrasa restore PATH [--from NAME]      # copy a path back (dry run; --apply to copy)\n\
+             rasa old-roots mount NAME            # browse one at {MOUNT_DIR}/NAME"
+        ),
+    }
+    Ok(crate::error::exit::OK)
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC` from seconds since the epoch.
+fn readable_time(secs: u64) -> String {
+    let stamp = format_timestamp(secs);
+    let n = stamp.len();
+    format!(
+        "{}-{}-{} {}:{}:{} UTC",
+        &stamp[..n - 12],
+        &stamp[n - 12..n - 10],
+        &stamp[n - 10..n - 8],
+        &stamp[n - 7..n - 5],
+        &stamp[n - 5..n - 3],
+        &stamp[n - 3..n - 1]
+    )
+}
+
+fn run_show(args: ShowArgs) -> Result<u8> {
+    crate::diff::run(crate::diff::Args {
+        layout: args.layout,
+        engine: crate::diff::EngineChoice::Auto,
+        live_root: None,
+        old_root: Some(args.name),
+        manifest: args.manifest,
+        ignore: args.ignore,
+        long: args.long,
+        json: args.json,
+        nix: false,
+        exit_code: false,
+    })
+}
+
+/// A NAME of an old root rasa made: the only names `mount` takes, so that nothing but an old
+/// root (no `../persist`) is ever mounted through it.
+fn checked_name(name: &str) -> Result<()> {
+    if parse_timestamp(name).is_none() {
+        return Err(crate::error::refuse(
+            format!(
+                "{name:?} is not the name of an old root (they are named like 20261122T193000Z)"
+            ),
+            "pick a NAME from `rasa old-roots list`",
+        ));
+    }
+    Ok(())
+}
+
+/// Is what is mounted at `point` an old root of this layout (`fs_root` `/<old_roots>/<name>`)?
+fn mounted_old_root(
+    point: &std::path::Path,
+    old_roots: &str,
+    device: Option<&std::path::Path>,
+) -> Option<toplevel::MountInfo> {
+    toplevel::mount_at(point).filter(|m| {
+        m.fstype == "btrfs"
+            && device.is_none_or(|d| {
+                m.source == d || std::fs::canonicalize(d).is_ok_and(|d| d == m.source)
+            })
+            && m.fs_root
+                .strip_prefix(&format!("/{old_roots}/"))
+                .is_some_and(|name| parse_timestamp(name).is_some())
+    })
+}
+
+fn run_mount(args: MountArgs) -> Result<u8> {
+    use nix::mount::{mount, MsFlags};
+    checked_name(&args.name)?;
+    let layout = args.layout.validate()?;
+    toplevel::check_device(&layout.device)?;
+    let target = args.at.join(&args.name);
+    if let Some(m) = mounted_old_root(&target, &layout.old_roots, Some(&layout.device)) {
+        if m.fs_root == format!("/{}/{}", layout.old_roots, args.name) {
+            println!("{} is already mounted at {}", args.name, target.display());
+            return Ok(crate::error::exit::OK);
+        }
+    }
+    std::fs::create_dir_all(&args.at).with_context(|| format!("creating {}", args.at.display()))?;
+    let created = match std::fs::create_dir(&target) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+        Err(e) => return Err(e).with_context(|| format!("creating {}", target.display())),
+    };
+    // Not in a private namespace: the user browses it. Read-only, and nothing on it runs,
+    // opens a device or gains privileges.
+    let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let options = format!("subvol={}/{}", layout.old_roots, args.name);
+    if let Err(e) = mount(
+        Some(&layout.device),
+        &target,
+        Some("btrfs"),
+        flags,
+        Some(options.as_str()),
+    ) {
+        if created {
+            let _ = std::fs::remove_dir(&target);
+        }
+        return Err(crate::error::refuse(
+            format!(
+                "cannot mount the old root {} ({options}) of {}: {e}",
+                args.name,
+                layout.device.display()
+            ),
+            "pick a NAME from `rasa old-roots list` (and the --device and --old-roots it used)",
+        ));
+    }
+    // What got mounted is that subvolume, and it is one.
+    let mounted = toplevel::mount_at(&target);
+    if mounted.as_ref().map(|m| m.fs_root.as_str())
+        != Some(format!("/{}/{}", layout.old_roots, args.name).as_str())
+    {
+        let _ = nix::mount::umount2(&target, nix::mount::MntFlags::empty());
+        anyhow::bail!(
+            "mounting {options} put something else at {}; unmounted it again",
+            target.display()
         );
     }
     println!(
-        "\nmount -o subvolid=5 {} /mnt  # then copy from /mnt/{}/<NAME>/...",
-        layout.device.display(),
-        layout.old_roots
+        "mounted old root {} read-only at {}
+  rasa restore PATH --from {}   # copy something back
+  rasa old-roots umount {}       # when done",
+        args.name,
+        target.display(),
+        args.name,
+        args.name
     );
+    Ok(crate::error::exit::OK)
+}
+
+fn run_umount(args: UmountArgs) -> Result<u8> {
+    let targets: Vec<std::path::PathBuf> = match &args.name {
+        Some(name) => {
+            checked_name(name)?;
+            let target = args.at.join(name);
+            if mounted_old_root(&target, &args.old_roots, args.device.as_deref()).is_none() {
+                return Err(crate::error::refuse(
+                    format!("no old root is mounted at {}", target.display()),
+                    "see `findmnt -R /run/rasa/old-roots` for what is mounted",
+                ));
+            }
+            vec![target]
+        }
+        None => {
+            let mut points: Vec<_> = toplevel::mounts()
+                .into_iter()
+                .map(|m| m.mount_point)
+                .filter(|p| p.parent() == Some(args.at.as_path()))
+                .filter(|p| mounted_old_root(p, &args.old_roots, args.device.as_deref()).is_some())
+                .collect();
+            points.dedup();
+            points
+        }
+    };
+    for target in &targets {
+        // A point mounted more than once (two `mount`s raced) is unmounted until it is free.
+        while mounted_old_root(target, &args.old_roots, args.device.as_deref()).is_some() {
+            nix::mount::umount2(target, nix::mount::MntFlags::empty()).map_err(|e| {
+                let why = if e == nix::errno::Errno::EBUSY {
+                    ": a shell or program is using it (cd out of it, close what is open there)"
+                } else {
+                    ""
+                };
+                anyhow::anyhow!("unmounting {}: {e}{why}", target.display())
+            })?;
+        }
+        let _ = std::fs::remove_dir(target);
+        println!("unmounted {}", target.display());
+    }
+    if targets.is_empty() {
+        println!("no old root is mounted in {}", args.at.display());
+    }
     Ok(crate::error::exit::OK)
 }
 

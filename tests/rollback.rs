@@ -325,14 +325,20 @@ fn old_roots_list_shows_names_nesting_and_verdicts() {
             }
             None => l.to_owned(),
         })
+        // The retirement time, readable (`2026-11-22 19:30:00 UTC`), is the clock's.
+        .map(|l| match l.find(" UTC") {
+            Some(end) if end >= 19 => format!("{}<TIME>{}", &l[..end - 19], &l[end..]),
+            _ => l,
+        })
         .collect::<Vec<_>>()
         .join("\n");
     expect![[r#"
-        NAME                  RETIRED  NESTED  RETENTION
-        <STAMP>       Ns ago       0  kept (newest)
-        <STAMP>       Ns ago       4  pruned at next prune
+        NAME               RETIRED AT                     AGE  NESTED  RETENTION
+        <STAMP>   <TIME> UTC     Ns ago       0  kept (newest)
+        <STAMP>   <TIME> UTC     Ns ago       4  pruned at next prune
 
-        mount -o subvolid=5 <DEVICE> /mnt  # then copy from /mnt/old_roots/<NAME>/..."#]]
+        rasa restore PATH [--from NAME]      # copy a path back (dry run; --apply to copy)
+        rasa old-roots mount NAME            # browse one at /run/rasa/old-roots/NAME"#]]
     .assert_eq(&text);
     let out = fs.rasa(&["old-roots", "list", "--json"]);
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

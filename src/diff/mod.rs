@@ -726,7 +726,7 @@ fn is_running_root(tree: &OwnedFd) -> Result<bool> {
 }
 
 /// A spinner on stderr when it is a terminal (a large tree on a cold cache takes a while).
-fn spinner(template: &'static str) -> Option<indicatif::ProgressBar> {
+pub(crate) fn spinner(template: &'static str) -> Option<indicatif::ProgressBar> {
     std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new_spinner();
         bar.set_style(indicatif::ProgressStyle::with_template(template).expect("valid template"));

@@ -174,19 +174,25 @@ fn create_empty(planned: &mut PlannedEntry, live: BorrowedFd<'_>, live_root: &Pa
 }
 
 fn temp_name(name: &OsStr) -> OsString {
+    temp_name_for(name, "migrate")
+}
+
+/// `.<name>.rasa-<command>`: the temporary name beside `name` that a command copies into before
+/// renaming; ours by its name, so a rerun of that command removes a leftover one.
+pub fn temp_name_for(name: &OsStr, command: &str) -> OsString {
     let mut t = OsString::from(".");
     t.push(name);
-    t.push(".rasa-migrate");
+    t.push(format!(".rasa-{command}"));
     t
 }
 
-fn backup_name(name: &OsStr) -> OsString {
+pub fn backup_name(name: &OsStr) -> OsString {
     let mut b = name.to_os_string();
     b.push(format!(".rasa-backup-{}", crate::old_roots::now()));
     b
 }
 
-fn rename_noreplace(dir: BorrowedFd<'_>, from: &OsStr, to: &OsStr) -> Result<()> {
+pub fn rename_noreplace(dir: BorrowedFd<'_>, from: &OsStr, to: &OsStr) -> Result<()> {
     nix::fcntl::renameat2(
         dir,
         from,

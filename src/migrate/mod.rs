@@ -5,8 +5,8 @@
 //! then print it ([`render`]) or execute it ([`apply`]) and keep a [`record`] of the run, which
 //! `rasa check system` reads. The default dry run and `--apply` share one plan.
 
-mod apply;
-mod plan;
+pub mod apply;
+pub mod plan;
 pub mod record;
 mod render;
 
@@ -117,7 +117,7 @@ pub fn run(args: Args) -> Result<u8> {
 }
 
 /// The live root, open, and its absolute path (to compare with mount points).
-fn open_live_root(live_root: &Path) -> Result<(OwnedFd, PathBuf)> {
+pub fn open_live_root(live_root: &Path) -> Result<(OwnedFd, PathBuf)> {
     // The live root itself is given by the user and may be reached through symlinks; nothing
     // below it is.
     let bad = |e: std::io::Error| {

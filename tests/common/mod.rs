@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod fidelity;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
