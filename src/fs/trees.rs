@@ -1,0 +1,254 @@
+//! The one walk of a tree: every command that goes through a tree (copy, compare, remove,
+//! measure, the uid/gid check) does it with [`Trees`] and keeps only what it does with each name.
+//!
+//! It walks `N` trees in step (one for a measure or a removal; a source and its copy; the two
+//! sides of a comparison) in pre-order with an explicit stack, holding one open directory per
+//! tree however deep it is (see [`Cursor`]): a 2,000-level tree needs no more descriptors than a
+//! flat one and no deep recursion. Going back up checks, through `..`, that each parent is the
+//! directory the walk came down from, so a tree moved under the walk stops it
+//! ([`super::CHANGED`]) instead of walking somewhere else.
+//!
+//! Each name is inspected (`lstat_at`, never following) on the first tree and handed to a
+//! [`Visitor`], which does its own work and says whether to go into it (with the directories
+//! it opened and verified on each side and the names inside to walk). The walk keeps the path
+//! it is at, from the start, so that an error names it once.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::sys::stat::FileStat;
+
+use super::{lstat_at, Cursor};
+
+/// Which step of the walk itself failed, for the visitor to word the error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failed {
+    /// Inspecting a name (`lstat_at`).
+    Inspecting,
+    /// Going into a directory the visitor opened.
+    Entering,
+    /// Going back up: [`super::CHANGED`] when a parent is not the directory the walk came down
+    /// from (the tree was moved).
+    GoingUp,
+}
+
+/// What to do after visiting one name.
+pub enum Visit<const N: usize, F, S> {
+    /// Nothing to go into: not a directory, left out, or gone.
+    Next,
+    /// Go into this directory: its descriptors (one per tree, opened and verified by the
+    /// visitor), the names inside it to walk, and what the visitor wants back when it is done.
+    Enter([OwnedFd; N], Vec<OsString>, F),
+    /// End the walk here with this outcome.
+    Stop(S),
+}
+
+/// Where a visit happens: the directory of the name on each tree and the name on each (the
+/// same one below the start), and the path from the start, the name included.
+pub struct Here<'a, const N: usize> {
+    pub dirs: [BorrowedFd<'a>; N],
+    pub names: [&'a OsStr; N],
+    pub at: &'a Path,
+    /// The start itself (not a name inside a walked directory).
+    pub top: bool,
+}
+
+/// What one walk does with what it meets.
+pub trait Visitor<const N: usize> {
+    /// Kept for each directory entered, given back to [`Visitor::finish`].
+    type Frame;
+    /// The outcome of a walk ended early ([`Visit::Stop`]).
+    type Stop;
+    type Error;
+
+    /// One name, as inspected on the first tree (`None`: it does not exist there).
+    fn visit(
+        &mut self,
+        here: Here<'_, N>,
+        inspected: Option<FileStat>,
+    ) -> Result<Visit<N, Self::Frame, Self::Stop>, Self::Error>;
+
+    /// Everything inside a directory has been visited; the walk is still in it (`dirs`).
+    fn finish(
+        &mut self,
+        _dirs: [BorrowedFd<'_>; N],
+        _frame: Self::Frame,
+        _at: &Path,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    /// The walk went back up from a directory to its parents (`here.dirs`); it is closed.
+    fn left(&mut self, _here: Here<'_, N>) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    /// The error for a failed step of the walk itself.
+    fn failed(&self, step: Failed, e: nix::Error) -> Self::Error;
+}
+
+/// Where a step left the walk.
+pub enum Step<S> {
+    /// More to walk.
+    Going,
+    /// The visitor ended it.
+    Stopped(S),
+    /// Everything was walked.
+    Done,
+}
+
+/// One level entered: its name, the names still to visit, the visitor's frame.
+struct Level<F> {
+    name: OsString,
+    names: std::vec::IntoIter<OsString>,
+    frame: F,
+}
+
+/// A walk of `N` trees in step, one [`Trees::step`] at a time (see the module).
+pub struct Trees<const N: usize, F> {
+    parents: [OwnedFd; N],
+    names: [OsString; N],
+    started: bool,
+    /// One per tree while inside the start.
+    cursors: Vec<Cursor>,
+    levels: Vec<Level<F>>,
+    at: PathBuf,
+}
+
+impl<const N: usize, F> Trees<N, F> {
+    /// Walk `parents[i]/names[i]` (of any type), naming paths from `at` (the path shown for
+    /// the start).
+    pub fn new(
+        parents: [BorrowedFd<'_>; N],
+        names: [&OsStr; N],
+        at: &Path,
+    ) -> nix::Result<Trees<N, F>> {
+        let mut owned = Vec::with_capacity(N);
+        for parent in parents {
+            owned.push(nix::unistd::dup(parent)?);
+        }
+        Ok(Trees {
+            parents: owned.try_into().unwrap_or_else(|_| unreachable!("N parents")),
+            names: names.map(OsStr::to_os_string),
+            started: false,
+            cursors: Vec::new(),
+            levels: Vec::new(),
+            at: at.to_path_buf(),
+        })
+    }
+
+    /// The path the walk is at (where an error happened).
+    pub fn at(&self) -> &Path {
+        &self.at
+    }
+
+    fn dirs(&self) -> [BorrowedFd<'_>; N] {
+        std::array::from_fn(|i| self.cursors[i].dir())
+    }
+
+    /// Visit one name, or finish and leave one directory.
+    pub fn step<V: Visitor<N, Frame = F>>(&mut self, v: &mut V) -> Result<Step<V::Stop>, V::Error> {
+        if !self.started {
+            self.started = true;
+            let dirs = self.parents.each_ref().map(AsFd::as_fd);
+            let names = self.names.each_ref().map(OsString::as_os_str);
+            let inspected = lstat_at(dirs[0], names[0]).map_err(|e| v.failed(Failed::Inspecting, e))?;
+            let here = Here {
+                dirs,
+                names,
+                at: &self.at,
+                top: true,
+            };
+            return Ok(match v.visit(here, inspected)? {
+                Visit::Next => Step::Done,
+                Visit::Stop(outcome) => Step::Stopped(outcome),
+                Visit::Enter(fds, names, frame) => {
+                    for fd in fds {
+                        let cursor = Cursor::new(fd).map_err(|e| v.failed(Failed::Entering, e))?;
+                        self.cursors.push(cursor);
+                    }
+                    self.levels.push(Level {
+                        name: OsString::new(),
+                        names: names.into_iter(),
+                        frame,
+                    });
+                    Step::Going
+                }
+            });
+        }
+        let Some(level) = self.levels.last_mut() else {
+            return Ok(Step::Done);
+        };
+        let Some(name) = level.names.next() else {
+            let level = self.levels.pop().expect("a level is being walked");
+            v.finish(self.dirs(), level.frame, &self.at)?;
+            if self.levels.is_empty() {
+                self.cursors.clear();
+                let here = Here {
+                    dirs: self.parents.each_ref().map(AsFd::as_fd),
+                    names: self.names.each_ref().map(OsString::as_os_str),
+                    at: &self.at,
+                    top: true,
+                };
+                v.left(here)?;
+                return Ok(Step::Done);
+            }
+            for cursor in &mut self.cursors {
+                cursor.leave().map_err(|e| v.failed(Failed::GoingUp, e))?;
+            }
+            let here = Here {
+                dirs: self.dirs(),
+                names: [level.name.as_os_str(); N],
+                at: &self.at,
+                top: false,
+            };
+            v.left(here)?;
+            self.at.pop();
+            return Ok(Step::Going);
+        };
+        self.at.push(&name);
+        let dirs = self.dirs();
+        let inspected = lstat_at(dirs[0], &name).map_err(|e| v.failed(Failed::Inspecting, e))?;
+        let here = Here {
+            dirs,
+            names: [name.as_os_str(); N],
+            at: &self.at,
+            top: false,
+        };
+        Ok(match v.visit(here, inspected)? {
+            Visit::Next => {
+                self.at.pop();
+                Step::Going
+            }
+            Visit::Stop(outcome) => Step::Stopped(outcome),
+            Visit::Enter(fds, names, frame) => {
+                for (cursor, fd) in self.cursors.iter_mut().zip(fds) {
+                    cursor.enter(fd).map_err(|e| v.failed(Failed::Entering, e))?;
+                }
+                self.levels.push(Level {
+                    name,
+                    names: names.into_iter(),
+                    frame,
+                });
+                Step::Going
+            }
+        })
+    }
+
+    /// Walk to the end (or until the visitor stops it). An error comes with the path it
+    /// happened at.
+    pub fn run<V: Visitor<N, Frame = F>>(
+        mut self,
+        v: &mut V,
+    ) -> Result<Option<V::Stop>, (PathBuf, V::Error)> {
+        loop {
+            match self.step(v) {
+                Ok(Step::Going) => {}
+                Ok(Step::Stopped(outcome)) => return Ok(Some(outcome)),
+                Ok(Step::Done) => return Ok(None),
+                Err(e) => return Err((self.at, e)),
+            }
+        }
+    }
+}
