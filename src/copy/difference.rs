@@ -4,15 +4,15 @@
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use nix::sys::stat::FileStat;
 
 use super::attrs::xattrs_at;
-use super::{moved_while_walked, replaced_while, same_content};
+use super::{replaced_while, same_content, walk_failed};
 use crate::failpoint;
-use crate::fs::{self, Cursor, Kind};
+use crate::fs::{self, Failed, Here, Kind, Visit, Visitor};
 
 /// The first difference between two trees, or `None` when they are the same in everything the
 /// copy preserves (type, owner, mode, mtime, size, content, link target, device number, xattrs,
@@ -27,64 +27,48 @@ pub fn first_difference(
     rel: &Path,
     left_out: &dyn Fn(&FileStat) -> bool,
 ) -> Result<Option<String>> {
-    let mut at = rel.to_path_buf();
-    let result = walk(a_dir, a_name, b_dir, b_name, &mut at, left_out);
-    result.with_context(|| format!("comparing {}", show(&at)))
+    let trees = super::trees([a_dir, b_dir], [a_name, b_name], rel, "comparing")?;
+    trees
+        .run(&mut Comparison { left_out })
+        .map_err(|(at, e)| e.context(format!("comparing {}", show(&at))))
 }
 
-/// One level of the walk: the names inside a pair of directories still to compare.
-type Names = std::vec::IntoIter<OsString>;
+/// What the comparison does with each name met by the walk of both trees: compare it, and go
+/// into a pair of directories holding the same names.
+struct Comparison<'l> {
+    left_out: &'l dyn Fn(&FileStat) -> bool,
+}
 
-fn walk(
-    a_dir: BorrowedFd<'_>,
-    a_name: &OsStr,
-    b_dir: BorrowedFd<'_>,
-    b_name: &OsStr,
-    at: &mut PathBuf,
-    left_out: &dyn Fn(&FileStat) -> bool,
-) -> Result<Option<String>> {
-    let (a, b) = match compare_entry(a_dir, a_name, b_dir, b_name, at)? {
-        Compared::Differs(difference) => return Ok(Some(difference)),
-        Compared::Same(a, b) => (a, b),
-    };
-    if Kind::of(&a) != Kind::Directory {
-        return Ok(None);
-    }
-    let (da, db, names) = match open_pair(a_dir, a_name, &a, b_dir, b_name, &b, left_out)? {
-        Opened::Differs => return Ok(Some(differs(at, "list of names inside"))),
-        Opened::Pair(da, db, names) => (da, db, names),
-    };
-    let (mut side_a, mut side_b) = (Cursor::new(da)?, Cursor::new(db)?);
-    let mut stack: Vec<Names> = vec![names.into_iter()];
-    while let Some(names) = stack.last_mut() {
-        let Some(name) = names.next() else {
-            stack.pop();
-            if !stack.is_empty() {
-                side_a.leave().map_err(moved_while_walked)?;
-                side_b.leave().map_err(moved_while_walked)?;
-                at.pop();
-            }
-            continue;
-        };
-        at.push(&name);
-        let (a, b) = match compare_entry(side_a.dir(), &name, side_b.dir(), &name, at)? {
-            Compared::Differs(difference) => return Ok(Some(difference)),
+impl Visitor<2> for Comparison<'_> {
+    type Frame = ();
+    /// The first difference.
+    type Stop = String;
+    type Error = anyhow::Error;
+
+    fn visit(
+        &mut self,
+        here: Here<'_, 2>,
+        inspected: Option<FileStat>,
+    ) -> Result<Visit<2, (), String>> {
+        let ([a_dir, b_dir], [a_name, b_name]) = (here.dirs, here.names);
+        let (a, b) = match compare_entry(a_dir, a_name, inspected, b_dir, b_name, here.at)? {
+            Compared::Differs(difference) => return Ok(Visit::Stop(difference)),
             Compared::Same(a, b) => (a, b),
         };
         if Kind::of(&a) != Kind::Directory {
-            at.pop();
-            continue;
+            return Ok(Visit::Next);
         }
-        match open_pair(side_a.dir(), &name, &a, side_b.dir(), &name, &b, left_out)? {
-            Opened::Differs => return Ok(Some(differs(at, "list of names inside"))),
-            Opened::Pair(da, db, names) => {
-                side_a.enter(da)?;
-                side_b.enter(db)?;
-                stack.push(names.into_iter());
-            }
-        }
+        Ok(
+            match open_pair(a_dir, a_name, &a, b_dir, b_name, &b, self.left_out)? {
+                Opened::Differs => Visit::Stop(differs(here.at, "list of names inside")),
+                Opened::Pair(da, db, names) => Visit::Enter([da, db], names, ()),
+            },
+        )
     }
-    Ok(None)
+
+    fn failed(&self, step: Failed, e: nix::Error) -> anyhow::Error {
+        walk_failed(step, e)
+    }
 }
 
 // One value at a time, returned and taken apart at once: its size does not matter.
@@ -95,16 +79,18 @@ enum Compared {
     Same(FileStat, FileStat),
 }
 
-/// Compare one name on both sides, all but what is inside a directory.
+/// Compare one name on both sides (`a` as inspected by the walk), all but what is inside a
+/// directory.
 fn compare_entry(
     a_dir: BorrowedFd<'_>,
     a_name: &OsStr,
+    a: Option<FileStat>,
     b_dir: BorrowedFd<'_>,
     b_name: &OsStr,
     rel: &Path,
 ) -> Result<Compared> {
-    let inspect = |dir, name| fs::lstat_at(dir, name).context("inspecting it");
-    let (Some(a), Some(b)) = (inspect(a_dir, a_name)?, inspect(b_dir, b_name)?) else {
+    let b = fs::lstat_at(b_dir, b_name).context("inspecting it")?;
+    let (Some(a), Some(b)) = (a, b) else {
         return Ok(Compared::Differs(format!(
             "{} exists on one side only",
             rel.display()

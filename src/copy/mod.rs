@@ -33,6 +33,7 @@
 //! first difference between two trees.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -45,7 +46,7 @@ use nix::sys::stat::{FileStat, Mode, SFlag};
 use nix::unistd::UnlinkatFlags;
 
 use crate::failpoint;
-use crate::fs::{self, Beneath, Cursor, Kind};
+use crate::fs::{self, Beneath, Failed, Here, Kind, Trees, Visit, Visitor};
 
 mod attrs;
 mod compare;
@@ -75,16 +76,28 @@ fn replaced_while(done: &'static str) -> impl Fn(nix::Error) -> anyhow::Error {
     }
 }
 
-/// Going back up a tree found another directory than the one it came down from.
-fn moved_while_walked(e: nix::Error) -> anyhow::Error {
-    if e == fs::CHANGED {
-        anyhow::anyhow!(
+/// The error of a step of the walk itself (copy, compare, remove): inspecting a name, or going
+/// back up a tree and finding another directory than the one it came down from.
+fn walk_failed(step: Failed, e: nix::Error) -> anyhow::Error {
+    match step {
+        Failed::Inspecting => anyhow::Error::new(e).context("inspecting it"),
+        Failed::Entering => e.into(),
+        Failed::GoingUp if e == fs::CHANGED => anyhow::anyhow!(
             "it was moved while rasa went through it (its parent is no longer the directory \
              rasa came down from); rerun when it is quiet"
-        )
-    } else {
-        anyhow::Error::new(e).context("going back up to the parent directory")
+        ),
+        Failed::GoingUp => anyhow::Error::new(e).context("going back up to the parent directory"),
     }
+}
+
+/// Start a walk for `done` ("copying", ...): an error names the start.
+fn trees<const N: usize, F>(
+    dirs: [BorrowedFd<'_>; N],
+    names: [&OsStr; N],
+    at: &Path,
+    done: &str,
+) -> Result<Trees<N, F>> {
+    Trees::new(dirs, names, at).with_context(|| format!("{done} {}", at.display()))
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -144,11 +157,11 @@ struct FirstCopy {
     identity: (u64, u64),
 }
 
-/// One directory being copied: the source as inspected, its flags, and the names still to copy.
+/// One directory being copied: the source as inspected and its flags, to finish the copy with
+/// once everything inside is in place.
 struct DirFrame {
     st: FileStat,
     flags: libc::c_long,
-    names: std::vec::IntoIter<OsString>,
 }
 
 /// One copy of one tree, with the hard-link map for that tree.
@@ -199,71 +212,20 @@ impl<'p> Copier<'p> {
     ) -> Result<()> {
         self.links.clear();
         self.names = (src_name.to_os_string(), dst_name.to_os_string());
-        let mut at = PathBuf::from(dst_name);
-        let result = self.copy_tree(src_dir, src_name, dst_dir, dst_name, &mut at);
-        result.with_context(|| format!("copying {}", self.shown(&at)))
-    }
-
-    /// The walk behind `copy`, in pre-order with an explicit stack; `at` follows it (the path
-    /// from `dst_dir`), so that the caller can say where an error happened.
-    fn copy_tree(
-        &mut self,
-        src_dir: BorrowedFd<'_>,
-        src_name: &OsStr,
-        dst_dir: BorrowedFd<'_>,
-        dst_name: &OsStr,
-        at: &mut PathBuf,
-    ) -> Result<()> {
-        let Some(st) = fs::lstat_at(src_dir, src_name).context("inspecting it")? else {
-            // Vanished since it was planned: nothing to copy.
-            return Ok(());
+        let trees = trees(
+            [src_dir, dst_dir],
+            [src_name, dst_name],
+            dst_name.as_ref(),
+            "copying",
+        )?;
+        let mut copy = CopyVisit {
+            copier: self,
+            dst_root: dst_dir,
         };
-        if Kind::of(&st) != Kind::Directory {
-            return self.copy_entry(src_dir, src_name, &st, dst_dir, dst_name, dst_dir, at);
+        match trees.run(&mut copy) {
+            Ok(_) => Ok(()),
+            Err((at, e)) => Err(e.context(format!("copying {}", self.shown(&at)))),
         }
-        let (src, dst, frame) = self.start_dir(src_dir, src_name, st, dst_dir, dst_name, at)?;
-        let (mut src_at, mut dst_at) = (Cursor::new(src)?, Cursor::new(dst)?);
-        let mut stack = vec![frame];
-        while let Some(frame) = stack.last_mut() {
-            let Some(name) = frame.names.next() else {
-                // Everything inside is in place: now the directory's owner, mode and times.
-                let frame = stack.pop().expect("the loop runs on a frame");
-                if finish_fd(src_at.dir(), &frame.st, dst_at.dir(), frame.flags)? {
-                    let shown = self.shown(at);
-                    self.stats.flags_not_kept.push(shown);
-                }
-                if !stack.is_empty() {
-                    src_at.leave().map_err(moved_while_walked)?;
-                    dst_at.leave().map_err(moved_while_walked)?;
-                    at.pop();
-                }
-                continue;
-            };
-            at.push(&name);
-            let Some(st) = fs::lstat_at(src_at.dir(), &name).context("inspecting it")? else {
-                // Gone since the directory was listed: nothing to copy.
-                at.pop();
-                continue;
-            };
-            if Kind::of(&st) != Kind::Directory {
-                self.copy_entry(src_at.dir(), &name, &st, dst_at.dir(), &name, dst_dir, at)?;
-                at.pop();
-            } else if self
-                .left_out
-                .is_some_and(|is_mount_point| is_mount_point(&st))
-            {
-                let shown = self.shown(at);
-                self.stats.mount_points_left_out.push(shown);
-                at.pop();
-            } else {
-                let (src, dst, frame) =
-                    self.start_dir(src_at.dir(), &name, st, dst_at.dir(), &name, at)?;
-                src_at.enter(src)?;
-                dst_at.enter(dst)?;
-                stack.push(frame);
-            }
-        }
-        Ok(())
     }
 
     fn shown(&self, rel: &Path) -> String {
@@ -312,7 +274,7 @@ impl<'p> Copier<'p> {
         dst_dir: BorrowedFd<'_>,
         dst_name: &OsStr,
         rel: &Path,
-    ) -> Result<(OwnedFd, OwnedFd, DirFrame)> {
+    ) -> Result<(OwnedFd, OwnedFd, Vec<OsString>, DirFrame)> {
         let src = fs::open_verified(src_dir, src_name, &st).map_err(replaced_while("copied"))?;
         let names = fs::list(src.as_fd()).context("listing the directory")?;
         let initial = Mode::from_bits_truncate(st.st_mode & 0o700);
@@ -330,12 +292,7 @@ impl<'p> Copier<'p> {
         // Inherited by the children created below, as on the source.
         self.set_early_flags(dst.as_fd(), flags, rel)?;
         self.stats.directories += 1;
-        let frame = DirFrame {
-            st,
-            flags,
-            names: names.into_iter(),
-        };
-        Ok((src, dst, frame))
+        Ok((src, dst, names, DirFrame { st, flags }))
     }
 
     /// Copy anything but a directory; a second name of a hard-linked file becomes a hard link
@@ -491,6 +448,75 @@ impl<'p> Copier<'p> {
     }
 }
 
+/// What the copy does with each name the walk of the source (and, in step, of the copy) meets.
+struct CopyVisit<'c, 'p, 'd> {
+    copier: &'c mut Copier<'p>,
+    /// The destination directory given to `Copier::copy`, where a hard link's first copy is
+    /// found from.
+    dst_root: BorrowedFd<'d>,
+}
+
+impl Visitor<2> for CopyVisit<'_, '_, '_> {
+    type Frame = DirFrame;
+    type Stop = Infallible;
+    type Error = anyhow::Error;
+
+    fn visit(
+        &mut self,
+        here: Here<'_, 2>,
+        inspected: Option<FileStat>,
+    ) -> Result<Visit<2, DirFrame, Infallible>> {
+        // Vanished since it was planned or listed: nothing to copy.
+        let Some(st) = inspected else {
+            return Ok(Visit::Next);
+        };
+        let ([src_dir, dst_dir], [src_name, dst_name]) = (here.dirs, here.names);
+        let copier = &mut *self.copier;
+        if Kind::of(&st) != Kind::Directory {
+            copier.copy_entry(
+                src_dir,
+                src_name,
+                &st,
+                dst_dir,
+                dst_name,
+                self.dst_root,
+                here.at,
+            )?;
+            return Ok(Visit::Next);
+        }
+        if !here.top
+            && copier
+                .left_out
+                .is_some_and(|is_mount_point| is_mount_point(&st))
+        {
+            let shown = copier.shown(here.at);
+            copier.stats.mount_points_left_out.push(shown);
+            return Ok(Visit::Next);
+        }
+        let (src, dst, names, frame) =
+            copier.start_dir(src_dir, src_name, st, dst_dir, dst_name, here.at)?;
+        Ok(Visit::Enter([src, dst], names, frame))
+    }
+
+    /// Everything inside is in place: now the directory's owner, mode and times.
+    fn finish(
+        &mut self,
+        [src, dst]: [BorrowedFd<'_>; 2],
+        frame: DirFrame,
+        at: &Path,
+    ) -> Result<()> {
+        if finish_fd(src, &frame.st, dst, frame.flags)? {
+            let shown = self.copier.shown(at);
+            self.copier.stats.flags_not_kept.push(shown);
+        }
+        Ok(())
+    }
+
+    fn failed(&self, step: Failed, e: nix::Error) -> anyhow::Error {
+        walk_failed(step, e)
+    }
+}
+
 /// Make `dst_dir/dst_name` another name of the first copy of a hard-linked file. The first
 /// copy's directory is opened component by component from `dst_root` without following
 /// anything (the copy's directories may already belong to their users), and the new name must
@@ -528,52 +554,47 @@ fn link_again(
 /// Delete a tree this program created (a temporary copy), never following a symlink, with one
 /// open directory however deep it is. An error names the path once.
 pub fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
-    let mut at = PathBuf::from(name);
-    let result = remove_walk(dir, name, &mut at);
-    result.with_context(|| format!("removing {}", at.display()))
+    let trees = trees([dir], [name], name.as_ref(), "removing")?;
+    match trees.run(&mut Removal) {
+        Ok(_) => Ok(()),
+        Err((at, e)) => Err(e.context(format!("removing {}", at.display()))),
+    }
 }
 
-fn remove_walk(dir: BorrowedFd<'_>, name: &OsStr, at: &mut PathBuf) -> Result<()> {
-    let Some(st) = fs::lstat_at(dir, name).context("inspecting it")? else {
-        return Ok(());
-    };
-    if Kind::of(&st) != Kind::Directory {
-        return remove_one(dir, name, &st);
-    }
-    let (top, names) = open_to_remove(dir, name, &st)?;
-    let mut cursor = Cursor::new(top)?;
-    // Each level: its name (to remove it once empty) and the names still inside it.
-    let mut stack = vec![(name.to_os_string(), names.into_iter())];
-    while let Some((_, names)) = stack.last_mut() {
-        let Some(child) = names.next() else {
-            let (emptied, _) = stack.pop().expect("the loop runs on a frame");
-            if stack.is_empty() {
-                drop(cursor);
-                nix::unistd::unlinkat(dir, name, UnlinkatFlags::RemoveDir)
-                    .context("removing the directory")?;
-                return Ok(());
-            }
-            cursor.leave().map_err(moved_while_walked)?;
-            nix::unistd::unlinkat(cursor.dir(), emptied.as_os_str(), UnlinkatFlags::RemoveDir)
-                .context("removing the directory")?;
-            at.pop();
-            continue;
+/// What the removal does with each name: a directory is emptied by the walk, then removed
+/// once the walk has left it.
+struct Removal;
+
+impl Visitor<1> for Removal {
+    type Frame = ();
+    type Stop = Infallible;
+    type Error = anyhow::Error;
+
+    fn visit(
+        &mut self,
+        here: Here<'_, 1>,
+        inspected: Option<FileStat>,
+    ) -> Result<Visit<1, (), Infallible>> {
+        let Some(st) = inspected else {
+            return Ok(Visit::Next);
         };
-        at.push(&child);
-        let Some(st) = fs::lstat_at(cursor.dir(), &child).context("inspecting it")? else {
-            at.pop();
-            continue;
-        };
-        if Kind::of(&st) == Kind::Directory {
-            let (fd, names) = open_to_remove(cursor.dir(), &child, &st)?;
-            cursor.enter(fd)?;
-            stack.push((child, names.into_iter()));
-        } else {
-            remove_one(cursor.dir(), &child, &st)?;
-            at.pop();
+        let ([dir], [name]) = (here.dirs, here.names);
+        if Kind::of(&st) != Kind::Directory {
+            remove_one(dir, name, &st)?;
+            return Ok(Visit::Next);
         }
+        let (fd, names) = open_to_remove(dir, name, &st)?;
+        Ok(Visit::Enter([fd], names, ()))
     }
-    Ok(())
+
+    fn left(&mut self, here: Here<'_, 1>) -> Result<()> {
+        nix::unistd::unlinkat(here.dirs[0], here.names[0], UnlinkatFlags::RemoveDir)
+            .context("removing the directory")
+    }
+
+    fn failed(&self, step: Failed, e: nix::Error) -> anyhow::Error {
+        walk_failed(step, e)
+    }
 }
 
 /// Open a directory to delete what is inside: immutable or append-only directories forbid it,

@@ -23,7 +23,7 @@ use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{FileStat, Mode, SFlag};
 
 pub use cursor::Cursor;
-pub use trees::{Failed, Here, Step, Trees, Visit, Visitor};
+pub use trees::{Failed, Here, Trees, Visit, Visitor};
 pub use walk::{measure, Measure, MountRoots};
 
 /// The error of [`open_verified`] when the name no longer refers to the inspected inode: it was

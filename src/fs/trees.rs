@@ -129,7 +129,9 @@ impl<const N: usize, F> Trees<N, F> {
             owned.push(nix::unistd::dup(parent)?);
         }
         Ok(Trees {
-            parents: owned.try_into().unwrap_or_else(|_| unreachable!("N parents")),
+            parents: owned
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("N parents")),
             names: names.map(OsStr::to_os_string),
             started: false,
             cursors: Vec::new(),
@@ -153,7 +155,8 @@ impl<const N: usize, F> Trees<N, F> {
             self.started = true;
             let dirs = self.parents.each_ref().map(AsFd::as_fd);
             let names = self.names.each_ref().map(OsString::as_os_str);
-            let inspected = lstat_at(dirs[0], names[0]).map_err(|e| v.failed(Failed::Inspecting, e))?;
+            let inspected =
+                lstat_at(dirs[0], names[0]).map_err(|e| v.failed(Failed::Inspecting, e))?;
             let here = Here {
                 dirs,
                 names,
@@ -224,7 +227,9 @@ impl<const N: usize, F> Trees<N, F> {
             Visit::Stop(outcome) => Step::Stopped(outcome),
             Visit::Enter(fds, names, frame) => {
                 for (cursor, fd) in self.cursors.iter_mut().zip(fds) {
-                    cursor.enter(fd).map_err(|e| v.failed(Failed::Entering, e))?;
+                    cursor
+                        .enter(fd)
+                        .map_err(|e| v.failed(Failed::Entering, e))?;
                 }
                 self.levels.push(Level {
                     name,

@@ -182,8 +182,8 @@ pub fn measure(
 mod tests {
     use super::*;
     use crate::fs::CHANGED;
-    use std::os::fd::OwnedFd;
     use nix::sys::stat::Mode;
+    use std::os::fd::OwnedFd;
 
     #[test]
     fn a_deep_tree_walks_with_few_descriptors() {
