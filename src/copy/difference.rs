@@ -10,9 +10,9 @@ use anyhow::{Context, Result};
 use nix::sys::stat::FileStat;
 
 use super::attrs::xattrs_at;
-use super::{replaced_while, same_content, walk_failed};
+use super::{replaced_while, same_content};
 use crate::failpoint;
-use crate::fs::{self, Failed, Here, Kind, Visit, Visitor};
+use crate::fs::{self, Here, Kind, Visit, Visitor};
 
 /// The first difference between two trees, or `None` when they are the same in everything the
 /// copy preserves (type, owner, mode, mtime, size, content, link target, device number, xattrs,
@@ -27,10 +27,9 @@ pub fn first_difference(
     rel: &Path,
     left_out: &dyn Fn(&FileStat) -> bool,
 ) -> Result<Option<String>> {
-    let trees = super::trees([a_dir, b_dir], [a_name, b_name], rel, "comparing")?;
-    trees
-        .run(&mut Comparison { left_out })
-        .map_err(|(at, e)| e.context(format!("comparing {}", show(&at))))
+    let (dirs, names) = ([a_dir, b_dir], [a_name, b_name]);
+    let mut comparison = Comparison { left_out };
+    super::walk(dirs, names, rel, &mut comparison, "comparing", show)
 }
 
 /// What the comparison does with each name met by the walk of both trees: compare it, and go
@@ -64,10 +63,6 @@ impl Visitor<2> for Comparison<'_> {
                 Opened::Pair(da, db, names) => Visit::Enter([da, db], names, ()),
             },
         )
-    }
-
-    fn failed(&self, step: Failed, e: nix::Error) -> anyhow::Error {
-        walk_failed(step, e)
     }
 }
 

@@ -46,7 +46,7 @@ use nix::sys::stat::{FileStat, Mode, SFlag};
 use nix::unistd::UnlinkatFlags;
 
 use crate::failpoint;
-use crate::fs::{self, Beneath, Failed, Here, Kind, Trees, Visit, Visitor};
+use crate::fs::{self, Beneath, Failed, Here, Kind, Trees, Visit, Visitor, WalkError};
 
 mod attrs;
 mod compare;
@@ -90,14 +90,25 @@ fn walk_failed(step: Failed, e: nix::Error) -> anyhow::Error {
     }
 }
 
-/// Start a walk for `done` ("copying", ...): an error names the start.
-fn trees<const N: usize, F>(
+/// Walk `dirs[i]/names[i]` with `visitor` (copy, compare, remove); an error names the path it
+/// happened at once, as `shown` words it from the path the walk started at (`at`):
+/// "`doing` <path>: ...".
+fn walk<const N: usize, V: Visitor<N, Error = anyhow::Error>>(
     dirs: [BorrowedFd<'_>; N],
     names: [&OsStr; N],
     at: &Path,
-    done: &str,
-) -> Result<Trees<N, F>> {
-    Trees::new(dirs, names, at).with_context(|| format!("{done} {}", at.display()))
+    visitor: &mut V,
+    doing: &str,
+    shown: impl Fn(&Path) -> String,
+) -> Result<Option<V::Stop>> {
+    let trees = Trees::new(dirs, names, at).with_context(|| format!("{doing} {}", shown(at)))?;
+    trees.run(visitor).map_err(|(at, e)| {
+        let e = match e {
+            WalkError::Walk(step, e) => walk_failed(step, e),
+            WalkError::Visitor(e) => e,
+        };
+        e.context(format!("{doing} {}", shown(&at)))
+    })
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -212,33 +223,25 @@ impl<'p> Copier<'p> {
     ) -> Result<()> {
         self.links.clear();
         self.names = (src_name.to_os_string(), dst_name.to_os_string());
-        let trees = trees(
-            [src_dir, dst_dir],
-            [src_name, dst_name],
-            dst_name.as_ref(),
-            "copying",
-        )?;
+        let names = self.names.clone();
         let mut copy = CopyVisit {
             copier: self,
             dst_root: dst_dir,
         };
-        match trees.run(&mut copy) {
-            Ok(_) => Ok(()),
-            Err((at, e)) => Err(e.context(format!("copying {}", self.shown(&at)))),
-        }
+        let (dirs, walked) = ([src_dir, dst_dir], [src_name, dst_name]);
+        walk(
+            dirs,
+            walked,
+            dst_name.as_ref(),
+            &mut copy,
+            "copying",
+            |at| shown(&names, at),
+        )?;
+        Ok(())
     }
 
     fn shown(&self, rel: &Path) -> String {
-        let rest = rel.strip_prefix(&self.names.1).unwrap_or(rel);
-        let shown = Path::new(&self.names.0);
-        // The entry itself (a file entry): its name, without the trailing slash `join("")` adds.
-        if rest.as_os_str().is_empty() {
-            shown.to_path_buf()
-        } else {
-            shown.join(rest)
-        }
-        .to_string_lossy()
-        .into_owned()
+        shown(&self.names, rel)
     }
 
     /// Set the flags btrfs wants on an empty file; a destination that has no such flags (ext4
@@ -448,6 +451,21 @@ impl<'p> Copier<'p> {
     }
 }
 
+/// `rel` (a path from the destination directory, starting with the temporary name) as the user
+/// knows it: from the entry's own name.
+fn shown((entry, temporary): &(OsString, OsString), rel: &Path) -> String {
+    let rest = rel.strip_prefix(temporary).unwrap_or(rel);
+    let shown = Path::new(entry);
+    // The entry itself (a file entry): its name, without the trailing slash `join("")` adds.
+    if rest.as_os_str().is_empty() {
+        shown.to_path_buf()
+    } else {
+        shown.join(rest)
+    }
+    .to_string_lossy()
+    .into_owned()
+}
+
 /// What the copy does with each name the walk of the source (and, in step, of the copy) meets.
 struct CopyVisit<'c, 'p, 'd> {
     copier: &'c mut Copier<'p>,
@@ -511,10 +529,6 @@ impl Visitor<2> for CopyVisit<'_, '_, '_> {
         }
         Ok(())
     }
-
-    fn failed(&self, step: Failed, e: nix::Error) -> anyhow::Error {
-        walk_failed(step, e)
-    }
 }
 
 /// Make `dst_dir/dst_name` another name of the first copy of a hard-linked file. The first
@@ -554,11 +568,15 @@ fn link_again(
 /// Delete a tree this program created (a temporary copy), never following a symlink, with one
 /// open directory however deep it is. An error names the path once.
 pub fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
-    let trees = trees([dir], [name], name.as_ref(), "removing")?;
-    match trees.run(&mut Removal) {
-        Ok(_) => Ok(()),
-        Err((at, e)) => Err(e.context(format!("removing {}", at.display()))),
-    }
+    walk(
+        [dir],
+        [name],
+        name.as_ref(),
+        &mut Removal,
+        "removing",
+        |at| at.display().to_string(),
+    )?;
+    Ok(())
 }
 
 /// What the removal does with each name: a directory is emptied by the walk, then removed
@@ -590,10 +608,6 @@ impl Visitor<1> for Removal {
     fn left(&mut self, here: Here<'_, 1>) -> Result<()> {
         nix::unistd::unlinkat(here.dirs[0], here.names[0], UnlinkatFlags::RemoveDir)
             .context("removing the directory")
-    }
-
-    fn failed(&self, step: Failed, e: nix::Error) -> anyhow::Error {
-        walk_failed(step, e)
     }
 }
 

@@ -23,6 +23,7 @@ use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{FileStat, Mode, SFlag};
 
 pub use cursor::Cursor;
+pub use trees::Error as WalkError;
 pub use trees::{Failed, Here, Trees, Visit, Visitor};
 pub use walk::{measure, Measure, MountRoots};
 

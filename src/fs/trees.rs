@@ -21,7 +21,7 @@ use nix::sys::stat::FileStat;
 
 use super::{lstat_at, Cursor};
 
-/// Which step of the walk itself failed, for the visitor to word the error.
+/// Which step of the walk itself failed, for the caller to word the error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failed {
     /// Inspecting a name (`lstat_at`).
@@ -83,9 +83,24 @@ pub trait Visitor<const N: usize> {
     fn left(&mut self, _here: Here<'_, N>) -> Result<(), Self::Error> {
         Ok(())
     }
+}
 
-    /// The error for a failed step of the walk itself.
-    fn failed(&self, step: Failed, e: nix::Error) -> Self::Error;
+/// An error of the walk: of one of its own steps, or of the visitor.
+#[derive(Debug)]
+pub enum Error<E> {
+    Walk(Failed, nix::Error),
+    Visitor(E),
+}
+
+impl<E> From<E> for Error<E> {
+    fn from(e: E) -> Self {
+        Error::Visitor(e)
+    }
+}
+
+/// A step of the walk itself failed at `step`.
+fn failed<E>(step: Failed) -> impl Fn(nix::Error) -> Error<E> {
+    move |e| Error::Walk(step, e)
 }
 
 /// Where a step left the walk.
@@ -150,13 +165,15 @@ impl<const N: usize, F> Trees<N, F> {
     }
 
     /// Visit one name, or finish and leave one directory.
-    pub fn step<V: Visitor<N, Frame = F>>(&mut self, v: &mut V) -> Result<Step<V::Stop>, V::Error> {
+    pub fn step<V: Visitor<N, Frame = F>>(
+        &mut self,
+        v: &mut V,
+    ) -> Result<Step<V::Stop>, Error<V::Error>> {
         if !self.started {
             self.started = true;
             let dirs = self.parents.each_ref().map(AsFd::as_fd);
             let names = self.names.each_ref().map(OsString::as_os_str);
-            let inspected =
-                lstat_at(dirs[0], names[0]).map_err(|e| v.failed(Failed::Inspecting, e))?;
+            let inspected = lstat_at(dirs[0], names[0]).map_err(failed(Failed::Inspecting))?;
             let here = Here {
                 dirs,
                 names,
@@ -168,7 +185,7 @@ impl<const N: usize, F> Trees<N, F> {
                 Visit::Stop(outcome) => Step::Stopped(outcome),
                 Visit::Enter(fds, names, frame) => {
                     for fd in fds {
-                        let cursor = Cursor::new(fd).map_err(|e| v.failed(Failed::Entering, e))?;
+                        let cursor = Cursor::new(fd).map_err(failed(Failed::Entering))?;
                         self.cursors.push(cursor);
                     }
                     self.levels.push(Level {
@@ -198,7 +215,7 @@ impl<const N: usize, F> Trees<N, F> {
                 return Ok(Step::Done);
             }
             for cursor in &mut self.cursors {
-                cursor.leave().map_err(|e| v.failed(Failed::GoingUp, e))?;
+                cursor.leave().map_err(failed(Failed::GoingUp))?;
             }
             let here = Here {
                 dirs: self.dirs(),
@@ -212,7 +229,7 @@ impl<const N: usize, F> Trees<N, F> {
         };
         self.at.push(&name);
         let dirs = self.dirs();
-        let inspected = lstat_at(dirs[0], &name).map_err(|e| v.failed(Failed::Inspecting, e))?;
+        let inspected = lstat_at(dirs[0], &name).map_err(failed(Failed::Inspecting))?;
         let here = Here {
             dirs,
             names: [name.as_os_str(); N],
@@ -227,9 +244,7 @@ impl<const N: usize, F> Trees<N, F> {
             Visit::Stop(outcome) => Step::Stopped(outcome),
             Visit::Enter(fds, names, frame) => {
                 for (cursor, fd) in self.cursors.iter_mut().zip(fds) {
-                    cursor
-                        .enter(fd)
-                        .map_err(|e| v.failed(Failed::Entering, e))?;
+                    cursor.enter(fd).map_err(failed(Failed::Entering))?;
                 }
                 self.levels.push(Level {
                     name,
@@ -246,7 +261,7 @@ impl<const N: usize, F> Trees<N, F> {
     pub fn run<V: Visitor<N, Frame = F>>(
         mut self,
         v: &mut V,
-    ) -> Result<Option<V::Stop>, (PathBuf, V::Error)> {
+    ) -> Result<Option<V::Stop>, (PathBuf, Error<V::Error>)> {
         loop {
             match self.step(v) {
                 Ok(Step::Going) => {}

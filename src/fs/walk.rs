@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use nix::sys::stat::FileStat;
 
-use super::trees::{Failed, Here, Step, Trees, Visit, Visitor};
+use super::trees::{Error, Here, Step, Trees, Visit, Visitor};
 use super::{identity, list, open_verified, Kind};
 
 /// The inode number of a btrfs subvolume's root directory.
@@ -105,10 +105,6 @@ impl Visitor<1> for Events {
         let names = list(fd.as_fd())?;
         Ok(Visit::Enter([fd], names, ()))
     }
-
-    fn failed(&self, _step: Failed, e: nix::Error) -> nix::Error {
-        e
-    }
 }
 
 impl Walk {
@@ -135,7 +131,7 @@ impl Iterator for Walk {
                 Ok(Step::Going) => {}
                 Ok(Step::Done) => self.done = true,
                 Ok(Step::Stopped(never)) => match never {},
-                Err(e) => {
+                Err(Error::Walk(_, e) | Error::Visitor(e)) => {
                     self.done = true;
                     return Some(Err((self.trees.at().to_path_buf(), e)));
                 }
