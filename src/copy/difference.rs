@@ -44,25 +44,22 @@ impl Visitor<2> for Comparison<'_> {
     type Stop = String;
     type Error = anyhow::Error;
 
-    fn visit(
-        &mut self,
-        here: Here<'_, 2>,
-        inspected: Option<FileStat>,
-    ) -> Result<Visit<2, (), String>> {
-        let ([a_dir, b_dir], [a_name, b_name]) = (here.dirs, here.names);
-        let (a, b) = match compare_entry(a_dir, a_name, inspected, b_dir, b_name, here.at)? {
+    fn visit(&mut self, here: Here<'_, 2>) -> Result<Visit<2, (), String>> {
+        let b = match compare_entry(here)? {
             Compared::Differs(difference) => return Ok(Visit::Stop(difference)),
-            Compared::Same(a, b) => (a, b),
+            Compared::Same(b) => b,
         };
-        if Kind::of(&a) != Kind::Directory {
+        if Kind::of(&here.st) != Kind::Directory {
             return Ok(Visit::Next);
         }
-        Ok(
-            match open_pair(a_dir, a_name, &a, b_dir, b_name, &b, self.left_out)? {
-                Opened::Differs => Visit::Stop(differs(here.at, "list of names inside")),
-                Opened::Pair(da, db, names) => Visit::Enter([da, db], names, ()),
-            },
-        )
+        Ok(match open_pair(here, &b, self.left_out)? {
+            Opened::Differs => Visit::Stop(differs(here.at, "list of names inside")),
+            Opened::Pair(da, db, names) => Visit::Enter([da, db], names, ()),
+        })
+    }
+
+    fn gone(&mut self, at: &Path) -> Result<Visit<2, (), String>> {
+        Ok(Visit::Stop(on_one_side_only(at)))
     }
 }
 
@@ -70,26 +67,16 @@ impl Visitor<2> for Comparison<'_> {
 #[allow(clippy::large_enum_variant)]
 enum Compared {
     Differs(String),
-    /// The same in everything but what is inside (for directories); both as inspected.
-    Same(FileStat, FileStat),
+    /// The same in everything but what is inside (for directories); side `b` as inspected.
+    Same(FileStat),
 }
 
 /// Compare one name on both sides (`a` as inspected by the walk), all but what is inside a
 /// directory.
-fn compare_entry(
-    a_dir: BorrowedFd<'_>,
-    a_name: &OsStr,
-    a: Option<FileStat>,
-    b_dir: BorrowedFd<'_>,
-    b_name: &OsStr,
-    rel: &Path,
-) -> Result<Compared> {
-    let b = fs::lstat_at(b_dir, b_name).context("inspecting it")?;
-    let (Some(a), Some(b)) = (a, b) else {
-        return Ok(Compared::Differs(format!(
-            "{} exists on one side only",
-            rel.display()
-        )));
+fn compare_entry(here: Here<'_, 2>) -> Result<Compared> {
+    let ([a_dir, b_dir], [a_name, b_name], a, rel) = (here.dirs, here.names, here.st, here.at);
+    let Some(b) = fs::lstat_at(b_dir, b_name).context("inspecting it")? else {
+        return Ok(Compared::Differs(on_one_side_only(rel)));
     };
     let at = |what: &str| Ok(Compared::Differs(differs(rel, what)));
     if a.st_mode != b.st_mode {
@@ -125,7 +112,7 @@ fn compare_entry(
             return at("content");
         }
     }
-    Ok(Compared::Same(a, b))
+    Ok(Compared::Same(b))
 }
 
 enum Opened {
@@ -137,16 +124,13 @@ enum Opened {
 
 /// Open a pair of directories compared equal so far and list what is inside them.
 fn open_pair(
-    a_dir: BorrowedFd<'_>,
-    a_name: &OsStr,
-    a: &FileStat,
-    b_dir: BorrowedFd<'_>,
-    b_name: &OsStr,
+    here: Here<'_, 2>,
     b: &FileStat,
     left_out: &dyn Fn(&FileStat) -> bool,
 ) -> Result<Opened> {
-    let da = fs::open_verified(a_dir, a_name, a).map_err(replaced_while("compared"))?;
-    let db = fs::open_verified(b_dir, b_name, b).map_err(replaced_while("compared"))?;
+    let ([a_dir, b_dir], [a_name, b_name]) = (here.dirs, here.names);
+    let open = |dir, name, st| fs::open_verified(dir, name, st).map_err(replaced_while("compared"));
+    let (da, db) = (open(a_dir, a_name, &here.st)?, open(b_dir, b_name, b)?);
     let na = kept_names(da.as_fd(), left_out)?;
     let nb = kept_names(db.as_fd(), &|_| false)?;
     Ok(if na == nb {
@@ -169,6 +153,10 @@ fn kept_names(dir: BorrowedFd<'_>, left_out: &dyn Fn(&FileStat) -> bool) -> Resu
     }
     kept.sort();
     Ok(kept)
+}
+
+fn on_one_side_only(rel: &Path) -> String {
+    format!("{} exists on one side only", rel.display())
 }
 
 fn differs(rel: &Path, what: &str) -> String {

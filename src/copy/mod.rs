@@ -168,6 +168,10 @@ struct FirstCopy {
     identity: (u64, u64),
 }
 
+/// Where one name is copied: the source's directory and name, the destination's, and the path
+/// from the destination directory given to `Copier::copy`.
+type Place<'a> = Here<'a, 2>;
+
 /// One directory being copied: the source as inspected and its flags, to finish the copy with
 /// once everything inside is in place.
 struct DirFrame {
@@ -271,13 +275,10 @@ impl<'p> Copier<'p> {
     /// it is in place, and open both sides; what is inside is copied by the caller's walk.
     fn start_dir(
         &mut self,
-        src_dir: BorrowedFd<'_>,
-        src_name: &OsStr,
-        st: FileStat,
-        dst_dir: BorrowedFd<'_>,
-        dst_name: &OsStr,
-        rel: &Path,
+        place: Place<'_>,
     ) -> Result<(OwnedFd, OwnedFd, Vec<OsString>, DirFrame)> {
+        let st = place.st;
+        let ([src_dir, dst_dir], [src_name, dst_name]) = (place.dirs, place.names);
         let src = fs::open_verified(src_dir, src_name, &st).map_err(replaced_while("copied"))?;
         let names = fs::list(src.as_fd()).context("listing the directory")?;
         let initial = Mode::from_bits_truncate(st.st_mode & 0o700);
@@ -293,24 +294,16 @@ impl<'p> Copier<'p> {
         remove_inherited_acls(&XattrSource::Fd(dst.as_fd()))?;
         let flags = get_flags(src.as_fd()) & COPYABLE_FLAGS;
         // Inherited by the children created below, as on the source.
-        self.set_early_flags(dst.as_fd(), flags, rel)?;
+        self.set_early_flags(dst.as_fd(), flags, place.at)?;
         self.stats.directories += 1;
         Ok((src, dst, names, DirFrame { st, flags }))
     }
 
     /// Copy anything but a directory; a second name of a hard-linked file becomes a hard link
-    /// to its first copy. `dst_root` is the directory `rel` starts from.
-    #[allow(clippy::too_many_arguments)]
-    fn copy_entry(
-        &mut self,
-        src_dir: BorrowedFd<'_>,
-        src_name: &OsStr,
-        st: &FileStat,
-        dst_dir: BorrowedFd<'_>,
-        dst_name: &OsStr,
-        dst_root: BorrowedFd<'_>,
-        rel: &Path,
-    ) -> Result<()> {
+    /// to its first copy. `dst_root` is the directory `place.at` starts from.
+    fn copy_entry(&mut self, place: Place<'_>, dst_root: BorrowedFd<'_>) -> Result<()> {
+        let st = &place.st;
+        let (dst_dir, dst_name, rel) = (place.dirs[1], place.names[1], place.at);
         let kind = Kind::of(st);
         let linked = st.st_nlink > 1 && kind != Kind::Socket;
         if linked {
@@ -321,11 +314,9 @@ impl<'p> Copier<'p> {
             }
         }
         match kind {
-            Kind::File => self.copy_file(src_dir, src_name, st, dst_dir, dst_name, rel)?,
-            Kind::Symlink => self.copy_symlink(src_dir, src_name, st, dst_dir, dst_name)?,
-            Kind::Fifo | Kind::CharDevice | Kind::BlockDevice => {
-                self.copy_special(src_dir, src_name, st, dst_dir, dst_name)?
-            }
+            Kind::File => self.copy_file(place)?,
+            Kind::Symlink => self.copy_symlink(place)?,
+            Kind::Fifo | Kind::CharDevice | Kind::BlockDevice => self.copy_special(place)?,
             Kind::Socket => {
                 let shown = self.shown(rel);
                 self.stats.skipped_sockets.push(shown);
@@ -345,15 +336,10 @@ impl<'p> Copier<'p> {
         Ok(())
     }
 
-    fn copy_file(
-        &mut self,
-        src_dir: BorrowedFd<'_>,
-        src_name: &OsStr,
-        st: &FileStat,
-        dst_dir: BorrowedFd<'_>,
-        dst_name: &OsStr,
-        rel: &Path,
-    ) -> Result<()> {
+    fn copy_file(&mut self, place: Place<'_>) -> Result<()> {
+        let st = &place.st;
+        let ([src_dir, dst_dir], [src_name, dst_name]) = (place.dirs, place.names);
+        let rel = place.at;
         crate::failpoint::hit("copy-before-opening-file");
         // What was inspected, or nothing: a FIFO or another file swapped in since is refused
         // without blocking.
@@ -417,14 +403,9 @@ impl<'p> Copier<'p> {
         Ok(())
     }
 
-    fn copy_symlink(
-        &mut self,
-        src_dir: BorrowedFd<'_>,
-        src_name: &OsStr,
-        st: &FileStat,
-        dst_dir: BorrowedFd<'_>,
-        dst_name: &OsStr,
-    ) -> Result<()> {
+    fn copy_symlink(&mut self, place: Place<'_>) -> Result<()> {
+        let st = &place.st;
+        let ([src_dir, dst_dir], [src_name, dst_name]) = (place.dirs, place.names);
         let target = fs::read_link_at(src_dir, src_name).context("reading the symlink")?;
         nix::unistd::symlinkat(target.as_os_str(), dst_dir, dst_name)
             .context("creating the symlink")?;
@@ -432,14 +413,9 @@ impl<'p> Copier<'p> {
         finish_at(src_dir, src_name, st, dst_dir, dst_name, false)
     }
 
-    fn copy_special(
-        &mut self,
-        src_dir: BorrowedFd<'_>,
-        src_name: &OsStr,
-        st: &FileStat,
-        dst_dir: BorrowedFd<'_>,
-        dst_name: &OsStr,
-    ) -> Result<()> {
+    fn copy_special(&mut self, place: Place<'_>) -> Result<()> {
+        let st = &place.st;
+        let ([src_dir, dst_dir], [src_name, dst_name]) = (place.dirs, place.names);
         let kind = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits());
         let owner_only = Mode::from_bits_truncate(st.st_mode & 0o700);
         nix::sys::stat::mknodat(dst_dir, dst_name, kind, owner_only, st.st_rdev)
@@ -479,27 +455,11 @@ impl Visitor<2> for CopyVisit<'_, '_, '_> {
     type Stop = Infallible;
     type Error = anyhow::Error;
 
-    fn visit(
-        &mut self,
-        here: Here<'_, 2>,
-        inspected: Option<FileStat>,
-    ) -> Result<Visit<2, DirFrame, Infallible>> {
-        // Vanished since it was planned or listed: nothing to copy.
-        let Some(st) = inspected else {
-            return Ok(Visit::Next);
-        };
-        let ([src_dir, dst_dir], [src_name, dst_name]) = (here.dirs, here.names);
+    fn visit(&mut self, here: Here<'_, 2>) -> Result<Visit<2, DirFrame, Infallible>> {
         let copier = &mut *self.copier;
+        let st = here.st;
         if Kind::of(&st) != Kind::Directory {
-            copier.copy_entry(
-                src_dir,
-                src_name,
-                &st,
-                dst_dir,
-                dst_name,
-                self.dst_root,
-                here.at,
-            )?;
+            copier.copy_entry(here, self.dst_root)?;
             return Ok(Visit::Next);
         }
         if !here.top
@@ -511,8 +471,7 @@ impl Visitor<2> for CopyVisit<'_, '_, '_> {
             copier.stats.mount_points_left_out.push(shown);
             return Ok(Visit::Next);
         }
-        let (src, dst, names, frame) =
-            copier.start_dir(src_dir, src_name, st, dst_dir, dst_name, here.at)?;
+        let (src, dst, names, frame) = copier.start_dir(here)?;
         Ok(Visit::Enter([src, dst], names, frame))
     }
 
@@ -588,15 +547,8 @@ impl Visitor<1> for Removal {
     type Stop = Infallible;
     type Error = anyhow::Error;
 
-    fn visit(
-        &mut self,
-        here: Here<'_, 1>,
-        inspected: Option<FileStat>,
-    ) -> Result<Visit<1, (), Infallible>> {
-        let Some(st) = inspected else {
-            return Ok(Visit::Next);
-        };
-        let ([dir], [name]) = (here.dirs, here.names);
+    fn visit(&mut self, here: Here<'_, 1>) -> Result<Visit<1, (), Infallible>> {
+        let ([dir], [name], st) = (here.dirs, here.names, here.st);
         if Kind::of(&st) != Kind::Directory {
             remove_one(dir, name, &st)?;
             return Ok(Visit::Next);
@@ -605,9 +557,8 @@ impl Visitor<1> for Removal {
         Ok(Visit::Enter([fd], names, ()))
     }
 
-    fn left(&mut self, here: Here<'_, 1>) -> Result<()> {
-        nix::unistd::unlinkat(here.dirs[0], here.names[0], UnlinkatFlags::RemoveDir)
-            .context("removing the directory")
+    fn left(&mut self, [dir]: [BorrowedFd<'_>; 1], [name]: [&OsStr; 1]) -> Result<()> {
+        nix::unistd::unlinkat(dir, name, UnlinkatFlags::RemoveDir).context("removing the directory")
     }
 }
 

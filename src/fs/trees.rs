@@ -45,13 +45,16 @@ pub enum Visit<const N: usize, F, S> {
 }
 
 /// Where a visit happens: the directory of the name on each tree and the name on each (the
-/// same one below the start), and the path from the start, the name included.
+/// same one below the start), the path from the start (the name included), and the name as
+/// inspected on the first tree.
+#[derive(Clone, Copy)]
 pub struct Here<'a, const N: usize> {
     pub dirs: [BorrowedFd<'a>; N],
     pub names: [&'a OsStr; N],
     pub at: &'a Path,
     /// The start itself (not a name inside a walked directory).
     pub top: bool,
+    pub st: FileStat,
 }
 
 /// What one walk does with what it meets.
@@ -62,12 +65,17 @@ pub trait Visitor<const N: usize> {
     type Stop;
     type Error;
 
-    /// One name, as inspected on the first tree (`None`: it does not exist there).
+    /// One name that exists on the first tree.
     fn visit(
         &mut self,
         here: Here<'_, N>,
-        inspected: Option<FileStat>,
     ) -> Result<Visit<N, Self::Frame, Self::Stop>, Self::Error>;
+
+    /// A name (at `at`) that no longer exists on the first tree: gone since it was listed or
+    /// planned, so nothing to do unless the visitor says otherwise.
+    fn gone(&mut self, _at: &Path) -> Result<Visit<N, Self::Frame, Self::Stop>, Self::Error> {
+        Ok(Visit::Next)
+    }
 
     /// Everything inside a directory has been visited; the walk is still in it (`dirs`).
     fn finish(
@@ -79,8 +87,8 @@ pub trait Visitor<const N: usize> {
         Ok(())
     }
 
-    /// The walk went back up from a directory to its parents (`here.dirs`); it is closed.
-    fn left(&mut self, _here: Here<'_, N>) -> Result<(), Self::Error> {
+    /// The walk went back up from the directory `names` to its parents `dirs`, and closed it.
+    fn left(&mut self, _dirs: [BorrowedFd<'_>; N], _names: [&OsStr; N]) -> Result<(), Self::Error> {
         Ok(())
     }
 }
@@ -173,87 +181,71 @@ impl<const N: usize, F> Trees<N, F> {
             self.started = true;
             let dirs = self.parents.each_ref().map(AsFd::as_fd);
             let names = self.names.each_ref().map(OsString::as_os_str);
-            let inspected = lstat_at(dirs[0], names[0]).map_err(failed(Failed::Inspecting))?;
-            let here = Here {
-                dirs,
-                names,
-                at: &self.at,
-                top: true,
-            };
-            return Ok(match v.visit(here, inspected)? {
-                Visit::Next => Step::Done,
-                Visit::Stop(outcome) => Step::Stopped(outcome),
-                Visit::Enter(fds, names, frame) => {
-                    for fd in fds {
-                        let cursor = Cursor::new(fd).map_err(failed(Failed::Entering))?;
-                        self.cursors.push(cursor);
-                    }
-                    self.levels.push(Level {
-                        name: OsString::new(),
-                        names: names.into_iter(),
-                        frame,
-                    });
-                    Step::Going
-                }
-            });
+            let visit = inspect_and_visit(v, dirs, names, &self.at, true)?;
+            return self.go(visit, OsString::new());
         }
         let Some(level) = self.levels.last_mut() else {
             return Ok(Step::Done);
         };
         let Some(name) = level.names.next() else {
-            let level = self.levels.pop().expect("a level is being walked");
-            v.finish(self.dirs(), level.frame, &self.at)?;
-            if self.levels.is_empty() {
-                self.cursors.clear();
-                let here = Here {
-                    dirs: self.parents.each_ref().map(AsFd::as_fd),
-                    names: self.names.each_ref().map(OsString::as_os_str),
-                    at: &self.at,
-                    top: true,
-                };
-                v.left(here)?;
-                return Ok(Step::Done);
-            }
-            for cursor in &mut self.cursors {
-                cursor.leave().map_err(failed(Failed::GoingUp))?;
-            }
-            let here = Here {
-                dirs: self.dirs(),
-                names: [level.name.as_os_str(); N],
-                at: &self.at,
-                top: false,
-            };
-            v.left(here)?;
-            self.at.pop();
-            return Ok(Step::Going);
+            return self.leave(v);
         };
         self.at.push(&name);
-        let dirs = self.dirs();
-        let inspected = lstat_at(dirs[0], &name).map_err(failed(Failed::Inspecting))?;
-        let here = Here {
-            dirs,
-            names: [name.as_os_str(); N],
-            at: &self.at,
-            top: false,
-        };
-        Ok(match v.visit(here, inspected)? {
+        let visit = inspect_and_visit(v, self.dirs(), [name.as_os_str(); N], &self.at, false)?;
+        self.go(visit, name)
+    }
+
+    /// Do what the visitor said about `name`.
+    fn go<S, E>(&mut self, visit: Visit<N, F, S>, name: OsString) -> Result<Step<S>, Error<E>> {
+        match visit {
+            // The start is not a directory (or is gone, or left out): nothing else to walk.
+            Visit::Next if self.levels.is_empty() => Ok(Step::Done),
             Visit::Next => {
                 self.at.pop();
-                Step::Going
+                Ok(Step::Going)
             }
-            Visit::Stop(outcome) => Step::Stopped(outcome),
+            Visit::Stop(outcome) => Ok(Step::Stopped(outcome)),
             Visit::Enter(fds, names, frame) => {
-                for (cursor, fd) in self.cursors.iter_mut().zip(fds) {
-                    cursor.enter(fd).map_err(failed(Failed::Entering))?;
+                if self.cursors.is_empty() {
+                    for fd in fds {
+                        let cursor = Cursor::new(fd).map_err(failed(Failed::Entering))?;
+                        self.cursors.push(cursor);
+                    }
+                } else {
+                    for (cursor, fd) in self.cursors.iter_mut().zip(fds) {
+                        cursor.enter(fd).map_err(failed(Failed::Entering))?;
+                    }
                 }
                 self.levels.push(Level {
                     name,
                     names: names.into_iter(),
                     frame,
                 });
-                Step::Going
+                Ok(Step::Going)
             }
-        })
+        }
+    }
+
+    /// Everything in the current directory was visited: finish it and go back up.
+    fn leave<V: Visitor<N, Frame = F>>(
+        &mut self,
+        v: &mut V,
+    ) -> Result<Step<V::Stop>, Error<V::Error>> {
+        let level = self.levels.pop().expect("a level is being walked");
+        v.finish(self.dirs(), level.frame, &self.at)?;
+        if self.levels.is_empty() {
+            // The start: its parents are the ones the walk was given.
+            self.cursors.clear();
+            let dirs = self.parents.each_ref().map(AsFd::as_fd);
+            v.left(dirs, self.names.each_ref().map(OsString::as_os_str))?;
+            return Ok(Step::Done);
+        }
+        for cursor in &mut self.cursors {
+            cursor.leave().map_err(failed(Failed::GoingUp))?;
+        }
+        v.left(self.dirs(), [level.name.as_os_str(); N])?;
+        self.at.pop();
+        Ok(Step::Going)
     }
 
     /// Walk to the end (or until the visitor stops it). An error comes with the path it
@@ -271,4 +263,25 @@ impl<const N: usize, F> Trees<N, F> {
             }
         }
     }
+}
+
+/// Inspect `names[0]` in `dirs[0]`, never following it, and let the visitor say what to do.
+fn inspect_and_visit<const N: usize, V: Visitor<N>>(
+    v: &mut V,
+    dirs: [BorrowedFd<'_>; N],
+    names: [&OsStr; N],
+    at: &Path,
+    top: bool,
+) -> Result<Visit<N, V::Frame, V::Stop>, Error<V::Error>> {
+    let Some(st) = lstat_at(dirs[0], names[0]).map_err(failed(Failed::Inspecting))? else {
+        return Ok(v.gone(at)?);
+    };
+    let here = Here {
+        dirs,
+        names,
+        at,
+        top,
+        st,
+    };
+    Ok(v.visit(here)?)
 }

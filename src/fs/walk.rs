@@ -80,15 +80,8 @@ impl Visitor<1> for Events {
     type Stop = std::convert::Infallible;
     type Error = nix::Error;
 
-    fn visit(
-        &mut self,
-        here: Here<'_, 1>,
-        inspected: Option<FileStat>,
-    ) -> nix::Result<Visit<1, (), Self::Stop>> {
-        // Gone since the listing: nothing to see.
-        let Some(st) = inspected else {
-            return Ok(Visit::Next);
-        };
+    fn visit(&mut self, here: Here<'_, 1>) -> nix::Result<Visit<1, (), Self::Stop>> {
+        let st = here.st;
         if here.top {
             self.device = st.st_dev;
         }
