@@ -285,3 +285,70 @@ fn inspect_and_visit<const N: usize, V: Visitor<N>>(
     };
     Ok(v.visit(here)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::{list, open_verified, Kind, CHANGED};
+    use std::convert::Infallible;
+
+    /// Goes into every directory on both trees; at `a/b/c` it moves the second tree's `b`.
+    struct MovingTheSecondTree<'t> {
+        second: &'t Path,
+        visited: Vec<PathBuf>,
+    }
+
+    impl Visitor<2> for MovingTheSecondTree<'_> {
+        type Frame = ();
+        type Stop = Infallible;
+        type Error = nix::Error;
+
+        fn visit(&mut self, here: Here<'_, 2>) -> nix::Result<Visit<2, (), Infallible>> {
+            self.visited.push(here.at.to_path_buf());
+            if here.at == Path::new("a/b/c") {
+                let (from, to) = (self.second.join("a/b"), self.second.join("elsewhere/b"));
+                std::fs::rename(from, to).unwrap();
+            }
+            if Kind::of(&here.st) != Kind::Directory {
+                return Ok(Visit::Next);
+            }
+            let second = lstat_at(here.dirs[1], here.names[1])?.ok_or(nix::Error::ENOENT)?;
+            let fds = [
+                open_verified(here.dirs[0], here.names[0], &here.st)?,
+                open_verified(here.dirs[1], here.names[1], &second)?,
+            ];
+            let names = list(fds[0].as_fd())?;
+            Ok(Visit::Enter(fds, names, ()))
+        }
+    }
+
+    #[test]
+    fn the_second_tree_moved_during_a_paired_walk_stops_it_where_it_was_moved() {
+        let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        for tree in [first.path(), second.path()] {
+            std::fs::create_dir_all(tree.join("a/b/c")).unwrap();
+            std::fs::create_dir(tree.join("elsewhere")).unwrap();
+        }
+        let open = |path: &Path| -> OwnedFd { std::fs::File::open(path).unwrap().into() };
+        let dirs = [open(first.path()), open(second.path())];
+        let name = OsStr::new("a");
+        let trees: Trees<2, ()> = Trees::new(
+            [dirs[0].as_fd(), dirs[1].as_fd()],
+            [name, name],
+            Path::new("a"),
+        )
+        .unwrap();
+        let mut visitor = MovingTheSecondTree {
+            second: second.path(),
+            visited: Vec::new(),
+        };
+        match trees.run(&mut visitor) {
+            Err((at, Error::Walk(Failed::GoingUp, e))) => {
+                assert_eq!((at, e), (PathBuf::from("a/b"), CHANGED));
+            }
+            Err((at, e)) => panic!("{at:?}: {e:?}"),
+            Ok(_) => panic!("the walk went on: {:?}", visitor.visited),
+        }
+        assert_eq!(visitor.visited, ["a", "a/b", "a/b/c"].map(PathBuf::from));
+    }
+}
