@@ -1,5 +1,5 @@
 //! Whether a copy is still what its source is: the first difference between two trees, walked
-//! side by side with one open directory per side (see `fs::Cursor`), so a tree of any depth is
+//! side by side by `fs::Trees` with one open directory per side, so a tree of any depth is
 //! compared within any file limit.
 
 use std::ffi::{OsStr, OsString};

@@ -25,10 +25,11 @@
 //! reported as an error: a copy is always one version the file really had, never the start of
 //! one and the end (or a zero tail) of another.
 //!
-//! A tree is copied, compared and removed with one open directory per side however deep it is
-//! (`fs::Cursor`): a 2,000-level tree needs no more descriptors than a flat one.
+//! A tree is copied, compared and removed by the one walk of `fs::Trees`, with one open
+//! directory per side however deep it is: a 2,000-level tree needs no more descriptors than a
+//! flat one. This module says only what each of them does with a name.
 //!
-//! Here: the walks (copy, remove); `attrs`: flags, xattrs, owner, mode and times; `file`: the
+//! Here: the copy and the removal of a tree; `attrs`: flags, xattrs, owner, mode and times; `file`: the
 //! content of one file; `compare`: whether two files hold the same bytes; `difference`: the
 //! first difference between two trees.
 

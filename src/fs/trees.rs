@@ -106,6 +106,12 @@ impl<E> From<E> for Error<E> {
     }
 }
 
+/// An error of the walk and the path it happened at (from the start).
+pub type ErrorAt<E> = (PathBuf, Error<E>);
+
+/// What visitor `V` says about one name.
+pub type VisitOf<const N: usize, V> = Visit<N, <V as Visitor<N>>::Frame, <V as Visitor<N>>::Stop>;
+
 /// A step of the walk itself failed at `step`.
 fn failed<E>(step: Failed) -> impl Fn(nix::Error) -> Error<E> {
     move |e| Error::Walk(step, e)
@@ -253,7 +259,7 @@ impl<const N: usize, F> Trees<N, F> {
     pub fn run<V: Visitor<N, Frame = F>>(
         mut self,
         v: &mut V,
-    ) -> Result<Option<V::Stop>, (PathBuf, Error<V::Error>)> {
+    ) -> Result<Option<V::Stop>, ErrorAt<V::Error>> {
         loop {
             match self.step(v) {
                 Ok(Step::Going) => {}
@@ -272,7 +278,7 @@ fn inspect_and_visit<const N: usize, V: Visitor<N>>(
     names: [&OsStr; N],
     at: &Path,
     top: bool,
-) -> Result<Visit<N, V::Frame, V::Stop>, Error<V::Error>> {
+) -> Result<VisitOf<N, V>, Error<V::Error>> {
     let Some(st) = lstat_at(dirs[0], names[0]).map_err(failed(Failed::Inspecting))? else {
         return Ok(v.gone(at)?);
     };
