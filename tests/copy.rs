@@ -742,19 +742,25 @@ fn a_2000_level_tree_copies_and_compares_under_a_limit_of_64_open_files() {
     assert!(stdout(&again).contains("identical"), "{}", stdout(&again));
 }
 
+/// `deep_fixture`, migrated once, for a rerun to compare (with failpoints, to stop it midway).
+fn deep_fixture_migrated(test: &str) -> Option<(LiveRoot, PathBuf)> {
+    if !failpoints(test) {
+        return None;
+    }
+    let (lr, manifest) = deep_fixture(test)?;
+    let applied = lr.migrate(&manifest, &["--apply"]).output().unwrap();
+    assert_eq!(applied.status.code(), Some(0), "{}", stderr(&applied));
+    Some((lr, manifest))
+}
+
 /// Item 17, comparing: a file at the bottom of a 2,000-level tree replaced while a rerun compares
 /// it is an error that names its path once (not once per level), with what to do.
 #[test]
 fn an_error_comparing_a_2000_level_tree_names_its_path_once() {
     let test = "an_error_comparing_a_2000_level_tree_names_its_path_once";
-    if !failpoints(test) {
-        return;
-    }
-    let Some((lr, manifest)) = deep_fixture(test) else {
+    let Some((lr, manifest)) = deep_fixture_migrated(test) else {
         return;
     };
-    let applied = lr.migrate(&manifest, &["--apply"]).output().unwrap();
-    assert_eq!(applied.status.code(), Some(0), "{}", stderr(&applied));
     // Names are compared in order, so the first regular file compared is the bottom `f`.
     let (status, err, stops) = run_stopping_at(
         lr.migrate(&manifest, &[]),
@@ -786,4 +792,42 @@ fn an_error_comparing_a_2000_level_tree_names_its_path_once() {
         &err[..3000.min(err.len())]
     );
     assert_eq!(err.matches(LEVEL).count(), DEPTH, "the path is named once");
+}
+
+/// The comparison walks the live tree and its copy in step and checks, going back up, that each
+/// side's parent is the directory it came down from: a directory of the copy (the second tree)
+/// moved away while the comparison is 2,000 levels below it stops the comparison with an error
+/// that names it once, instead of comparing somewhere else.
+#[test]
+fn a_copy_moved_while_it_is_compared_stops_the_comparison() {
+    let test = "a_copy_moved_while_it_is_compared_stops_the_comparison";
+    let Some((lr, manifest)) = deep_fixture_migrated(test) else {
+        return;
+    };
+    let storage = lr.live.join("persist/srv");
+    // Names are compared in order, so the first regular file compared is the bottom `f`.
+    let (status, err, stops) = run_stopping_at(
+        lr.migrate(&manifest, &[]),
+        "compare-before-opening-file",
+        |stop| {
+            if stop == 0 {
+                std::fs::create_dir(storage.join("elsewhere")).unwrap();
+                std::fs::rename(
+                    storage.join(format!("deep/{LEVEL}")),
+                    storage.join(format!("elsewhere/{LEVEL}")),
+                )
+                .unwrap();
+            }
+        },
+    );
+    assert!(stops >= 1);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "comparing deep/{LEVEL}: it was moved while rasa went through it"
+        )),
+        "{}",
+        &err[..3000.min(err.len())]
+    );
+    assert_eq!(err.matches(LEVEL).count(), 1, "the path is named once");
 }

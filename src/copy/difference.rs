@@ -1,18 +1,18 @@
 //! Whether a copy is still what its source is: the first difference between two trees, walked
-//! side by side with one open directory per side (see `fs::Cursor`), so a tree of any depth is
+//! side by side by `fs::Trees` with one open directory per side, so a tree of any depth is
 //! compared within any file limit.
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use nix::sys::stat::FileStat;
 
 use super::attrs::xattrs_at;
-use super::{moved_while_walked, replaced_while, same_content};
+use super::{replaced_while, same_content};
 use crate::failpoint;
-use crate::fs::{self, Cursor, Kind};
+use crate::fs::{self, Here, Kind, Visit, Visitor};
 
 /// The first difference between two trees, or `None` when they are the same in everything the
 /// copy preserves (type, owner, mode, mtime, size, content, link target, device number, xattrs,
@@ -27,88 +27,56 @@ pub fn first_difference(
     rel: &Path,
     left_out: &dyn Fn(&FileStat) -> bool,
 ) -> Result<Option<String>> {
-    let mut at = rel.to_path_buf();
-    let result = walk(a_dir, a_name, b_dir, b_name, &mut at, left_out);
-    result.with_context(|| format!("comparing {}", show(&at)))
+    let (dirs, names) = ([a_dir, b_dir], [a_name, b_name]);
+    let mut comparison = Comparison { left_out };
+    super::walk(dirs, names, rel, &mut comparison, "comparing", show)
 }
 
-/// One level of the walk: the names inside a pair of directories still to compare.
-type Names = std::vec::IntoIter<OsString>;
+/// What the comparison does with each name met by the walk of both trees: compare it, and go
+/// into a pair of directories holding the same names.
+struct Comparison<'l> {
+    left_out: &'l dyn Fn(&FileStat) -> bool,
+}
 
-fn walk(
-    a_dir: BorrowedFd<'_>,
-    a_name: &OsStr,
-    b_dir: BorrowedFd<'_>,
-    b_name: &OsStr,
-    at: &mut PathBuf,
-    left_out: &dyn Fn(&FileStat) -> bool,
-) -> Result<Option<String>> {
-    let (a, b) = match compare_entry(a_dir, a_name, b_dir, b_name, at)? {
-        Compared::Differs(difference) => return Ok(Some(difference)),
-        Compared::Same(a, b) => (a, b),
-    };
-    if Kind::of(&a) != Kind::Directory {
-        return Ok(None);
-    }
-    let (da, db, names) = match open_pair(a_dir, a_name, &a, b_dir, b_name, &b, left_out)? {
-        Opened::Differs => return Ok(Some(differs(at, "list of names inside"))),
-        Opened::Pair(da, db, names) => (da, db, names),
-    };
-    let (mut side_a, mut side_b) = (Cursor::new(da)?, Cursor::new(db)?);
-    let mut stack: Vec<Names> = vec![names.into_iter()];
-    while let Some(names) = stack.last_mut() {
-        let Some(name) = names.next() else {
-            stack.pop();
-            if !stack.is_empty() {
-                side_a.leave().map_err(moved_while_walked)?;
-                side_b.leave().map_err(moved_while_walked)?;
-                at.pop();
-            }
-            continue;
+impl Visitor<2> for Comparison<'_> {
+    type Frame = ();
+    /// The first difference.
+    type Stop = String;
+    type Error = anyhow::Error;
+
+    fn visit(&mut self, here: Here<'_, 2>) -> Result<Visit<2, (), String>> {
+        let b = match compare_entry(here)? {
+            Compared::Differs(difference) => return Ok(Visit::Stop(difference)),
+            Compared::Same(b) => b,
         };
-        at.push(&name);
-        let (a, b) = match compare_entry(side_a.dir(), &name, side_b.dir(), &name, at)? {
-            Compared::Differs(difference) => return Ok(Some(difference)),
-            Compared::Same(a, b) => (a, b),
-        };
-        if Kind::of(&a) != Kind::Directory {
-            at.pop();
-            continue;
+        if Kind::of(&here.st) != Kind::Directory {
+            return Ok(Visit::Next);
         }
-        match open_pair(side_a.dir(), &name, &a, side_b.dir(), &name, &b, left_out)? {
-            Opened::Differs => return Ok(Some(differs(at, "list of names inside"))),
-            Opened::Pair(da, db, names) => {
-                side_a.enter(da)?;
-                side_b.enter(db)?;
-                stack.push(names.into_iter());
-            }
-        }
+        Ok(match open_pair(here, &b, self.left_out)? {
+            Opened::Differs => Visit::Stop(differs(here.at, "list of names inside")),
+            Opened::Pair(da, db, names) => Visit::Enter([da, db], names, ()),
+        })
     }
-    Ok(None)
+
+    fn gone(&mut self, at: &Path) -> Result<Visit<2, (), String>> {
+        Ok(Visit::Stop(on_one_side_only(at)))
+    }
 }
 
 // One value at a time, returned and taken apart at once: its size does not matter.
 #[allow(clippy::large_enum_variant)]
 enum Compared {
     Differs(String),
-    /// The same in everything but what is inside (for directories); both as inspected.
-    Same(FileStat, FileStat),
+    /// The same in everything but what is inside (for directories); side `b` as inspected.
+    Same(FileStat),
 }
 
-/// Compare one name on both sides, all but what is inside a directory.
-fn compare_entry(
-    a_dir: BorrowedFd<'_>,
-    a_name: &OsStr,
-    b_dir: BorrowedFd<'_>,
-    b_name: &OsStr,
-    rel: &Path,
-) -> Result<Compared> {
-    let inspect = |dir, name| fs::lstat_at(dir, name).context("inspecting it");
-    let (Some(a), Some(b)) = (inspect(a_dir, a_name)?, inspect(b_dir, b_name)?) else {
-        return Ok(Compared::Differs(format!(
-            "{} exists on one side only",
-            rel.display()
-        )));
+/// Compare one name on both sides (`a` as inspected by the walk), all but what is inside a
+/// directory.
+fn compare_entry(here: Here<'_, 2>) -> Result<Compared> {
+    let ([a_dir, b_dir], [a_name, b_name], a, rel) = (here.dirs, here.names, here.st, here.at);
+    let Some(b) = fs::lstat_at(b_dir, b_name).context("inspecting it")? else {
+        return Ok(Compared::Differs(on_one_side_only(rel)));
     };
     let at = |what: &str| Ok(Compared::Differs(differs(rel, what)));
     if a.st_mode != b.st_mode {
@@ -144,7 +112,7 @@ fn compare_entry(
             return at("content");
         }
     }
-    Ok(Compared::Same(a, b))
+    Ok(Compared::Same(b))
 }
 
 enum Opened {
@@ -156,16 +124,13 @@ enum Opened {
 
 /// Open a pair of directories compared equal so far and list what is inside them.
 fn open_pair(
-    a_dir: BorrowedFd<'_>,
-    a_name: &OsStr,
-    a: &FileStat,
-    b_dir: BorrowedFd<'_>,
-    b_name: &OsStr,
+    here: Here<'_, 2>,
     b: &FileStat,
     left_out: &dyn Fn(&FileStat) -> bool,
 ) -> Result<Opened> {
-    let da = fs::open_verified(a_dir, a_name, a).map_err(replaced_while("compared"))?;
-    let db = fs::open_verified(b_dir, b_name, b).map_err(replaced_while("compared"))?;
+    let ([a_dir, b_dir], [a_name, b_name]) = (here.dirs, here.names);
+    let open = |dir, name, st| fs::open_verified(dir, name, st).map_err(replaced_while("compared"));
+    let (da, db) = (open(a_dir, a_name, &here.st)?, open(b_dir, b_name, b)?);
     let na = kept_names(da.as_fd(), left_out)?;
     let nb = kept_names(db.as_fd(), &|_| false)?;
     Ok(if na == nb {
@@ -188,6 +153,10 @@ fn kept_names(dir: BorrowedFd<'_>, left_out: &dyn Fn(&FileStat) -> bool) -> Resu
     }
     kept.sort();
     Ok(kept)
+}
+
+fn on_one_side_only(rel: &Path) -> String {
+    format!("{} exists on one side only", rel.display())
 }
 
 fn differs(rel: &Path, what: &str) -> String {

@@ -25,14 +25,16 @@
 //! reported as an error: a copy is always one version the file really had, never the start of
 //! one and the end (or a zero tail) of another.
 //!
-//! A tree is copied, compared and removed with one open directory per side however deep it is
-//! (`fs::Cursor`): a 2,000-level tree needs no more descriptors than a flat one.
+//! A tree is copied, compared and removed by the one walk of `fs::Trees`, with one open
+//! directory per side however deep it is: a 2,000-level tree needs no more descriptors than a
+//! flat one. This module says only what each of them does with a name.
 //!
-//! Here: the walks (copy, remove); `attrs`: flags, xattrs, owner, mode and times; `file`: the
+//! Here: the copy and the removal of a tree; `attrs`: flags, xattrs, owner, mode and times; `file`: the
 //! content of one file; `compare`: whether two files hold the same bytes; `difference`: the
 //! first difference between two trees.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -45,7 +47,7 @@ use nix::sys::stat::{FileStat, Mode, SFlag};
 use nix::unistd::UnlinkatFlags;
 
 use crate::failpoint;
-use crate::fs::{self, Beneath, Cursor, Kind};
+use crate::fs::{self, Beneath, Failed, Here, Kind, Trees, Visit, Visitor, WalkError};
 
 mod attrs;
 mod compare;
@@ -75,16 +77,39 @@ fn replaced_while(done: &'static str) -> impl Fn(nix::Error) -> anyhow::Error {
     }
 }
 
-/// Going back up a tree found another directory than the one it came down from.
-fn moved_while_walked(e: nix::Error) -> anyhow::Error {
-    if e == fs::CHANGED {
-        anyhow::anyhow!(
+/// The error of a step of the walk itself (copy, compare, remove): inspecting a name, or going
+/// back up a tree and finding another directory than the one it came down from.
+fn walk_failed(step: Failed, e: nix::Error) -> anyhow::Error {
+    match step {
+        Failed::Inspecting => anyhow::Error::new(e).context("inspecting it"),
+        Failed::Entering => e.into(),
+        Failed::GoingUp if e == fs::CHANGED => anyhow::anyhow!(
             "it was moved while rasa went through it (its parent is no longer the directory \
              rasa came down from); rerun when it is quiet"
-        )
-    } else {
-        anyhow::Error::new(e).context("going back up to the parent directory")
+        ),
+        Failed::GoingUp => anyhow::Error::new(e).context("going back up to the parent directory"),
     }
+}
+
+/// Walk `dirs[i]/names[i]` with `visitor` (copy, compare, remove); an error names the path it
+/// happened at once, as `shown` words it from the path the walk started at (`at`):
+/// "`doing` <path>: ...".
+fn walk<const N: usize, V: Visitor<N, Error = anyhow::Error>>(
+    dirs: [BorrowedFd<'_>; N],
+    names: [&OsStr; N],
+    at: &Path,
+    visitor: &mut V,
+    doing: &str,
+    shown: impl Fn(&Path) -> String,
+) -> Result<Option<V::Stop>> {
+    let trees = Trees::new(dirs, names, at).with_context(|| format!("{doing} {}", shown(at)))?;
+    trees.run(visitor).map_err(|(at, e)| {
+        let e = match e {
+            WalkError::Walk(step, e) => walk_failed(step, e),
+            WalkError::Visitor(e) => e,
+        };
+        e.context(format!("{doing} {}", shown(&at)))
+    })
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -144,11 +169,15 @@ struct FirstCopy {
     identity: (u64, u64),
 }
 
-/// One directory being copied: the source as inspected, its flags, and the names still to copy.
+/// Where one name is copied: the source's directory and name, the destination's, and the path
+/// from the destination directory given to `Copier::copy`.
+type Place<'a> = Here<'a, 2>;
+
+/// One directory being copied: the source as inspected and its flags, to finish the copy with
+/// once everything inside is in place.
 struct DirFrame {
     st: FileStat,
     flags: libc::c_long,
-    names: std::vec::IntoIter<OsString>,
 }
 
 /// One copy of one tree, with the hard-link map for that tree.
@@ -199,84 +228,25 @@ impl<'p> Copier<'p> {
     ) -> Result<()> {
         self.links.clear();
         self.names = (src_name.to_os_string(), dst_name.to_os_string());
-        let mut at = PathBuf::from(dst_name);
-        let result = self.copy_tree(src_dir, src_name, dst_dir, dst_name, &mut at);
-        result.with_context(|| format!("copying {}", self.shown(&at)))
-    }
-
-    /// The walk behind `copy`, in pre-order with an explicit stack; `at` follows it (the path
-    /// from `dst_dir`), so that the caller can say where an error happened.
-    fn copy_tree(
-        &mut self,
-        src_dir: BorrowedFd<'_>,
-        src_name: &OsStr,
-        dst_dir: BorrowedFd<'_>,
-        dst_name: &OsStr,
-        at: &mut PathBuf,
-    ) -> Result<()> {
-        let Some(st) = fs::lstat_at(src_dir, src_name).context("inspecting it")? else {
-            // Vanished since it was planned: nothing to copy.
-            return Ok(());
+        let names = self.names.clone();
+        let mut copy = CopyVisit {
+            copier: self,
+            dst_root: dst_dir,
         };
-        if Kind::of(&st) != Kind::Directory {
-            return self.copy_entry(src_dir, src_name, &st, dst_dir, dst_name, dst_dir, at);
-        }
-        let (src, dst, frame) = self.start_dir(src_dir, src_name, st, dst_dir, dst_name, at)?;
-        let (mut src_at, mut dst_at) = (Cursor::new(src)?, Cursor::new(dst)?);
-        let mut stack = vec![frame];
-        while let Some(frame) = stack.last_mut() {
-            let Some(name) = frame.names.next() else {
-                // Everything inside is in place: now the directory's owner, mode and times.
-                let frame = stack.pop().expect("the loop runs on a frame");
-                if finish_fd(src_at.dir(), &frame.st, dst_at.dir(), frame.flags)? {
-                    let shown = self.shown(at);
-                    self.stats.flags_not_kept.push(shown);
-                }
-                if !stack.is_empty() {
-                    src_at.leave().map_err(moved_while_walked)?;
-                    dst_at.leave().map_err(moved_while_walked)?;
-                    at.pop();
-                }
-                continue;
-            };
-            at.push(&name);
-            let Some(st) = fs::lstat_at(src_at.dir(), &name).context("inspecting it")? else {
-                // Gone since the directory was listed: nothing to copy.
-                at.pop();
-                continue;
-            };
-            if Kind::of(&st) != Kind::Directory {
-                self.copy_entry(src_at.dir(), &name, &st, dst_at.dir(), &name, dst_dir, at)?;
-                at.pop();
-            } else if self
-                .left_out
-                .is_some_and(|is_mount_point| is_mount_point(&st))
-            {
-                let shown = self.shown(at);
-                self.stats.mount_points_left_out.push(shown);
-                at.pop();
-            } else {
-                let (src, dst, frame) =
-                    self.start_dir(src_at.dir(), &name, st, dst_at.dir(), &name, at)?;
-                src_at.enter(src)?;
-                dst_at.enter(dst)?;
-                stack.push(frame);
-            }
-        }
+        let (dirs, walked) = ([src_dir, dst_dir], [src_name, dst_name]);
+        walk(
+            dirs,
+            walked,
+            dst_name.as_ref(),
+            &mut copy,
+            "copying",
+            |at| shown(&names, at),
+        )?;
         Ok(())
     }
 
     fn shown(&self, rel: &Path) -> String {
-        let rest = rel.strip_prefix(&self.names.1).unwrap_or(rel);
-        let shown = Path::new(&self.names.0);
-        // The entry itself (a file entry): its name, without the trailing slash `join("")` adds.
-        if rest.as_os_str().is_empty() {
-            shown.to_path_buf()
-        } else {
-            shown.join(rest)
-        }
-        .to_string_lossy()
-        .into_owned()
+        shown(&self.names, rel)
     }
 
     /// Set the flags btrfs wants on an empty file; a destination that has no such flags (ext4
@@ -306,13 +276,10 @@ impl<'p> Copier<'p> {
     /// it is in place, and open both sides; what is inside is copied by the caller's walk.
     fn start_dir(
         &mut self,
-        src_dir: BorrowedFd<'_>,
-        src_name: &OsStr,
-        st: FileStat,
-        dst_dir: BorrowedFd<'_>,
-        dst_name: &OsStr,
-        rel: &Path,
-    ) -> Result<(OwnedFd, OwnedFd, DirFrame)> {
+        place: Place<'_>,
+    ) -> Result<(OwnedFd, OwnedFd, Vec<OsString>, DirFrame)> {
+        let st = place.st;
+        let ([src_dir, dst_dir], [src_name, dst_name]) = (place.dirs, place.names);
         let src = fs::open_verified(src_dir, src_name, &st).map_err(replaced_while("copied"))?;
         let names = fs::list(src.as_fd()).context("listing the directory")?;
         let initial = Mode::from_bits_truncate(st.st_mode & 0o700);
@@ -328,29 +295,16 @@ impl<'p> Copier<'p> {
         remove_inherited_acls(&XattrSource::Fd(dst.as_fd()))?;
         let flags = get_flags(src.as_fd()) & COPYABLE_FLAGS;
         // Inherited by the children created below, as on the source.
-        self.set_early_flags(dst.as_fd(), flags, rel)?;
+        self.set_early_flags(dst.as_fd(), flags, place.at)?;
         self.stats.directories += 1;
-        let frame = DirFrame {
-            st,
-            flags,
-            names: names.into_iter(),
-        };
-        Ok((src, dst, frame))
+        Ok((src, dst, names, DirFrame { st, flags }))
     }
 
     /// Copy anything but a directory; a second name of a hard-linked file becomes a hard link
-    /// to its first copy. `dst_root` is the directory `rel` starts from.
-    #[allow(clippy::too_many_arguments)]
-    fn copy_entry(
-        &mut self,
-        src_dir: BorrowedFd<'_>,
-        src_name: &OsStr,
-        st: &FileStat,
-        dst_dir: BorrowedFd<'_>,
-        dst_name: &OsStr,
-        dst_root: BorrowedFd<'_>,
-        rel: &Path,
-    ) -> Result<()> {
+    /// to its first copy. `dst_root` is the directory `place.at` starts from.
+    fn copy_entry(&mut self, place: Place<'_>, dst_root: BorrowedFd<'_>) -> Result<()> {
+        let st = &place.st;
+        let (dst_dir, dst_name, rel) = (place.dirs[1], place.names[1], place.at);
         let kind = Kind::of(st);
         let linked = st.st_nlink > 1 && kind != Kind::Socket;
         if linked {
@@ -361,11 +315,9 @@ impl<'p> Copier<'p> {
             }
         }
         match kind {
-            Kind::File => self.copy_file(src_dir, src_name, st, dst_dir, dst_name, rel)?,
-            Kind::Symlink => self.copy_symlink(src_dir, src_name, st, dst_dir, dst_name)?,
-            Kind::Fifo | Kind::CharDevice | Kind::BlockDevice => {
-                self.copy_special(src_dir, src_name, st, dst_dir, dst_name)?
-            }
+            Kind::File => self.copy_file(place)?,
+            Kind::Symlink => self.copy_symlink(place)?,
+            Kind::Fifo | Kind::CharDevice | Kind::BlockDevice => self.copy_special(place)?,
             Kind::Socket => {
                 let shown = self.shown(rel);
                 self.stats.skipped_sockets.push(shown);
@@ -385,15 +337,10 @@ impl<'p> Copier<'p> {
         Ok(())
     }
 
-    fn copy_file(
-        &mut self,
-        src_dir: BorrowedFd<'_>,
-        src_name: &OsStr,
-        st: &FileStat,
-        dst_dir: BorrowedFd<'_>,
-        dst_name: &OsStr,
-        rel: &Path,
-    ) -> Result<()> {
+    fn copy_file(&mut self, place: Place<'_>) -> Result<()> {
+        let st = &place.st;
+        let ([src_dir, dst_dir], [src_name, dst_name]) = (place.dirs, place.names);
+        let rel = place.at;
         crate::failpoint::hit("copy-before-opening-file");
         // What was inspected, or nothing: a FIFO or another file swapped in since is refused
         // without blocking.
@@ -457,14 +404,9 @@ impl<'p> Copier<'p> {
         Ok(())
     }
 
-    fn copy_symlink(
-        &mut self,
-        src_dir: BorrowedFd<'_>,
-        src_name: &OsStr,
-        st: &FileStat,
-        dst_dir: BorrowedFd<'_>,
-        dst_name: &OsStr,
-    ) -> Result<()> {
+    fn copy_symlink(&mut self, place: Place<'_>) -> Result<()> {
+        let st = &place.st;
+        let ([src_dir, dst_dir], [src_name, dst_name]) = (place.dirs, place.names);
         let target = fs::read_link_at(src_dir, src_name).context("reading the symlink")?;
         nix::unistd::symlinkat(target.as_os_str(), dst_dir, dst_name)
             .context("creating the symlink")?;
@@ -472,14 +414,9 @@ impl<'p> Copier<'p> {
         finish_at(src_dir, src_name, st, dst_dir, dst_name, false)
     }
 
-    fn copy_special(
-        &mut self,
-        src_dir: BorrowedFd<'_>,
-        src_name: &OsStr,
-        st: &FileStat,
-        dst_dir: BorrowedFd<'_>,
-        dst_name: &OsStr,
-    ) -> Result<()> {
+    fn copy_special(&mut self, place: Place<'_>) -> Result<()> {
+        let st = &place.st;
+        let ([src_dir, dst_dir], [src_name, dst_name]) = (place.dirs, place.names);
         let kind = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits());
         let owner_only = Mode::from_bits_truncate(st.st_mode & 0o700);
         nix::sys::stat::mknodat(dst_dir, dst_name, kind, owner_only, st.st_rdev)
@@ -488,6 +425,69 @@ impl<'p> Copier<'p> {
         remove_inherited_acls(&XattrSource::Path(proc_path(dst_dir, dst_name)))?;
         self.stats.special_files += 1;
         finish_at(src_dir, src_name, st, dst_dir, dst_name, true)
+    }
+}
+
+/// `rel` (a path from the destination directory, starting with the temporary name) as the user
+/// knows it: from the entry's own name.
+fn shown((entry, temporary): &(OsString, OsString), rel: &Path) -> String {
+    let rest = rel.strip_prefix(temporary).unwrap_or(rel);
+    let shown = Path::new(entry);
+    // The entry itself (a file entry): its name, without the trailing slash `join("")` adds.
+    if rest.as_os_str().is_empty() {
+        shown.to_path_buf()
+    } else {
+        shown.join(rest)
+    }
+    .to_string_lossy()
+    .into_owned()
+}
+
+/// What the copy does with each name the walk of the source (and, in step, of the copy) meets.
+struct CopyVisit<'c, 'p, 'd> {
+    copier: &'c mut Copier<'p>,
+    /// The destination directory given to `Copier::copy`, where a hard link's first copy is
+    /// found from.
+    dst_root: BorrowedFd<'d>,
+}
+
+impl Visitor<2> for CopyVisit<'_, '_, '_> {
+    type Frame = DirFrame;
+    type Stop = Infallible;
+    type Error = anyhow::Error;
+
+    fn visit(&mut self, here: Here<'_, 2>) -> Result<Visit<2, DirFrame, Infallible>> {
+        let copier = &mut *self.copier;
+        let st = here.st;
+        if Kind::of(&st) != Kind::Directory {
+            copier.copy_entry(here, self.dst_root)?;
+            return Ok(Visit::Next);
+        }
+        if !here.top
+            && copier
+                .left_out
+                .is_some_and(|is_mount_point| is_mount_point(&st))
+        {
+            let shown = copier.shown(here.at);
+            copier.stats.mount_points_left_out.push(shown);
+            return Ok(Visit::Next);
+        }
+        let (src, dst, names, frame) = copier.start_dir(here)?;
+        Ok(Visit::Enter([src, dst], names, frame))
+    }
+
+    /// Everything inside is in place: now the directory's owner, mode and times.
+    fn finish(
+        &mut self,
+        [src, dst]: [BorrowedFd<'_>; 2],
+        frame: DirFrame,
+        at: &Path,
+    ) -> Result<()> {
+        if finish_fd(src, &frame.st, dst, frame.flags)? {
+            let shown = self.copier.shown(at);
+            self.copier.stats.flags_not_kept.push(shown);
+        }
+        Ok(())
     }
 }
 
@@ -528,52 +528,39 @@ fn link_again(
 /// Delete a tree this program created (a temporary copy), never following a symlink, with one
 /// open directory however deep it is. An error names the path once.
 pub fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
-    let mut at = PathBuf::from(name);
-    let result = remove_walk(dir, name, &mut at);
-    result.with_context(|| format!("removing {}", at.display()))
+    walk(
+        [dir],
+        [name],
+        name.as_ref(),
+        &mut Removal,
+        "removing",
+        |at| at.display().to_string(),
+    )?;
+    Ok(())
 }
 
-fn remove_walk(dir: BorrowedFd<'_>, name: &OsStr, at: &mut PathBuf) -> Result<()> {
-    let Some(st) = fs::lstat_at(dir, name).context("inspecting it")? else {
-        return Ok(());
-    };
-    if Kind::of(&st) != Kind::Directory {
-        return remove_one(dir, name, &st);
-    }
-    let (top, names) = open_to_remove(dir, name, &st)?;
-    let mut cursor = Cursor::new(top)?;
-    // Each level: its name (to remove it once empty) and the names still inside it.
-    let mut stack = vec![(name.to_os_string(), names.into_iter())];
-    while let Some((_, names)) = stack.last_mut() {
-        let Some(child) = names.next() else {
-            let (emptied, _) = stack.pop().expect("the loop runs on a frame");
-            if stack.is_empty() {
-                drop(cursor);
-                nix::unistd::unlinkat(dir, name, UnlinkatFlags::RemoveDir)
-                    .context("removing the directory")?;
-                return Ok(());
-            }
-            cursor.leave().map_err(moved_while_walked)?;
-            nix::unistd::unlinkat(cursor.dir(), emptied.as_os_str(), UnlinkatFlags::RemoveDir)
-                .context("removing the directory")?;
-            at.pop();
-            continue;
-        };
-        at.push(&child);
-        let Some(st) = fs::lstat_at(cursor.dir(), &child).context("inspecting it")? else {
-            at.pop();
-            continue;
-        };
-        if Kind::of(&st) == Kind::Directory {
-            let (fd, names) = open_to_remove(cursor.dir(), &child, &st)?;
-            cursor.enter(fd)?;
-            stack.push((child, names.into_iter()));
-        } else {
-            remove_one(cursor.dir(), &child, &st)?;
-            at.pop();
+/// What the removal does with each name: a directory is emptied by the walk, then removed
+/// once the walk has left it.
+struct Removal;
+
+impl Visitor<1> for Removal {
+    type Frame = ();
+    type Stop = Infallible;
+    type Error = anyhow::Error;
+
+    fn visit(&mut self, here: Here<'_, 1>) -> Result<Visit<1, (), Infallible>> {
+        let ([dir], [name], st) = (here.dirs, here.names, here.st);
+        if Kind::of(&st) != Kind::Directory {
+            remove_one(dir, name, &st)?;
+            return Ok(Visit::Next);
         }
+        let (fd, names) = open_to_remove(dir, name, &st)?;
+        Ok(Visit::Enter([fd], names, ()))
     }
-    Ok(())
+
+    fn left(&mut self, [dir]: [BorrowedFd<'_>; 1], [name]: [&OsStr; 1]) -> Result<()> {
+        nix::unistd::unlinkat(dir, name, UnlinkatFlags::RemoveDir).context("removing the directory")
+    }
 }
 
 /// Open a directory to delete what is inside: immutable or append-only directories forbid it,

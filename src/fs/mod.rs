@@ -11,6 +11,7 @@
 //! [`CHANGED`]. Callers add their context (which path, what for) once.
 
 pub mod cursor;
+pub mod trees;
 pub mod walk;
 
 use std::ffi::{OsStr, OsString};
@@ -22,6 +23,8 @@ use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{FileStat, Mode, SFlag};
 
 pub use cursor::Cursor;
+pub use trees::Error as WalkError;
+pub use trees::{Failed, Here, Trees, Visit, Visitor};
 pub use walk::{measure, Measure, MountRoots};
 
 /// The error of [`open_verified`] when the name no longer refers to the inspected inode: it was

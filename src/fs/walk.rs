@@ -1,10 +1,7 @@
 //! An iterative walk of one tree that stays on its filesystem.
 //!
-//! It holds one descriptor (the directory being listed) and a stack of names, not one
-//! descriptor per level, so a 2,000-level tree walks within any file limit and without deep
-//! recursion. Going back up re-opens `..` and checks that it is the directory that was left
-//! (device and inode); a tree moved under the walk is [`super::CHANGED`], never a walk of
-//! somewhere else.
+//! It is [`super::trees::Trees`] over one tree: one descriptor however deep, and a tree moved
+//! under the walk is [`super::CHANGED`], never a walk of somewhere else.
 //!
 //! Mount points below the walked entry are reported and not descended into: a mount point is
 //! the root of a mount in `/proc/self/mountinfo` (a bind mount of the same filesystem included)
@@ -12,14 +9,14 @@
 //! (subvolumes are part of the tree and are walked).
 
 use std::collections::HashSet;
-use std::ffi::{OsStr, OsString};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::OFlag;
-use nix::sys::stat::{FileStat, Mode};
+use nix::sys::stat::FileStat;
 
-use super::{fstat, identity, list, lstat_at, open_verified, Kind, CHANGED};
+use super::trees::{Error, Here, Step, Trees, Visit, Visitor};
+use super::{identity, list, open_verified, Kind};
 
 /// The inode number of a btrfs subvolume's root directory.
 const BTRFS_SUBVOLUME_ROOT_INO: u64 = 256;
@@ -62,115 +59,58 @@ pub struct WalkEvent {
     pub mount_point: bool,
 }
 
-struct Frame {
-    /// The directory this frame lists, to verify it when coming back up.
-    id: (u64, u64),
-    names: std::vec::IntoIter<OsString>,
+/// A pre-order walk of `parent/name` (any type), as an iterator of events: [`Trees`] over one
+/// tree.
+pub struct Walk {
+    trees: Trees<1, ()>,
+    events: Events,
+    done: bool,
 }
 
-/// A pre-order walk of `parent/name` (any type), as an iterator of events.
-pub struct Walk {
-    start: Option<(OwnedFd, OsString)>,
+/// What [`Walk`] does with each name: report it, and go into directories but mount points.
+struct Events {
     device: u64,
     mounts: MountRoots,
-    current: Option<OwnedFd>,
-    stack: Vec<Frame>,
-    rel: PathBuf,
-    done: bool,
+    /// The event of the last name visited, until `next` hands it out.
+    pending: Option<WalkEvent>,
+}
+
+impl Visitor<1> for Events {
+    type Frame = ();
+    type Stop = std::convert::Infallible;
+    type Error = nix::Error;
+
+    fn visit(&mut self, here: Here<'_, 1>) -> nix::Result<Visit<1, (), Self::Stop>> {
+        let st = here.st;
+        if here.top {
+            self.device = st.st_dev;
+        }
+        let mount_point = !here.top && self.mounts.is_mount_point(&st, self.device);
+        self.pending = Some(WalkEvent {
+            rel: here.at.to_path_buf(),
+            stat: st,
+            mount_point,
+        });
+        if Kind::of(&st) != Kind::Directory || mount_point {
+            return Ok(Visit::Next);
+        }
+        let fd = open_verified(here.dirs[0], here.names[0], &st)?;
+        let names = list(fd.as_fd())?;
+        Ok(Visit::Enter([fd], names, ()))
+    }
 }
 
 impl Walk {
     pub fn new(parent: BorrowedFd<'_>, name: &OsStr, mounts: MountRoots) -> nix::Result<Walk> {
         Ok(Walk {
-            start: Some((nix::unistd::dup(parent)?, name.to_os_string())),
-            device: 0,
-            mounts,
-            current: None,
-            stack: Vec::new(),
-            rel: PathBuf::new(),
+            trees: Trees::new([parent], [name], Path::new(name))?,
+            events: Events {
+                device: 0,
+                mounts,
+                pending: None,
+            },
             done: false,
         })
-    }
-
-    fn enter(&mut self, fd: OwnedFd, st: &FileStat, name: &OsStr) -> nix::Result<()> {
-        let names = list(fd.as_fd())?;
-        self.stack.push(Frame {
-            id: identity(st),
-            names: names.into_iter(),
-        });
-        self.current = Some(fd);
-        self.rel.push(name);
-        Ok(())
-    }
-
-    /// Back up one level: re-open `..` and check it is the directory we came from.
-    fn leave(&mut self) -> nix::Result<()> {
-        self.stack.pop();
-        let Some(parent) = self.stack.last() else {
-            self.rel.pop();
-            self.current = None;
-            return Ok(());
-        };
-        let here = self.current.take().expect("a frame has its directory open");
-        let up = nix::fcntl::openat(
-            here.as_fd(),
-            "..",
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )?;
-        // An error names the directory being left (still in `rel`).
-        if identity(&fstat(up.as_fd())?) != parent.id {
-            return Err(CHANGED);
-        }
-        self.rel.pop();
-        self.current = Some(up);
-        Ok(())
-    }
-
-    fn step(&mut self) -> nix::Result<Option<WalkEvent>> {
-        if let Some((parent, name)) = self.start.take() {
-            let Some(st) = lstat_at(parent.as_fd(), &name)? else {
-                return Ok(None);
-            };
-            self.device = st.st_dev;
-            if Kind::of(&st) == Kind::Directory {
-                let fd = open_verified(parent.as_fd(), &name, &st)?;
-                self.enter(fd, &st, &name)?;
-            }
-            return Ok(Some(WalkEvent {
-                rel: PathBuf::from(&name),
-                stat: st,
-                mount_point: false,
-            }));
-        }
-        loop {
-            let Some(frame) = self.stack.last_mut() else {
-                return Ok(None);
-            };
-            let Some(name) = frame.names.next() else {
-                self.leave()?;
-                continue;
-            };
-            let dir = self
-                .current
-                .as_ref()
-                .expect("a frame has its directory open");
-            // Gone since the listing: nothing to see.
-            let Some(st) = lstat_at(dir.as_fd(), &name)? else {
-                continue;
-            };
-            let rel = self.rel.join(&name);
-            let mount_point = self.mounts.is_mount_point(&st, self.device);
-            if Kind::of(&st) == Kind::Directory && !mount_point {
-                let fd = open_verified(dir.as_fd(), &name, &st)?;
-                self.enter(fd, &st, &name)?;
-            }
-            return Ok(Some(WalkEvent {
-                rel,
-                stat: st,
-                mount_point,
-            }));
-        }
     }
 }
 
@@ -179,20 +119,21 @@ impl Iterator for Walk {
     type Item = Result<WalkEvent, (PathBuf, nix::Error)>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.done {
-            return None;
-        }
-        match self.step() {
-            Ok(Some(event)) => Some(Ok(event)),
-            Ok(None) => {
-                self.done = true;
-                None
+        while !self.done {
+            match self.trees.step(&mut self.events) {
+                Ok(Step::Going) => {}
+                Ok(Step::Done) => self.done = true,
+                Ok(Step::Stopped(never)) => match never {},
+                Err(Error::Walk(_, e) | Error::Visitor(e)) => {
+                    self.done = true;
+                    return Some(Err((self.trees.at().to_path_buf(), e)));
+                }
             }
-            Err(e) => {
-                self.done = true;
-                Some(Err((self.rel.clone(), e)))
+            if let Some(event) = self.events.pending.take() {
+                return Some(Ok(event));
             }
         }
+        None
     }
 }
 
@@ -229,6 +170,9 @@ pub fn measure(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fs::CHANGED;
+    use nix::sys::stat::Mode;
+    use std::os::fd::OwnedFd;
 
     #[test]
     fn a_deep_tree_walks_with_few_descriptors() {
