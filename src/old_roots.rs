@@ -176,17 +176,11 @@ pub fn scan_all(top: BorrowedFd<'_>, dir_name: &str) -> Result<Scan> {
         Err(e) => return Err(e).with_context(|| format!("opening {dir_name}")),
     };
     let mut scan = Scan::default();
-    let mut names = Vec::new();
-    for entry in nix::dir::Dir::from_fd(btrfs::open_dir_at(dir.as_fd(), OsStr::new("."))?)
+    let names: Vec<String> = crate::fs::list(dir.as_fd())
         .with_context(|| format!("reading {dir_name}"))?
         .iter()
-    {
-        let entry = entry.with_context(|| format!("reading {dir_name}"))?;
-        let bytes = entry.file_name().to_bytes();
-        if bytes != b"." && bytes != b".." {
-            names.push(entry.file_name().to_string_lossy().into_owned());
-        }
-    }
+        .map(|name| name.to_string_lossy().into_owned())
+        .collect();
     for name in names {
         let (stamp, claimed) = match crate::rules::claimed_old_root(&name) {
             Some(stamp) => (Some(stamp), true),

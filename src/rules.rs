@@ -201,12 +201,7 @@ pub fn boot_dirs_inside(subvolume_top: BorrowedFd<'_>) -> anyhow::Result<Vec<&'s
             continue;
         }
         let fd = crate::btrfs::open_dir_at(subvolume_top, std::ffi::OsStr::new(dir))?;
-        let mut entries = nix::dir::Dir::from_fd(fd)?;
-        let non_empty = entries.iter().filter_map(|e| e.ok()).any(|e| {
-            let n = e.file_name().to_bytes();
-            n != b"." && n != b".."
-        });
-        if non_empty {
+        if !crate::fs::list(std::os::fd::AsFd::as_fd(&fd))?.is_empty() {
             found.push(*dir);
         }
     }
