@@ -1178,3 +1178,27 @@ mod tests {
         );
     }
 }
+
+/// The refusal for an old root `name` that is not among `known`: names the ones there are, and
+/// how to pick (`fix`, which each command words for itself).
+pub fn unknown_old_root(
+    name: &str,
+    layout: &crate::layout::Layout,
+    known: &[OldRoot],
+    fix: &str,
+) -> anyhow::Error {
+    let names: Vec<&str> = known.iter().rev().map(|r| r.name.as_str()).collect();
+    crate::error::refuse(
+        format!(
+            "there is no old root {name:?} in {} on {}{}",
+            layout.old_roots,
+            layout.device.display(),
+            if names.is_empty() {
+                " (it holds none)".to_owned()
+            } else {
+                format!(" (it holds: {})", names.join(", "))
+            }
+        ),
+        fix,
+    )
+}

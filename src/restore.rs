@@ -15,7 +15,6 @@
 //! holds.
 
 use std::ffi::{OsStr, OsString};
-use std::io::IsTerminal;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
@@ -270,7 +269,12 @@ pub fn run(args: Args) -> Result<u8> {
     let candidates: Vec<String> = match &args.from {
         Some(name) => {
             if !scan.iter().any(|r| &r.name == name) {
-                return Err(unknown_old_root(name, &layout, &scan));
+                return Err(old_roots::unknown_old_root(
+                    name,
+                    &layout,
+                    &scan,
+                    "pick a NAME from `rasa old-roots list`, or leave --from out to use the newest that holds the path",
+                ));
             }
             vec![name.clone()]
         }
@@ -319,18 +323,7 @@ pub fn run(args: Args) -> Result<u8> {
             .filter(|p| p.will_copy())
             .map(|p| p.bytes)
             .sum();
-        let bar = if std::io::stderr().is_terminal() {
-            indicatif::ProgressBar::new(total)
-        } else {
-            indicatif::ProgressBar::hidden()
-        };
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg:30!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
+        let bar = crate::log::copy_progress(total);
         for planned in entries.iter_mut().filter(|p| p.will_copy()) {
             let from = planned.from.clone().expect("a copy has a source");
             let source = &opened.iter().find(|(n, _)| *n == from).expect("opened").1;
@@ -410,27 +403,6 @@ fn load_manifest(explicit: Option<&Path>) -> Result<Option<Manifest>> {
             Ok(None)
         }
     }
-}
-
-fn unknown_old_root(
-    name: &str,
-    layout: &crate::layout::Layout,
-    scan: &[old_roots::OldRoot],
-) -> anyhow::Error {
-    let names: Vec<&str> = scan.iter().rev().map(|r| r.name.as_str()).collect();
-    refuse(
-        format!(
-            "there is no old root {name:?} in {} on {}{}",
-            layout.old_roots,
-            layout.device.display(),
-            if names.is_empty() {
-                " (it holds none)".to_owned()
-            } else {
-                format!(" (it holds: {})", names.join(", "))
-            }
-        ),
-        "pick a NAME from `rasa old-roots list`, or leave --from out to use the newest that holds the path",
-    )
 }
 
 /// The manifest entry that persists `path` (the path itself or a directory above it) and whose

@@ -541,18 +541,10 @@ fn from_layout(
         Some(name) => {
             let known = old_roots::scan(top.fd(), &layout.old_roots)?;
             if !known.iter().any(|r| r.name == name) {
-                let names: Vec<&str> = known.iter().rev().map(|r| r.name.as_str()).collect();
-                return Err(refuse(
-                    format!(
-                        "there is no old root {name:?} in {} on {}{}",
-                        layout.old_roots,
-                        layout.device.display(),
-                        if names.is_empty() {
-                            " (it holds none)".to_owned()
-                        } else {
-                            format!(" (it holds: {})", names.join(", "))
-                        }
-                    ),
+                return Err(old_roots::unknown_old_root(
+                    name,
+                    layout,
+                    &known,
                     "pick a NAME from `rasa old-roots list`",
                 ));
             }

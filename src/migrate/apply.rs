@@ -5,7 +5,6 @@
 //! that entry again.
 
 use std::ffi::{OsStr, OsString};
-use std::io::IsTerminal;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
@@ -27,18 +26,7 @@ pub fn apply(plan: &mut Plan, live: BorrowedFd<'_>, live_root: &Path) -> Result<
         .filter(|e| e.will_copy())
         .map(|e| e.bytes)
         .sum();
-    let bar = if std::io::stderr().is_terminal() {
-        indicatif::ProgressBar::new(total)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg:30!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
+    let bar = crate::log::copy_progress(total);
     // Mounts are read again: one made since the plan is not copied either.
     let mounts = MountRoots::below(live_root);
     for planned in plan.entries.iter_mut() {
