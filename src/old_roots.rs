@@ -1016,6 +1016,30 @@ pub fn human_age(secs: u64) -> String {
     }
 }
 
+/// The refusal for an old root `name` that is not among `known`: names the ones there are, and
+/// how to pick (`fix`, which each command words for itself).
+pub fn unknown_old_root(
+    name: &str,
+    layout: &crate::layout::Layout,
+    known: &[OldRoot],
+    fix: &str,
+) -> anyhow::Error {
+    let names: Vec<&str> = known.iter().rev().map(|r| r.name.as_str()).collect();
+    crate::error::refuse(
+        format!(
+            "there is no old root {name:?} in {} on {}{}",
+            layout.old_roots,
+            layout.device.display(),
+            if names.is_empty() {
+                " (it holds none)".to_owned()
+            } else {
+                format!(" (it holds: {})", names.join(", "))
+            }
+        ),
+        fix,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1177,28 +1201,4 @@ mod tests {
             vec![KeptByAge; 5]
         );
     }
-}
-
-/// The refusal for an old root `name` that is not among `known`: names the ones there are, and
-/// how to pick (`fix`, which each command words for itself).
-pub fn unknown_old_root(
-    name: &str,
-    layout: &crate::layout::Layout,
-    known: &[OldRoot],
-    fix: &str,
-) -> anyhow::Error {
-    let names: Vec<&str> = known.iter().rev().map(|r| r.name.as_str()).collect();
-    crate::error::refuse(
-        format!(
-            "there is no old root {name:?} in {} on {}{}",
-            layout.old_roots,
-            layout.device.display(),
-            if names.is_empty() {
-                " (it holds none)".to_owned()
-            } else {
-                format!(" (it holds: {})", names.join(", "))
-            }
-        ),
-        fix,
-    )
 }
