@@ -257,14 +257,15 @@ impl<'a> Resolver<'a> {
 /// Whether the directory `name` in `parent` has the same extended attributes and `chattr`
 /// flags in the live tree and in the blank; what cannot be opened counts as different.
 fn same_attributes(tree: &OwnedFd, blank: &OwnedFd, parent: &[u8], name: &[u8]) -> bool {
-    let (Ok(live_dir), Ok(blank_dir), Ok(name)) = (
-        open_beneath(tree, parent),
-        open_beneath(blank, parent),
-        std::ffi::CString::new(name),
-    ) else {
+    let (Ok(live_dir), Ok(blank_dir)) = (open_beneath(tree, parent), open_beneath(blank, parent))
+    else {
         return false;
     };
-    super::same_dir_attributes(live_dir.as_fd(), blank_dir.as_fd(), &name)
+    super::same_dir_attributes(
+        live_dir.as_fd(),
+        blank_dir.as_fd(),
+        std::os::unix::ffi::OsStrExt::from_bytes(name),
+    )
 }
 
 /// Whether a directory, or one above it, is left out; remembered per directory.

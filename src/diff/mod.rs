@@ -225,10 +225,10 @@ impl Meta {
 pub fn same_dir_attributes(
     live_dir: std::os::fd::BorrowedFd<'_>,
     blank_dir: std::os::fd::BorrowedFd<'_>,
-    name: &std::ffi::CStr,
+    name: &OsStr,
 ) -> bool {
     let read = |dir: std::os::fd::BorrowedFd<'_>| {
-        let fd = btrfs::open_dir_at(dir, OsStr::from_bytes(name.to_bytes())).ok()?;
+        let (fd, _) = crate::fs::open_dir(dir, name).ok()??;
         let xattrs =
             crate::copy::read_xattrs_sorted(&crate::copy::XattrSource::Fd(fd.as_fd())).ok()?;
         Some((xattrs, crate::copy::get_flags(fd.as_fd())))
@@ -700,7 +700,7 @@ fn nested_mounted_in_place(tree: &OwnedFd, tree_id: u64, live: &OwnedFd, point: 
         .ok()
         .and_then(|parent| {
             let parent_ino = nix::sys::stat::fstat(parent.as_fd()).ok()?.st_ino;
-            let child = btrfs::open_dir_at(parent.as_fd(), name).ok()?;
+            let (child, _) = crate::fs::open_dir(parent.as_fd(), name).ok()??;
             let info = btrfs::subvol_info(child.as_fd()).ok()?;
             (info.parent_id == tree_id && info.dirid == parent_ino).then_some(info.uuid)
         });
