@@ -23,7 +23,7 @@ use anyhow::{Context, Result};
 
 use super::rules::{under, Rules};
 use super::walk::{join, open_beneath, stat_beneath, Walk};
-use super::{Found, Kind, Meta, Status};
+use super::{FoundList, Kind, Meta, Status};
 use crate::btrfs::find_new::{self, DirPaths};
 use crate::btrfs::tree;
 use crate::btrfs::SubvolInfo;
@@ -54,7 +54,7 @@ pub fn run(
     blank: Option<Blank<'_>>,
     rules: &Rules,
     progress: Option<&indicatif::ProgressBar>,
-) -> Result<Vec<Found>> {
+) -> Result<FoundList> {
     let after = blank.as_ref().map_or(0, |b| b.marker);
     // btrfs keeps recent inode updates in memory (delayed inodes) until a commit; the tree
     // search sees only committed items, so commit first. Cheap when nothing is pending.
@@ -96,15 +96,11 @@ pub fn run(
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let mut found = Vec::new();
+    let mut found = FoundList::default();
     let mut moved: Vec<Vec<u8>> = Vec::new();
     for result in per_thread {
         let mut resolved = result?;
-        if found.is_empty() {
-            found = resolved.found;
-        } else {
-            found.append(&mut resolved.found);
-        }
+        found.append(&mut resolved.found);
         moved.append(&mut resolved.moved);
     }
     // Nested subvolumes: reported, and walked, as a whole.
@@ -122,12 +118,7 @@ pub fn run(
         if rules.check(&path, true, None).is_some() {
             continue;
         }
-        found.push(Found {
-            path: path.clone(),
-            kind: Kind::Directory,
-            status: Status::New,
-            size: 0,
-        });
+        found.push(&path, Kind::Directory, Status::New, 0);
         moved.push(path);
     }
     moved.sort();
@@ -140,8 +131,7 @@ pub fn run(
         found.append(&mut walk.run(tree, None, path.clone(), false)?);
         walked.push(path);
     }
-    found.sort_by(|a, b| a.path.cmp(&b.path));
-    found.dedup_by(|a, b| a.path == b.path);
+    found.sort_dedup();
     Ok(found)
 }
 
@@ -149,7 +139,7 @@ pub fn run(
 /// directories that were moved away from where the blank has them (to be walked).
 #[derive(Default)]
 struct Resolved {
-    found: Vec<Found>,
+    found: FoundList,
     moved: Vec<Vec<u8>>,
 }
 
@@ -239,17 +229,12 @@ impl<'a> Resolver<'a> {
                     _ => Some(Status::New),
                 };
                 if let Some(status) = status {
-                    found.push(Found {
-                        path,
-                        kind,
-                        status,
-                        size: meta.reported_size(),
-                    });
+                    found.push(&path, kind, status, meta.reported_size());
                 }
             }
         }
         // Sorted here, in parallel: the final sort then only merges these runs.
-        found[first_new..].sort_by(|a, b| a.path.cmp(&b.path));
+        found.sort_from(first_new);
         Ok(())
     }
 }

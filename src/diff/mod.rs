@@ -6,6 +6,7 @@
 //! [`rules`] and report the same [`Found`] list, which the tests check on the same tree.
 
 mod btrfs_engine;
+mod found;
 mod nix_fragment;
 mod report;
 pub mod rules;
@@ -28,6 +29,7 @@ use crate::log;
 use crate::manifest::{self, Manifest};
 use crate::old_roots;
 use crate::toplevel::{self, TopLevel};
+pub use found::{Found, FoundList};
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "\
@@ -133,17 +135,6 @@ pub enum Status {
 
 /// What is said about [`Status::Unstored`] paths, wherever they are shown.
 pub const UNSTORED_NOTE: &str = "in the manifest but not yet in storage (run rasa migrate --apply)";
-
-/// One path the next boot erases.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Found {
-    /// Absolute, as on the live system: `/etc/foo`.
-    pub path: Vec<u8>,
-    pub kind: Kind,
-    pub status: Status,
-    /// Bytes (the file's length, a symlink's target length; 0 for directories).
-    pub size: u64,
-}
 
 /// What decides "unchanged": both engines build it, from `lstat` or from the inode item.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -289,7 +280,7 @@ pub struct Source {
 
 pub struct Outcome {
     pub source: Source,
-    pub found: Vec<Found>,
+    pub found: FoundList,
     pub rules: rules::Rules,
 }
 
@@ -735,7 +726,7 @@ fn spinner(template: &'static str) -> Option<indicatif::ProgressBar> {
 /// Add what lies under the manifest entries that are not in storage yet: each such entry,
 /// and everything below it, as the live tree has it, since the next boot hides all of it under
 /// an empty copy (what equals the blank included). The engines left these paths out.
-fn add_unstored(rules: &rules::Rules, live: &OwnedFd, found: &mut Vec<Found>) -> Result<()> {
+fn add_unstored(rules: &rules::Rules, live: &OwnedFd, found: &mut FoundList) -> Result<()> {
     let unstored = rules.unstored();
     if unstored.is_empty() {
         return Ok(());
@@ -769,36 +760,24 @@ fn add_unstored(rules: &rules::Rules, live: &OwnedFd, found: &mut Vec<Found>) ->
             }
         }
         let first = found.len();
-        found.push(Found {
-            path: entry.clone(),
+        found.push(
+            &entry,
             kind,
-            status: Status::Unstored,
-            size: Meta::from_stat(&st).reported_size(),
-        });
+            Status::Unstored,
+            Meta::from_stat(&st).reported_size(),
+        );
         if kind == Kind::Directory {
             let walk = walk::Walk::new(rules, live, None)?;
             found.append(&mut walk.run(live, None, entry.clone(), false)?);
         }
-        for f in &mut found[first..] {
-            f.status = Status::Unstored;
-        }
+        found.set_status_from(first, Status::Unstored);
     }
-    found.sort_by(|a, b| a.path.cmp(&b.path));
     // An entry may also have been reported by an engine (e.g. as a nested subvolume).
-    found.dedup_by(|later, earlier| {
-        if later.path == earlier.path {
-            if later.status == Status::Unstored {
-                earlier.status = Status::Unstored;
-            }
-            true
-        } else {
-            false
-        }
-    });
+    found.sort_dedup();
     Ok(())
 }
 
-fn walk_all(rules: &rules::Rules, live: OwnedFd, blank: Option<OwnedFd>) -> Result<Vec<Found>> {
+fn walk_all(rules: &rules::Rules, live: OwnedFd, blank: Option<OwnedFd>) -> Result<FoundList> {
     let progress = spinner("{spinner} walked {pos} entries");
     let walk = walk::Walk::new(rules, &live, progress.clone())?;
     let found = walk.run(&live, blank.as_ref(), Vec::new(), true)?;

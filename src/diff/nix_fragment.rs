@@ -119,7 +119,7 @@ pub fn render(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
         .filter_map(|f| {
             known_for(&f.path).map(|k| match k.unit {
                 Unit::Directory(dir) => dir.as_bytes().to_vec(),
-                Unit::EachFile => f.path.clone(),
+                Unit::EachFile => f.path.to_vec(),
             })
         })
         .collect();
@@ -133,19 +133,19 @@ pub fn render(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
         .found
         .iter()
         .filter(|f| f.kind == Kind::Directory && f.status == Status::New)
-        .map(|f| f.path.as_slice())
+        .map(|f| f.path)
         .filter(|dir| !holds_known(dir))
         .collect();
     let mut directories: BTreeMap<Vec<u8>, Suggestion> = BTreeMap::new();
     let mut files: BTreeMap<Vec<u8>, Suggestion> = BTreeMap::new();
-    for found in &outcome.found {
+    for found in outcome.found.iter() {
         // Already in the manifest: migrate stores it, nothing to add.
         if found.status == Status::Unstored
             || (found.kind == Kind::Directory && holds_known(&found.path))
         {
             continue;
         }
-        let (key, what, is_dir) = classify(found, &new_dirs);
+        let (key, what, is_dir) = classify(&found, &new_dirs);
         let modified_dir =
             found.kind == Kind::Directory && found.status == Status::Modified && found.path == key;
         let target = if is_dir {
@@ -199,7 +199,7 @@ pub fn render(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
     }
     writeln!(out, "}};")?;
     for entry in outcome.rules.unstored() {
-        if outcome.found.iter().any(|f| f.path == entry) {
+        if outcome.found.contains_sorted(&entry) {
             writeln!(
                 out,
                 "# {} is {}: the next boot erases it.",
@@ -212,18 +212,18 @@ pub fn render(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
 }
 
 /// Where one found path goes: the path to persist, what it is, and whether it is a directory.
-fn classify(found: &Found, new_dirs: &[&[u8]]) -> (Vec<u8>, Option<&'static str>, bool) {
+fn classify(found: &Found<'_>, new_dirs: &[&[u8]]) -> (Vec<u8>, Option<&'static str>, bool) {
     let is_dir = found.kind == Kind::Directory;
     if let Some(known) = known_for(&found.path) {
         return match known.unit {
             Unit::Directory(dir) => (dir.as_bytes().to_vec(), Some(known.what), true),
-            Unit::EachFile => (found.path.clone(), Some(known.what), is_dir),
+            Unit::EachFile => (found.path.to_vec(), Some(known.what), is_dir),
         };
     }
     // `new_dirs` is sorted, so the first ancestor found is the top-most.
     match new_dirs.iter().find(|d| under(&found.path, d)) {
         Some(top) => (top.to_vec(), None, true),
-        None => (found.path.clone(), None, is_dir),
+        None => (found.path.to_vec(), None, is_dir),
     }
 }
 

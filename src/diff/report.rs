@@ -84,7 +84,7 @@ fn left_out(outcome: &Outcome) -> String {
 pub fn summary(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
     writeln!(out, "{}", headline(outcome))?;
     let mut groups: BTreeMap<&[u8], Group> = BTreeMap::new();
-    for found in &outcome.found {
+    for found in outcome.found.iter() {
         let group = groups.entry(group_of(&found.path)).or_default();
         group.paths += 1;
         group.size += found.size;
@@ -119,7 +119,7 @@ pub fn summary(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
             )?;
         }
         writeln!(out)?;
-        let unstored: Vec<&Found> = outcome
+        let unstored: Vec<Found<'_>> = outcome
             .found
             .iter()
             .filter(|f| f.status == Status::Unstored)
@@ -153,7 +153,7 @@ pub fn long(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
     // Built by hand rather than with `format!` padding: on 100,000 paths the formatting
     // machinery was a visible share of the whole run.
     let mut line: Vec<u8> = Vec::with_capacity(256);
-    for found in &outcome.found {
+    for found in outcome.found.iter() {
         line.clear();
         line.extend_from_slice(match found.status {
             Status::New => b"new      ",
@@ -172,9 +172,9 @@ pub fn long(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
         line.extend_from_slice(size);
         line.extend_from_slice(b"  ");
         if is_plain(&found.path) {
-            line.extend_from_slice(&found.path);
+            line.extend_from_slice(found.path);
         } else {
-            line.extend_from_slice(escape(&found.path).as_bytes());
+            line.extend_from_slice(escape(found.path).as_bytes());
         }
         line.push(b'\n');
         out.write_all(&line)?;
@@ -212,9 +212,9 @@ struct JsonEntry<'a> {
     size: u64,
 }
 
-impl<'a> From<&'a Found> for JsonEntry<'a> {
-    fn from(found: &'a Found) -> Self {
-        match std::str::from_utf8(&found.path) {
+impl<'a> From<Found<'a>> for JsonEntry<'a> {
+    fn from(found: Found<'a>) -> Self {
+        match std::str::from_utf8(found.path) {
             Ok(text) => JsonEntry {
                 path: text.to_owned(),
                 path_bytes: None,
@@ -223,8 +223,8 @@ impl<'a> From<&'a Found> for JsonEntry<'a> {
                 size: found.size,
             },
             Err(_) => JsonEntry {
-                path: escape(&found.path),
-                path_bytes: Some(&found.path),
+                path: escape(found.path),
+                path_bytes: Some(found.path),
                 kind: found.kind,
                 status: found.status,
                 size: found.size,
@@ -240,7 +240,16 @@ struct JsonReport<'a> {
     paths: usize,
     size: u64,
     ignore: &'a [String],
-    entries: Vec<JsonEntry<'a>>,
+    entries: Entries<'a>,
+}
+
+/// The entries, serialized one by one as they are written rather than collected first.
+struct Entries<'a>(&'a super::FoundList);
+
+impl Serialize for Entries<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(JsonEntry::from))
+    }
 }
 
 pub fn json(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
@@ -249,7 +258,7 @@ pub fn json(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
         paths: outcome.found.len(),
         size: outcome.found.iter().map(|f| f.size).sum(),
         ignore: &outcome.rules.ignore_patterns,
-        entries: outcome.found.iter().map(JsonEntry::from).collect(),
+        entries: Entries(&outcome.found),
     };
     serde_json::to_writer_pretty(&mut *out, &report)?;
     writeln!(out)?;

@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 use nix::sys::stat::FileStat;
 
 use super::rules::Rules;
-use super::{Found, Kind, Meta, Status};
+use super::{FoundList, Kind, Meta, Status};
 use crate::btrfs;
 use crate::fs;
 
@@ -67,7 +67,7 @@ impl<'a> Walk<'a> {
         blank: Option<&OwnedFd>,
         start: Vec<u8>,
         start_in_blank: bool,
-    ) -> Result<Vec<Found>> {
+    ) -> Result<FoundList> {
         let queue = Mutex::new(Queue {
             tasks: vec![(start, start_in_blank && blank.is_some(), None)],
             busy: 0,
@@ -75,11 +75,11 @@ impl<'a> Walk<'a> {
         let wake = Condvar::new();
         let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
-        let results: Vec<Vec<Found>> = std::thread::scope(|scope| {
+        let results: Vec<FoundList> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..workers)
                 .map(|_| {
                     scope.spawn(|| {
-                        let mut found = Vec::new();
+                        let mut found = FoundList::default();
                         loop {
                             let task = {
                                 let mut q = queue.lock().unwrap();
@@ -113,7 +113,7 @@ impl<'a> Walk<'a> {
                             wake.notify_all();
                         }
                         // Sorted on this thread, so that the final sort only merges.
-                        found.sort_by(|a, b| a.path.cmp(&b.path));
+                        found.sort_from(0);
                         found
                     })
                 })
@@ -126,8 +126,11 @@ impl<'a> Walk<'a> {
         if let Some(bar) = &self.progress {
             bar.set_position(self.visited.load(Ordering::Relaxed));
         }
-        let mut found: Vec<Found> = results.into_iter().flatten().collect();
-        found.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut found = FoundList::default();
+        for mut part in results {
+            found.append(&mut part);
+        }
+        found.sort_from(0);
         Ok(found)
     }
 
@@ -136,7 +139,7 @@ impl<'a> Walk<'a> {
         live_top: &OwnedFd,
         blank_top: Option<&OwnedFd>,
         (path, in_blank, expected_device): &Task,
-        found: &mut Vec<Found>,
+        found: &mut FoundList,
         subdirs: &mut Vec<Task>,
     ) -> Result<()> {
         let (path, in_blank, expected_device) = (path.as_slice(), *in_blank, *expected_device);
@@ -240,12 +243,7 @@ impl<'a> Walk<'a> {
                 subdirs.push((full.clone(), in_blank.is_some(), Some(st.st_dev)));
             }
             if let Some(status) = status {
-                found.push(Found {
-                    path: full,
-                    kind,
-                    status,
-                    size: live_meta.reported_size(),
-                });
+                found.push(&full, kind, status, live_meta.reported_size());
             }
         }
         Ok(())
