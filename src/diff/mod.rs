@@ -351,7 +351,7 @@ fn load_manifest(explicit: Option<&Path>) -> Result<Option<(PathBuf, Manifest)>>
 }
 
 /// What the rules are built from; the mounts are added once the tree is known.
-struct RuleInputs {
+pub struct RuleInputs {
     persisted: Vec<String>,
     /// Entries whose storage copy does not exist (a subset of `persisted`).
     unstored: Vec<String>,
@@ -362,7 +362,7 @@ struct RuleInputs {
 }
 
 impl RuleInputs {
-    fn rules(&self, mounts: &[Vec<u8>]) -> Result<rules::Rules> {
+    pub fn rules(&self, mounts: &[Vec<u8>]) -> Result<rules::Rules> {
         Ok(
             rules::Rules::new(&self.persisted, &self.storage_roots, mounts, &self.ignore)?
                 .with_unstored(&self.unstored),
@@ -380,13 +380,16 @@ impl RuleInputs {
     }
 }
 
-fn collect(args: &Args) -> Result<Outcome> {
-    let manifest = load_manifest(args.manifest.as_deref())?;
+/// What the rules are built from, as `rasa diff` finds it: the manifest (`explicit`, else the
+/// next boot's, else /etc/rasa/manifest.json; none is a warning) and the ignore globs. `rasa
+/// watch` builds its rules from the same inputs.
+pub fn rule_inputs(explicit: Option<&Path>, ignore: &[String]) -> Result<RuleInputs> {
+    let manifest = load_manifest(explicit)?;
     let mut inputs = RuleInputs {
         persisted: Vec::new(),
         unstored: Vec::new(),
         storage_roots: Vec::new(),
-        ignore: args.ignore.clone(),
+        ignore: ignore.to_vec(),
         manifest: manifest.as_ref().map(|(p, _)| p.display().to_string()),
         storage_root: String::new(),
     };
@@ -414,6 +417,11 @@ fn collect(args: &Args) -> Result<Outcome> {
         .first()
         .cloned()
         .unwrap_or_else(|| "/persist".to_owned());
+    Ok(inputs)
+}
+
+fn collect(args: &Args) -> Result<Outcome> {
+    let inputs = rule_inputs(args.manifest.as_deref(), &args.ignore)?;
     // Refuse bad patterns before touching any disk.
     inputs.rules(&[])?;
 

@@ -31,7 +31,6 @@ use nix::sys::stat::{fstat, fstatat, Mode};
 use crate::diff::rules::{self, Rules};
 use crate::error::{exit, refuse};
 use crate::log;
-use crate::manifest;
 use crate::toplevel::{self, TopLevel};
 
 // The reader `rasa diff` (and `--old-root`) uses to show the unit per path; wired by the diff
@@ -98,37 +97,11 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// The manifest's persisted paths and globs, found as `rasa diff` finds them.
+/// The manifest's persisted paths and globs, found as `rasa diff` finds them (the same code).
+/// Manifest entries not in storage yet stay watched: the next boot erases them.
 fn rules_for(args: &Args, root: &[u8]) -> Result<Rules> {
-    let mut persisted = Vec::new();
-    let mut storage_roots = Vec::new();
-    let mut ignore = args.ignore.clone();
-    let path = match &args.manifest {
-        Some(path) => Some(path.clone()),
-        None => manifest::locate(None).ok().map(|(path, _)| path),
-    };
-    match path {
-        Some(path) => {
-            let m = manifest::load(&path)?;
-            ignore.extend(m.diff_ignore.iter().cloned());
-            for entry in m.entries {
-                if !storage_roots.contains(&entry.storage_root) {
-                    storage_roots.push(entry.storage_root.clone());
-                }
-                persisted.push(entry.path);
-            }
-        }
-        None => log::warn(format!(
-            "no manifest found at {}: nothing counts as persisted (pass --manifest PATH)",
-            manifest::search_path_text()
-        )),
-    }
-    Rules::new(
-        &persisted,
-        &storage_roots,
-        &rules::mounts_below(root),
-        &ignore,
-    )
+    crate::diff::rule_inputs(args.manifest.as_deref(), &args.ignore)?
+        .rules(&rules::mounts_below(root))
 }
 
 /// Why `path` is left out: it or a directory above it is persisted, runtime or ignored.
@@ -142,7 +115,11 @@ fn excluded(rules: &Rules, path: &[u8], is_dir: bool) -> bool {
     ancestors
         .map(|dir| (dir, true))
         .chain(std::iter::once((path, is_dir)))
-        .any(|(p, d)| rules.check(p, d, None).is_some())
+        .any(|(p, d)| {
+            rules
+                .check(p, d, None)
+                .is_some_and(|reason| reason != rules::Reason::Unstored)
+        })
 }
 
 /// A directory handle resolved to its path on the root, and whether everything in it is left
