@@ -403,10 +403,10 @@ fn summary_nix_and_exit_code() {
         # configuration (with the impermanence module) and delete what you do not want to keep.
         environment.persistence."/persist" = {
           directories = [
-            "/etc/NetworkManager/system-connections" # NetworkManager connections (Wi-Fi passwords, VPNs)
+            "/etc/NetworkManager/system-connections" # NetworkManager connections (Wi-Fi passwords, VPNs); rasa.presets.networkmanager keeps it
             "/movedir" # 4 paths, 4 B
             "/var/lib/app" # 2 paths, 10 B
-            "/var/lib/bluetooth" # Bluetooth pairings
+            "/var/lib/bluetooth" # Bluetooth pairings; rasa.presets.bluetooth keeps it
             "/var/lib/machines" # 2 paths, 17 B
             "/var/log" # mode or owner differs from the blank
           ];
@@ -418,7 +418,7 @@ fn summary_nix_and_exit_code() {
             "/etc/modify.conf" # 1 path, 12 B
             "/etc/new.conf" # 1 path, 4 B
             "/etc/renamed.conf" # 1 path, 8 B
-            "/etc/ssh/ssh_host_ed25519_key" # ssh host key (clients warn when it changes)
+            "/etc/ssh/ssh_host_ed25519_key" # ssh host key (clients warn when it changes); rasa.presets.ssh keeps it
             "/home/alice/notes.txt" # 1 path, 6 B
           ];
         };
@@ -1580,4 +1580,190 @@ mod fuzz {
             );
         }
     }
+}
+
+/// A `rasa watch` record in the documented format (docs/watch.md), written by hand.
+fn watch_record(lines: &[(&str, &str, &str)]) -> String {
+    let mut text = format!(
+        r#"{{"rasaWatch":1,"root":"/","bootId":"test","started":1,"updated":2,"entries":{},"maxEntries":100000,"droppedEvents":0,"queueOverflows":0}}"#,
+        lines.len()
+    );
+    for (path, writer, kind) in lines {
+        text.push('\n');
+        text.push_str(
+            &serde_json::json!({
+                "path": path, "writer": writer, "kind": kind,
+                "first": 1, "last": 2, "count": 1, "events": ["create"]
+            })
+            .to_string(),
+        );
+    }
+    text.push('\n');
+    text
+}
+
+const RECORDED: &[(&str, &str, &str)] = &[
+    ("/etc/new.conf", "my editor", "command"),
+    ("/etc/new.conf", "nixos-activation.service", "unit"),
+    ("/var/lib/app/state.db", "app.service", "unit"),
+    ("/var/lib/bluetooth", "bluetooth.service", "unit"),
+    ("/var/lib/bluetooth/AA:BB", "bluetooth.service", "unit"),
+    ("/var/lib/bluetooth/AA:BB/info", "bluetooth.service", "unit"),
+    // Gone by now: named in the record, not in the diff.
+    ("/etc/delete.conf", "app.service", "unit"),
+];
+
+#[test]
+fn a_watch_record_names_who_wrote_each_path() {
+    let Some(fs) = LoopBtrfs::new("a_watch_record_names_who_wrote_each_path", 300) else {
+        return;
+    };
+    let manifest = scenario(&fs, Origin::RootFromBlank);
+    let record = fs.dir.path().join("watch.jsonl");
+    std::fs::write(&record, watch_record(RECORDED)).unwrap();
+    let r = record.to_str().unwrap();
+
+    let (long, _) = diff(&fs, &manifest, &["--long", "--watch-record", r]);
+    let picked: Vec<&str> = long
+        .lines()
+        .filter(|l| {
+            l.contains("/etc/new.conf") || l.contains("bluetooth") || l.contains("/etc/keep.conf")
+        })
+        .collect();
+    expect![[r#"
+        [
+            "modified file              10  -  /etc/keep.conf",
+            "new      file               4  my\\x20editor,nixos-activation.service  /etc/new.conf",
+            "new      dir                0  bluetooth.service  /var/lib/bluetooth",
+            "new      dir                0  bluetooth.service  /var/lib/bluetooth/AA:BB",
+            "new      file               7  bluetooth.service  /var/lib/bluetooth/AA:BB/info",
+        ]
+    "#]]
+    .assert_debug_eq(&picked);
+    // Without the record, the output is the one every other test pins.
+    let (plain, _) = diff(&fs, &manifest, &["--long", "--no-watch-record"]);
+    EXPECTED_LONG.assert_eq(&plain);
+
+    let (json, _) = diff(&fs, &manifest, &["--json", "--watch-record", r]);
+    let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(parsed["watch_record"], r);
+    let entries = parsed["entries"].as_array().unwrap();
+    let writers_of = |path: &str| {
+        entries
+            .iter()
+            .find(|e| e["path"] == path)
+            .map(|e| e["writers"].clone())
+            .unwrap()
+    };
+    assert_eq!(
+        writers_of("/etc/new.conf"),
+        serde_json::json!(["my editor", "nixos-activation.service"])
+    );
+    assert_eq!(writers_of("/etc/keep.conf"), serde_json::json!([]));
+    let (plain_json, _) = diff(&fs, &manifest, &["--json"]);
+    assert!(!plain_json.contains("writers") && !plain_json.contains("watch_record"));
+
+    let (summary, _) = diff(&fs, &manifest, &["--watch-record", r]);
+    let summary = summary.replace(r, "<record>");
+    expect![[r#"
+        25 paths (112 B) on root will be erased by the next boot [engine: btrfs, compared with root-blank]
+
+              SIZE    PATHS      NEW MODIFIED  DIRECTORY
+              68 B       12        9        3  /etc
+              34 B        8        7        1  /var
+               6 B        1        1        0  /home
+               4 B        4        4        0  /movedir
+
+              SIZE    PATHS      NEW MODIFIED  WRITER (from <record>)
+              91 B       20       16        4  (not recorded)
+              10 B        1        1        0  app.service
+               7 B        3        3        0  bluetooth.service
+               4 B        1        1        0  my editor
+               4 B        1        1        0  nixos-activation.service
+
+        `rasa diff --long` lists every path; `rasa diff --nix` suggests what to persist.
+        left out: what root-blank holds unchanged, 2 persisted path(s) from the manifest, symlinks into /nix/store, /proc /sys /dev /run /tmp and 0 other mount(s), paths matching /root/.bash_history /var/cache/**
+    "#]]
+    .assert_eq(&summary);
+
+    let (nix, _) = diff(&fs, &manifest, &["--nix", "--watch-record", r]);
+    let nix = nix.replace(fs.path("persist").to_str().unwrap(), "/persist");
+    expect![[r##"
+        # What `rasa diff` found on root that the next boot erases. Paste into your NixOS
+        # configuration (with the impermanence module) and delete what you do not want to keep.
+        environment.persistence."/persist" = {
+          directories = [
+            # written by app.service
+            "/var/lib/app" # 2 paths, 10 B
+            # written by bluetooth.service
+            "/var/lib/bluetooth" # Bluetooth pairings; rasa.presets.bluetooth keeps it
+            # written by (not recorded)
+            "/etc/NetworkManager/system-connections" # NetworkManager connections (Wi-Fi passwords, VPNs); rasa.presets.networkmanager keeps it
+            "/movedir" # 4 paths, 4 B
+            "/var/lib/machines" # 2 paths, 17 B
+            "/var/log" # mode or owner differs from the blank
+          ];
+          files = [
+            # written by my editor, nixos-activation.service
+            "/etc/new.conf" # 1 path, 4 B
+            # written by (not recorded)
+            "/etc/alice-link" # 1 path, 11 B
+            # left out, not UTF-8 (Nix strings cannot hold it): /etc/caf\xff
+            "/etc/chmod.conf" # 1 path, 5 B
+            "/etc/keep.conf" # 1 path, 10 B
+            "/etc/modify.conf" # 1 path, 12 B
+            "/etc/renamed.conf" # 1 path, 8 B
+            "/etc/ssh/ssh_host_ed25519_key" # ssh host key (clients warn when it changes); rasa.presets.ssh keeps it
+            "/home/alice/notes.txt" # 1 path, 6 B
+          ];
+        };
+    "##]].assert_eq(&nix);
+
+    // A file that is not a record is refused, naming it.
+    std::fs::write(&record, "not json\n").unwrap();
+    let (code, err) = code_and_err(&fs.rasa(&[
+        "diff",
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--watch-record",
+        r,
+    ]));
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("watch record") && err.contains(r), "{err}");
+}
+
+#[test]
+fn an_old_root_carries_its_watch_record() {
+    let Some(fs) = LoopBtrfs::new("an_old_root_carries_its_watch_record", 300) else {
+        return;
+    };
+    let manifest = scenario(&fs, Origin::RootFromBlank);
+    let in_root = fs.path("root/var/lib/rasa/watch/record.jsonl");
+    std::fs::create_dir_all(in_root.parent().unwrap()).unwrap();
+    std::fs::write(&in_root, watch_record(RECORDED)).unwrap();
+    let out = fs.rasa(&["rollback"]);
+    assert!(out.status.success(), "rollback failed: {}", stderr(&out));
+    let old = std::fs::read_dir(fs.path("old_roots"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name();
+    let old = old.to_str().unwrap();
+    let (json, _) = diff(&fs, &manifest, &["--old-root", old, "--json"]);
+    let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        parsed["watch_record"],
+        format!("old_roots/{old}/var/lib/rasa/watch/record.jsonl")
+    );
+    let entry = parsed["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["path"] == "/var/lib/app/state.db")
+        .unwrap();
+    assert_eq!(entry["writers"], serde_json::json!(["app.service"]));
+    // The fresh root has no record of its own yet: no writers column.
+    let (fresh, _) = diff(&fs, &manifest, &["--json"]);
+    assert!(!fresh.contains("watch_record"), "{fresh}");
 }

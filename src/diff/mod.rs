@@ -11,6 +11,7 @@ mod nix_fragment;
 mod report;
 pub mod rules;
 mod walk;
+mod writers;
 
 use std::ffi::OsStr;
 use std::io::{IsTerminal, Write};
@@ -92,6 +93,16 @@ pub struct Args {
     /// Exit with 4 when something unpersisted remains (0 otherwise).
     #[arg(long)]
     pub exit_code: bool,
+
+    /// Read who wrote each path from this `rasa watch` record. [default: /run/rasa/watch.jsonl
+    /// for the running root; with --old-root, the record inside it
+    /// (var/lib/rasa/watch/record.jsonl)]
+    #[arg(long, value_name = "PATH", conflicts_with = "no_watch_record")]
+    pub watch_record: Option<PathBuf>,
+
+    /// Do not read a watch record, even where there is one.
+    #[arg(long)]
+    pub no_watch_record: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -282,6 +293,10 @@ pub struct Outcome {
     pub source: Source,
     pub found: FoundList,
     pub rules: rules::Rules,
+    /// Who wrote each path, when a watch record was read.
+    pub writers: Option<writers::Writers>,
+    /// The tree is what the running system has at `/` (so this boot's watch record is its).
+    running_root: bool,
 }
 
 pub fn run(args: Args) -> Result<u8> {
@@ -421,6 +436,22 @@ pub fn rule_inputs(explicit: Option<&Path>, ignore: &[String]) -> Result<RuleInp
 }
 
 fn collect(args: &Args) -> Result<Outcome> {
+    let mut outcome = collect_found(args)?;
+    if args.no_watch_record {
+        outcome.writers = None;
+    } else if let Some(path) = &args.watch_record {
+        outcome.writers = Some(writers::explicit(path)?);
+    } else if outcome.running_root {
+        // This boot's record describes the running root.
+        outcome.writers = writers::live();
+    }
+    if let Some(caveat) = outcome.writers.as_ref().and_then(|w| w.caveat()) {
+        log::warn(caveat);
+    }
+    Ok(outcome)
+}
+
+fn collect_found(args: &Args) -> Result<Outcome> {
     let inputs = rule_inputs(args.manifest.as_deref(), &args.ignore)?;
     // Refuse bad patterns before touching any disk.
     inputs.rules(&[])?;
@@ -499,6 +530,8 @@ fn walk_path(path: &Path, inputs: &RuleInputs) -> Result<Outcome> {
         source: inputs.source("walk", path.display().to_string(), None),
         found,
         rules,
+        writers: None,
+        running_root: path == Path::new("/"),
     })
 }
 
@@ -617,6 +650,7 @@ fn from_layout(
         ));
     }
     // Mounts matter only for the tree the running system has at /.
+    let running_root = old_root.is_none() && is_running_root(&tree)?;
     let (live_fd, display, mounts) = match live {
         Some((fd, path)) => {
             let mounts = rules::mounts_below(path.as_os_str().as_bytes());
@@ -625,7 +659,7 @@ fn from_layout(
             (fd, path.display().to_string(), mounts)
         }
         None => {
-            let mounts = if old_root.is_none() && is_running_root(&tree)? {
+            let mounts = if running_root {
                 let slash = btrfs::open_dir_at(nix::fcntl::AT_FDCWD, OsStr::new("/"))
                     .context("opening /")?;
                 separate_mounts(&tree, tree_info.id, &slash, rules::mounts_below(b"/"))
@@ -664,6 +698,13 @@ fn from_layout(
     };
     add_unstored(&rules, &live_fd, &mut found)?;
     let compared_with = blank.map(|(_, _, name)| name);
+    // An old root carries the record of the boot it served.
+    let writers = match old_root {
+        Some(_) if !args.no_watch_record && args.watch_record.is_none() => {
+            writers::in_tree(live_fd.as_fd(), &display)
+        }
+        _ => None,
+    };
     // Every fd below the mount must be closed before it can be unmounted.
     drop(live_fd);
     top.unmount()?;
@@ -671,6 +712,8 @@ fn from_layout(
         source: inputs.source(engine, display, compared_with),
         found,
         rules,
+        writers,
+        running_root,
     })
 }
 

@@ -7,6 +7,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::rules::RUNTIME_DIRS;
+use super::writers::{Writers, NOT_RECORDED};
 use super::{escape, Found, Kind, Outcome, Status, UNSTORED_NOTE};
 
 /// `1.5 KiB`, `12 B`.
@@ -119,6 +120,9 @@ pub fn summary(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
             )?;
         }
         writeln!(out)?;
+        if let Some(writers) = &outcome.writers {
+            by_writer(outcome, writers, out)?;
+        }
         let unstored: Vec<Found<'_>> = outcome
             .found
             .iter()
@@ -149,6 +153,55 @@ pub fn summary(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
     Ok(())
 }
 
+/// The same paths grouped by the unit (or command) that wrote them, from the watch record: a
+/// path written by several counts under each, one the record does not name under
+/// [`NOT_RECORDED`].
+fn by_writer(outcome: &Outcome, writers: &Writers, out: &mut impl Write) -> Result<()> {
+    let mut groups: BTreeMap<&str, Group> = BTreeMap::new();
+    for found in outcome.found.iter() {
+        let names = writers.of(found.path);
+        let names = if names.is_empty() {
+            vec![NOT_RECORDED]
+        } else {
+            names
+        };
+        for name in names {
+            let group = groups.entry(name).or_default();
+            group.paths += 1;
+            group.size += found.size;
+            match found.status {
+                Status::New | Status::Unstored => group.new += 1,
+                Status::Modified => group.modified += 1,
+            }
+        }
+    }
+    let mut rows: Vec<(&str, Group)> = groups.into_iter().collect();
+    rows.sort_by(|a, b| {
+        b.1.size
+            .cmp(&a.1.size)
+            .then(b.1.paths.cmp(&a.1.paths))
+            .then(a.0.cmp(b.0))
+    });
+    writeln!(
+        out,
+        "{:>10} {:>8} {:>8} {:>8}  WRITER (from {})",
+        "SIZE", "PATHS", "NEW", "MODIFIED", writers.record
+    )?;
+    for (name, group) in &rows {
+        writeln!(
+            out,
+            "{:>10} {:>8} {:>8} {:>8}  {}",
+            human_size(group.size),
+            group.paths,
+            group.new,
+            group.modified,
+            escape(name.as_bytes())
+        )?;
+    }
+    writeln!(out)?;
+    Ok(())
+}
+
 pub fn long(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
     // Built by hand rather than with `format!` padding: on 100,000 paths the formatting
     // machinery was a visible share of the whole run.
@@ -171,7 +224,11 @@ pub fn long(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
         line.resize(line.len() + 1 + 12usize.saturating_sub(size.len()), b' ');
         line.extend_from_slice(size);
         line.extend_from_slice(b"  ");
-        if is_plain(&found.path) {
+        if let Some(writers) = &outcome.writers {
+            line.extend_from_slice(writer_label(&writers.of(found.path)).as_bytes());
+            line.extend_from_slice(b"  ");
+        }
+        if is_plain(found.path) {
             line.extend_from_slice(found.path);
         } else {
             line.extend_from_slice(escape(found.path).as_bytes());
@@ -180,6 +237,24 @@ pub fn long(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
         out.write_all(&line)?;
     }
     Ok(())
+}
+
+/// The writers of a path as one word for `--long`: comma-separated, `-` when the record does
+/// not name the path; a command name's spaces and commas escaped like any byte that would split
+/// it.
+fn writer_label(names: &[&str]) -> String {
+    if names.is_empty() {
+        return "-".to_owned();
+    }
+    names
+        .iter()
+        .map(|n| {
+            escape(n.as_bytes())
+                .replace(' ', "\\x20")
+                .replace(',', "\\x2c")
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// `n` in decimal, written at the end of `buf` (u64::MAX has 20 digits).
@@ -210,25 +285,24 @@ struct JsonEntry<'a> {
     kind: Kind,
     status: Status,
     size: u64,
+    /// The units (or commands) the watch record names for this path; only with a record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    writers: Option<Vec<&'a str>>,
 }
 
-impl<'a> From<Found<'a>> for JsonEntry<'a> {
-    fn from(found: Found<'a>) -> Self {
-        match std::str::from_utf8(found.path) {
-            Ok(text) => JsonEntry {
-                path: text.to_owned(),
-                path_bytes: None,
-                kind: found.kind,
-                status: found.status,
-                size: found.size,
-            },
-            Err(_) => JsonEntry {
-                path: escape(found.path),
-                path_bytes: Some(found.path),
-                kind: found.kind,
-                status: found.status,
-                size: found.size,
-            },
+impl<'a> JsonEntry<'a> {
+    fn new(found: Found<'a>, writers: Option<&'a super::writers::Writers>) -> Self {
+        let (path, path_bytes) = match std::str::from_utf8(found.path) {
+            Ok(text) => (text.to_owned(), None),
+            Err(_) => (escape(found.path), Some(found.path)),
+        };
+        JsonEntry {
+            path,
+            path_bytes,
+            kind: found.kind,
+            status: found.status,
+            size: found.size,
+            writers: writers.map(|w| w.of(found.path)),
         }
     }
 }
@@ -240,15 +314,19 @@ struct JsonReport<'a> {
     paths: usize,
     size: u64,
     ignore: &'a [String],
+    /// The `rasa watch` record the writers come from; only with a record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    watch_record: Option<&'a str>,
     entries: Entries<'a>,
 }
 
 /// The entries, serialized one by one as they are written rather than collected first.
-struct Entries<'a>(&'a super::FoundList);
+struct Entries<'a>(&'a Outcome);
 
 impl Serialize for Entries<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.iter().map(JsonEntry::from))
+        let writers = self.0.writers.as_ref();
+        serializer.collect_seq(self.0.found.iter().map(|f| JsonEntry::new(f, writers)))
     }
 }
 
@@ -258,7 +336,8 @@ pub fn json(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
         paths: outcome.found.len(),
         size: outcome.found.iter().map(|f| f.size).sum(),
         ignore: &outcome.rules.ignore_patterns,
-        entries: Entries(&outcome.found),
+        watch_record: outcome.writers.as_ref().map(|w| w.record.as_str()),
+        entries: Entries(outcome),
     };
     serde_json::to_writer_pretty(&mut *out, &report)?;
     writeln!(out)?;

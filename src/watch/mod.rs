@@ -37,7 +37,7 @@ use crate::toplevel::{self, TopLevel};
 // work, which is not in this module.
 use record::{event, Record};
 #[allow(unused_imports)]
-pub use record::{load_record, Attribution, Loaded};
+pub use record::{load_record, parse_record, Attribution, Loaded};
 use writer::Writer;
 
 /// Where the record for this boot goes by default (`rasa diff` reads it from there).

@@ -3,9 +3,6 @@
 //!
 //! JSON lines: a header object first, then one object per (path, writer), sorted by path.
 
-// The reader half is used by the tests until `rasa diff` reads records.
-#![allow(dead_code)]
-
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
@@ -108,8 +105,15 @@ impl Loaded {
 
 /// Read a record written by `rasa watch`: for each path, who wrote it.
 pub fn load_record(path: &Path) -> Result<Loaded> {
-    let text = std::fs::read_to_string(path)
+    let text = std::fs::read(path)
         .with_context(|| format!("reading the watch record {}", path.display()))?;
+    parse_record(&text, path)
+}
+
+/// A record's text, read from where `path` names (for messages).
+pub fn parse_record(text: &[u8], path: &Path) -> Result<Loaded> {
+    let text = std::str::from_utf8(text)
+        .with_context(|| format!("{} is not UTF-8, not a watch record", path.display()))?;
     let mut lines = text.lines();
     let header: Header = match lines.next() {
         Some(first) => serde_json::from_str(first)
