@@ -5,6 +5,7 @@
 //! btrfs engine's summary, `--long` and `--json`. Then the walk engine against `find` on a tmpfs
 //! copy of the same tree, where the walk is meant to run. At 1,000,000 files fs-diff.sh takes
 //! half a minute a run: `--no-fs-diff` leaves it out, `--runs` lowers hyperfine's minimum.
+//! `--baseline PATH` measures another `rasa` binary (an earlier commit's) beside this one.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -133,13 +134,20 @@ pub fn run(args: &[String]) -> Result<()> {
 
     let script = dir.join("fs-diff.sh");
     std::fs::write(&script, FS_DIFF.replace("@TOP@", &t.to_string()))?;
-    let rasa_cmd = |engine: &str| {
+    let manifest = dir.join("manifest.json");
+    let diff_cmd = |rasa: &str, engine: &str| {
         format!(
-            "{} diff --device {device} --engine {engine} --long --manifest {}",
-            rasa.display(),
-            dir.join("manifest.json").display()
+            "{rasa} diff --device {device} --engine {engine} --long --manifest {}",
+            manifest.display()
         )
     };
+    let rasa_cmd = |engine: &str| diff_cmd(&rasa.display().to_string(), engine);
+    // Another build (say, the previous commit's) measured beside this one.
+    let baseline = args
+        .iter()
+        .position(|a| a == "--baseline")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
     std::fs::write(
         dir.join("manifest.json"),
         r#"{"version":1,"rollback":{"device":"/dev/null","root":"root","blank":"root-blank","oldRoots":"old_roots","persist":"persist","keep":5,"keepDays":7},"entries":[]}"#,
@@ -162,13 +170,20 @@ pub fn run(args: &[String]) -> Result<()> {
     // Peak memory: one run of each output of the btrfs engine under /usr/bin/time.
     println!("| `rasa diff --engine btrfs` output | wall [s] | max RSS [MB] |");
     println!("|:---|---:|---:|");
-    let summary_cmd = rasa_cmd("btrfs").replace(" --long", "");
-    for (name, cmd) in [
-        ("summary", summary_cmd.clone()),
-        ("--long", rasa_cmd("btrfs")),
-        ("--json", format!("{summary_cmd} --json")),
-        ("find", format!("find {t}/root")),
+    let mut measured_cmds = Vec::new();
+    for (build, rasa) in [
+        ("", Some(rasa.display().to_string())),
+        ("baseline ", baseline.clone()),
     ] {
+        let Some(rasa) = rasa else { continue };
+        let long = diff_cmd(&rasa, "btrfs");
+        let summary = long.replace(" --long", "");
+        measured_cmds.push((format!("{build}summary"), summary.clone()));
+        measured_cmds.push((format!("{build}--long"), long));
+        measured_cmds.push((format!("{build}--json"), format!("{summary} --json")));
+    }
+    measured_cmds.push(("find".to_owned(), format!("find {t}/root")));
+    for (name, cmd) in measured_cmds {
         let measured = sh(&format!(
             "/usr/bin/time -f '%e %M' sh -c '{cmd} >/dev/null 2>/dev/null' 2>&1 | tail -1"
         ))?;
@@ -199,6 +214,13 @@ pub fn run(args: &[String]) -> Result<()> {
             .arg(rasa_cmd("btrfs"))
             .args(["-n", "rasa diff --engine walk"])
             .arg(rasa_cmd("walk"))
+            .args(baseline.iter().flat_map(|b| {
+                [
+                    "-n".to_owned(),
+                    "baseline rasa diff --engine btrfs".to_owned(),
+                    diff_cmd(b, "btrfs"),
+                ]
+            }))
             .args(["-n", "find"])
             .arg(format!("find {t}/root"))
             // What rasa prints per path (type and size) needs a stat of every entry, which
