@@ -1767,3 +1767,177 @@ fn an_old_root_carries_its_watch_record() {
     let (fresh, _) = diff(&fs, &manifest, &["--json"]);
     assert!(!fresh.contains("watch_record"), "{fresh}");
 }
+
+/// Parse the Prometheus text exposition format strictly enough to catch what a collector
+/// rejects: metric and label names, HELP and TYPE before a family's samples, label values'
+/// escapes, numeric values. Returns (metric, labels, value) for each sample.
+fn parse_exposition(text: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
+    fn is_name(s: &str, colon: bool) -> bool {
+        let mut chars = s.chars();
+        let ok_first = |c: char| c.is_ascii_alphabetic() || c == '_' || (colon && c == ':');
+        chars.next().is_some_and(ok_first) && chars.all(|c| ok_first(c) || c.is_ascii_digit())
+    }
+    let mut helped = std::collections::HashSet::new();
+    let mut typed = std::collections::HashSet::new();
+    let mut samples = Vec::new();
+    assert!(text.ends_with('\n'), "the file must end with a newline");
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').expect("HELP name text");
+            assert!(is_name(name, true) && !help.is_empty(), "{line}");
+            assert!(helped.insert(name.to_owned()), "second HELP: {line}");
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(is_name(name, true), "{line}");
+            assert!(
+                ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                "{line}"
+            );
+            assert!(typed.insert(name.to_owned()), "second TYPE: {line}");
+            continue;
+        }
+        assert!(
+            !line.starts_with('#') && !line.is_empty(),
+            "stray line: {line:?}"
+        );
+        let name_end = line.find(['{', ' ']).expect("a sample");
+        let name = &line[..name_end];
+        assert!(is_name(name, true), "bad metric name: {line}");
+        assert!(
+            helped.contains(name) && typed.contains(name),
+            "no HELP/TYPE before {line}"
+        );
+        let mut labels = Vec::new();
+        let mut rest = &line[name_end..];
+        if let Some(inner) = rest.strip_prefix('{') {
+            let mut chars = inner.char_indices().peekable();
+            loop {
+                let (start, _) = *chars.peek().expect("unterminated labels");
+                let eq = inner[start..].find('=').expect("label=") + start;
+                let label = &inner[start..eq];
+                assert!(is_name(label, false), "bad label name {label:?}: {line}");
+                while chars.next().is_some_and(|(i, _)| i < eq) {}
+                assert_eq!(chars.next().map(|(_, c)| c), Some('"'), "{line}");
+                let mut value = String::new();
+                loop {
+                    match chars.next().expect("unterminated value").1 {
+                        '\\' => match chars.next().expect("escape").1 {
+                            '\\' => value.push('\\'),
+                            '"' => value.push('"'),
+                            'n' => value.push('\n'),
+                            c => panic!("bad escape \\{c}: {line}"),
+                        },
+                        '"' => break,
+                        '\n' => panic!("raw newline: {line}"),
+                        c => value.push(c),
+                    }
+                }
+                labels.push((label.to_owned(), value));
+                match chars.next().expect("after a label").1 {
+                    ',' => continue,
+                    '}' => {
+                        let at = chars.peek().map_or(inner.len(), |(i, _)| *i);
+                        rest = &inner[at..];
+                        break;
+                    }
+                    c => panic!("unexpected {c:?}: {line}"),
+                }
+            }
+        }
+        let value = rest.strip_prefix(' ').expect("space before the value");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value: {line}"));
+        samples.push((name.to_owned(), labels, value));
+    }
+    samples
+}
+
+#[test]
+fn prometheus_file_is_valid_and_replaced_atomically() {
+    let Some(fs) = LoopBtrfs::new("prometheus_file_is_valid_and_replaced_atomically", 300) else {
+        return;
+    };
+    let manifest = scenario(&fs, Origin::RootFromBlank);
+    let record = fs.dir.path().join("watch.jsonl");
+    std::fs::write(
+        &record,
+        watch_record(&[
+            ("/etc/new.conf", "we\"ird\\name", "command"),
+            ("/var/lib/app/state.db", "app.service", "unit"),
+        ]),
+    )
+    .unwrap();
+    let collector = fs.dir.path().join("textfile");
+    std::fs::create_dir(&collector).unwrap();
+    let prom = collector.join("rasa.prom");
+    // What stood there (a symlink to elsewhere) is replaced, never written through.
+    let elsewhere = fs.dir.path().join("elsewhere");
+    std::fs::write(&elsewhere, "untouched").unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &prom).unwrap();
+    let (stdout, _) = diff(
+        &fs,
+        &manifest,
+        &[
+            "--prometheus",
+            prom.to_str().unwrap(),
+            "--watch-record",
+            record.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(stdout, "", "the metrics go to the file only");
+    assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "untouched");
+    let md = std::fs::symlink_metadata(&prom).unwrap();
+    assert!(md.is_file());
+    assert_eq!(md.permissions().mode() & 0o777, 0o644);
+    let leftovers: Vec<_> = std::fs::read_dir(&collector)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers, ["rasa.prom"]);
+
+    let text = std::fs::read_to_string(&prom).unwrap();
+    let samples = parse_exposition(&text);
+    let value = |metric: &str, unit: Option<&str>| {
+        samples
+            .iter()
+            .find(|(m, labels, _)| {
+                m == metric
+                    && unit.is_none_or(|u| labels.iter().any(|(k, v)| k == "unit" && v == u))
+            })
+            .unwrap_or_else(|| panic!("no {metric} {unit:?} in\n{text}"))
+            .2
+    };
+    assert_eq!(value("rasa_unpersisted_paths", Some("we\"ird\\name")), 1.0);
+    assert_eq!(value("rasa_unpersisted_bytes", Some("we\"ird\\name")), 4.0);
+    assert_eq!(value("rasa_unpersisted_paths", Some("app.service")), 1.0);
+    assert_eq!(
+        value("rasa_unpersisted_paths", Some("(not recorded)")),
+        23.0
+    );
+    assert_eq!(value("rasa_unpersisted_paths_all", None), 25.0);
+    assert_eq!(value("rasa_watch_record_present", None), 1.0);
+    assert_eq!(value("rasa_old_roots", None), 0.0);
+    assert!(samples
+        .iter()
+        .filter(|(m, _, _)| m.starts_with("rasa_unpersisted_paths"))
+        .all(|(_, labels, _)| labels.iter().any(|(k, v)| k == "tree" && v == "root")));
+
+    // After a rollback the old root is counted, and a second write replaces the first.
+    let out = fs.rasa(&["rollback"]);
+    assert!(out.status.success(), "rollback failed: {}", stderr(&out));
+    diff(&fs, &manifest, &["--prometheus", prom.to_str().unwrap()]);
+    let samples = parse_exposition(&std::fs::read_to_string(&prom).unwrap());
+    let old_roots = samples
+        .iter()
+        .find(|(m, _, _)| m == "rasa_old_roots")
+        .unwrap();
+    assert_eq!(old_roots.2, 1.0);
+    let present = samples
+        .iter()
+        .find(|(m, _, _)| m == "rasa_watch_record_present")
+        .unwrap();
+    assert_eq!(present.2, 0.0);
+}

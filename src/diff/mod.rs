@@ -8,6 +8,7 @@
 mod btrfs_engine;
 mod found;
 mod nix_fragment;
+mod prometheus;
 mod report;
 pub mod rules;
 mod walk;
@@ -99,6 +100,12 @@ pub struct Args {
     /// (var/lib/rasa/watch/record.jsonl)]
     #[arg(long, value_name = "PATH", conflicts_with = "no_watch_record")]
     pub watch_record: Option<PathBuf>,
+
+    /// Write the result as a node_exporter textfile-collector file (e.g.
+    /// /var/lib/prometheus-node-exporter-text-files/rasa.prom) instead of printing it: paths and
+    /// bytes the next boot erases by unit, and the old roots kept. Replaced atomically.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["long", "json", "nix"])]
+    pub prometheus: Option<PathBuf>,
 
     /// Do not read a watch record, even where there is one.
     #[arg(long)]
@@ -297,10 +304,20 @@ pub struct Outcome {
     pub writers: Option<writers::Writers>,
     /// The tree is what the running system has at `/` (so this boot's watch record is its).
     running_root: bool,
+    /// How many old roots the filesystem keeps (`None`: not a rasa layout).
+    pub old_roots: Option<usize>,
 }
 
 pub fn run(args: Args) -> Result<u8> {
     let outcome = collect(&args)?;
+    if let Some(file) = &args.prometheus {
+        prometheus::write(&outcome, file)?;
+        return Ok(if args.exit_code && !outcome.found.is_empty() {
+            exit::PROBLEMS
+        } else {
+            exit::OK
+        });
+    }
     let mut stdout = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
     let written = if args.json {
         report::json(&outcome, &mut stdout)
@@ -532,6 +549,7 @@ fn walk_path(path: &Path, inputs: &RuleInputs) -> Result<Outcome> {
         rules,
         writers: None,
         running_root: path == Path::new("/"),
+        old_roots: None,
     })
 }
 
@@ -607,6 +625,10 @@ fn from_layout(
         },
     };
     let tree_info = btrfs::subvol_info(tree.as_fd())?;
+    // For --prometheus; a listing that fails says nothing about the diff.
+    let old_roots = old_roots::scan(top.fd(), &layout.old_roots)
+        .ok()
+        .map(|roots| roots.len());
     let blank = match &layout.blank {
         None => None,
         Some(name) => {
@@ -714,6 +736,7 @@ fn from_layout(
         rules,
         writers,
         running_root,
+        old_roots,
     })
 }
 
