@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use anyhow::{Context, Result};
 
@@ -60,14 +61,17 @@ pub fn run(
     // search sees only committed items, so commit first. Cheap when nothing is pending.
     nix::unistd::syncfs(fs).context("syncing the filesystem before reading its trees")?;
     // Most of a diff's time is the kernel copying tree items out, one by one, and that scales
-    // with cores: a few threads take ranges of inode numbers from a shared list. A few ranges
-    // per thread keep them all busy when one range holds more changes than another.
+    // with cores: a few threads take ranges of inode numbers from a shared list. Many ranges
+    // per thread keep them all busy when one range holds more changes than another, and keep
+    // what a thread holds at once (a range's items, then its paths) a small part of the whole.
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
-    let ranges = find_new::changed_ranges(fs, tree_id, after, 4 * threads as u64)?;
+    let ranges = find_new::changed_ranges(fs, tree_id, after, 16 * threads as u64)?;
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
-    // Each thread reuses its buffers from one range to the next and keeps what it found in
-    // one list: fresh memory costs a page fault per 4 KiB, a visible share of a large diff.
+    // Each range's paths go into one shared list as soon as it is resolved, so memory holds
+    // the result once (not once per thread and again merged); each thread reuses its buffers
+    // from one range to the next: fresh memory costs a page fault per 4 KiB.
+    let shared = Mutex::new(FoundList::default());
     let per_thread: Vec<Result<Resolved>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads.min(ranges.len()))
             .map(|_| {
@@ -82,6 +86,7 @@ pub fn run(
                         let result =
                             find_new::changed_inodes(fs, tree_id, after, range, &mut changed)
                                 .and_then(|()| resolver.resolve(&changed, &mut resolved));
+                        shared.lock().unwrap().append(&mut resolved.found);
                         if let Some(bar) = progress {
                             bar.inc(changed.inodes.len() as u64);
                         }
@@ -96,13 +101,11 @@ pub fn run(
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let mut found = FoundList::default();
     let mut moved: Vec<Vec<u8>> = Vec::new();
     for result in per_thread {
-        let mut resolved = result?;
-        found.append(&mut resolved.found);
-        moved.append(&mut resolved.moved);
+        moved.append(&mut result?.moved);
     }
+    let mut found = shared.into_inner().unwrap();
     // Nested subvolumes: reported, and walked, as a whole.
     let mut dirs = DirPaths::new(fs, tree_id);
     let mut excluded_dirs = HashMap::new();
@@ -175,7 +178,6 @@ impl<'a> Resolver<'a> {
 
     fn resolve(&mut self, changed: &find_new::Changed, out: &mut Resolved) -> Result<()> {
         let after = self.blank.map_or(0, |b| b.marker);
-        let first_new = out.found.len();
         let Resolved { found, moved } = out;
         let mut last_parent: Option<u64> = None;
         let mut parent_path: Option<Vec<u8>> = None;
@@ -233,8 +235,6 @@ impl<'a> Resolver<'a> {
                 }
             }
         }
-        // Sorted here, in parallel: the final sort then only merges these runs.
-        found.sort_from(first_new);
         Ok(())
     }
 }

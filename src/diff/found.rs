@@ -74,14 +74,12 @@ impl FoundList {
         }
     }
 
-    /// Move everything in `other` to the end of this list.
+    /// Move everything in `other` to the end of this list (`other` keeps its memory, for
+    /// reuse).
     pub fn append(&mut self, other: &mut FoundList) {
-        if self.entries.is_empty() {
-            std::mem::swap(self, other);
-            return;
-        }
         let offset = self.arena.len() as u64;
-        self.arena.append(&mut other.arena);
+        self.arena.extend_from_slice(&other.arena);
+        other.arena.clear();
         self.entries.extend(other.entries.drain(..).map(|e| Entry {
             start: e.start + offset,
             ..e
