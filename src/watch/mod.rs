@@ -98,7 +98,6 @@ fn now_secs() -> u64 {
 }
 
 /// The manifest's persisted paths and globs, found as `rasa diff` finds them (the same code).
-/// Manifest entries not in storage yet stay watched: the next boot erases them.
 fn rules_for(args: &Args, root: &[u8]) -> Result<Rules> {
     crate::diff::rule_inputs(args.manifest.as_deref(), &args.ignore)?
         .rules(&rules::mounts_below(root))
@@ -115,11 +114,7 @@ fn excluded(rules: &Rules, path: &[u8], is_dir: bool) -> bool {
     ancestors
         .map(|dir| (dir, true))
         .chain(std::iter::once((path, is_dir)))
-        .any(|(p, d)| {
-            rules
-                .check(p, d, None)
-                .is_some_and(|reason| reason != rules::Reason::Unstored)
-        })
+        .any(|(p, d)| rules.check(p, d, None).is_some())
 }
 
 /// A directory handle resolved to its path on the root, and whether everything in it is left
