@@ -65,7 +65,7 @@ pub fn run(
     // per thread keep them all busy when one range holds more changes than another, and keep
     // what a thread holds at once (a range's items, then its paths) a small part of the whole.
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
-    let ranges = find_new::changed_ranges(fs, tree_id, after, 16 * threads as u64)?;
+    let ranges = find_new::changed_ranges(fs, tree_id, after, 64 * threads as u64)?;
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     // Each range's paths go into one shared list as soon as it is resolved, so memory holds

@@ -1,7 +1,7 @@
 //! The list of paths a diff found, stored compactly: a million new files are a million paths,
 //! and a `Vec<u8>` each (24 bytes of vector, a heap block of 32 or more, the allocator's
 //! bookkeeping) cost more than the paths themselves. Here every path lives in one byte arena and
-//! each entry is 24 bytes, so the list holds about the bytes of its paths plus 24 per path.
+//! each entry is 20 bytes, so the list holds about the bytes of its paths plus 20 per path.
 
 use super::{Kind, Status};
 
@@ -16,15 +16,53 @@ pub struct Found<'a> {
     pub size: u64,
 }
 
+/// 20 bytes: packed to 4-byte alignment (8 + 8 + 4 would otherwise round up to 24), with the
+/// path's length, kind and status sharing one word.
 #[derive(Clone, Copy, Debug)]
+#[repr(C, packed(4))]
 struct Entry {
     /// Where the path starts in the arena; also the order in which entries were added, which
     /// breaks ties between equal paths (the first added wins).
     start: u64,
-    len: u32,
-    kind: Kind,
-    status: Status,
     size: u64,
+    /// The path's length (low 24 bits: 16 MiB, far beyond any walkable path), then the kind
+    /// and the status (4 bits each).
+    meta: u32,
+}
+
+const LEN_BITS: u32 = 24;
+const KINDS: [Kind; 4] = [Kind::File, Kind::Directory, Kind::Symlink, Kind::Other];
+const STATUSES: [Status; 3] = [Status::New, Status::Modified, Status::Unstored];
+
+impl Entry {
+    fn len(&self) -> usize {
+        (self.meta & ((1 << LEN_BITS) - 1)) as usize
+    }
+
+    fn kind(&self) -> Kind {
+        KINDS[(self.meta >> LEN_BITS & 0xf) as usize]
+    }
+
+    fn status(&self) -> Status {
+        STATUSES[(self.meta >> (LEN_BITS + 4)) as usize]
+    }
+
+    fn meta(len: usize, kind: Kind, status: Status) -> u32 {
+        let len = u32::try_from(len)
+            .ok()
+            .filter(|&l| l < 1 << LEN_BITS)
+            .expect("a path shorter than 16 MiB");
+        let kind = KINDS.iter().position(|&k| k == kind).expect("every kind") as u32;
+        let status = STATUSES
+            .iter()
+            .position(|&s| s == status)
+            .expect("every status") as u32;
+        len | kind << LEN_BITS | status << (LEN_BITS + 4)
+    }
+
+    fn set_status(&mut self, status: Status) {
+        self.meta = Entry::meta(self.len(), self.kind(), status);
+    }
 }
 
 #[derive(Default, Debug)]
@@ -39,10 +77,8 @@ impl FoundList {
         self.arena.extend_from_slice(path);
         self.entries.push(Entry {
             start,
-            len: u32::try_from(path.len()).expect("a path shorter than 4 GiB"),
-            kind,
-            status,
             size,
+            meta: Entry::meta(path.len(), kind, status),
         });
     }
 
@@ -55,10 +91,11 @@ impl FoundList {
     }
 
     fn view<'a>(arena: &'a [u8], e: &Entry) -> Found<'a> {
+        let start = e.start as usize;
         Found {
-            path: &arena[e.start as usize..e.start as usize + e.len as usize],
-            kind: e.kind,
-            status: e.status,
+            path: &arena[start..start + e.len()],
+            kind: e.kind(),
+            status: e.status(),
             size: e.size,
         }
     }
@@ -70,7 +107,7 @@ impl FoundList {
     /// Mark every entry from `from` on with `status`.
     pub fn set_status_from(&mut self, from: usize, status: Status) {
         for e in &mut self.entries[from..] {
-            e.status = status;
+            e.set_status(status);
         }
     }
 
@@ -94,7 +131,7 @@ impl FoundList {
             Self::view(arena, a)
                 .path
                 .cmp(Self::view(arena, b).path)
-                .then(a.start.cmp(&b.start))
+                .then({ a.start }.cmp(&{ b.start }))
         });
     }
 
@@ -105,8 +142,8 @@ impl FoundList {
         let arena = &self.arena;
         self.entries.dedup_by(|later, earlier| {
             if Self::view(arena, later).path == Self::view(arena, earlier).path {
-                if later.status == Status::Unstored {
-                    earlier.status = Status::Unstored;
+                if later.status() == Status::Unstored {
+                    earlier.set_status(Status::Unstored);
                 }
                 true
             } else {
@@ -126,6 +163,26 @@ impl FoundList {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_is_twenty_bytes_and_keeps_its_fields() {
+        assert_eq!(std::mem::size_of::<Entry>(), 20);
+        for kind in KINDS {
+            for status in STATUSES {
+                let mut e = Entry {
+                    start: 7,
+                    size: u64::MAX,
+                    meta: Entry::meta((1 << LEN_BITS) - 1, kind, status),
+                };
+                assert_eq!(
+                    (e.len(), e.kind(), e.status()),
+                    ((1 << LEN_BITS) - 1, kind, status)
+                );
+                e.set_status(Status::Unstored);
+                assert_eq!((e.kind(), e.status()), (kind, Status::Unstored));
+            }
+        }
+    }
 
     #[test]
     fn sorts_and_keeps_the_first_of_equal_paths() {
