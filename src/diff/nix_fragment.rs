@@ -170,11 +170,7 @@ pub fn render(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
         target.what = target.what.or(known.map(|k| k.what));
         target.preset = target.preset.or(known.and_then(|k| k.preset));
         if let Some(writers) = &outcome.writers {
-            let names = writers.of(found.path);
-            if names.is_empty() {
-                target.writers.insert(NOT_RECORDED);
-            }
-            target.writers.extend(names);
+            target.writers.extend(writers.named(found.path));
         }
         target.modified_dir |= modified_dir;
         target.paths += 1;

@@ -41,13 +41,8 @@ pub fn render(outcome: &Outcome, out: &mut dyn Write) -> std::io::Result<()> {
     let mut units: BTreeMap<&str, ByUnit> = BTreeMap::new();
     for found in outcome.found.iter() {
         let names = match &outcome.writers {
-            Some(writers) => writers.of(found.path),
-            None => Vec::new(),
-        };
-        let names = if names.is_empty() {
-            vec![NOT_RECORDED]
-        } else {
-            names
+            Some(writers) => writers.named(found.path),
+            None => vec![NOT_RECORDED],
         };
         for name in names {
             let unit = units.entry(name).or_default();

@@ -7,7 +7,6 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::rules::RUNTIME_DIRS;
-use super::writers::{Writers, NOT_RECORDED};
 use super::{escape, Found, Kind, Outcome, Status, UNSTORED_NOTE};
 
 /// `1.5 KiB`, `12 B`.
@@ -82,100 +81,20 @@ fn left_out(outcome: &Outcome) -> String {
     )
 }
 
-pub fn summary(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
-    writeln!(out, "{}", headline(outcome))?;
-    let mut groups: BTreeMap<&[u8], Group> = BTreeMap::new();
-    for found in outcome.found.iter() {
-        let group = groups.entry(group_of(&found.path)).or_default();
-        group.paths += 1;
-        group.size += found.size;
+impl Group {
+    fn add(&mut self, found: &Found<'_>) {
+        self.paths += 1;
+        self.size += found.size;
         match found.status {
-            Status::New | Status::Unstored => group.new += 1,
-            Status::Modified => group.modified += 1,
+            Status::New | Status::Unstored => self.new += 1,
+            Status::Modified => self.modified += 1,
         }
     }
-    if !groups.is_empty() {
-        let mut rows: Vec<(&[u8], Group)> = groups.into_iter().collect();
-        rows.sort_by(|a, b| {
-            b.1.size
-                .cmp(&a.1.size)
-                .then(b.1.paths.cmp(&a.1.paths))
-                .then(a.0.cmp(b.0))
-        });
-        writeln!(out)?;
-        writeln!(
-            out,
-            "{:>10} {:>8} {:>8} {:>8}  DIRECTORY",
-            "SIZE", "PATHS", "NEW", "MODIFIED"
-        )?;
-        for (name, group) in &rows {
-            writeln!(
-                out,
-                "{:>10} {:>8} {:>8} {:>8}  {}",
-                human_size(group.size),
-                group.paths,
-                group.new,
-                group.modified,
-                escape(name)
-            )?;
-        }
-        writeln!(out)?;
-        if let Some(writers) = &outcome.writers {
-            by_writer(outcome, writers, out)?;
-        }
-        let unstored: Vec<Found<'_>> = outcome
-            .found
-            .iter()
-            .filter(|f| f.status == Status::Unstored)
-            .collect();
-        if !unstored.is_empty() {
-            let entries: Vec<String> = outcome
-                .rules
-                .unstored()
-                .iter()
-                .filter(|entry| unstored.iter().any(|f| f.path == **entry))
-                .map(|entry| escape(entry))
-                .collect();
-            writeln!(
-                out,
-                "{} of these path(s) ({}) are {UNSTORED_NOTE}: {}",
-                unstored.len(),
-                human_size(unstored.iter().map(|f| f.size).sum()),
-                entries.join(" ")
-            )?;
-        }
-        writeln!(
-            out,
-            "`rasa diff --long` lists every path; `rasa diff --nix` suggests what to persist."
-        )?;
-    }
-    writeln!(out, "{}", left_out(outcome))?;
-    Ok(())
 }
 
-/// The same paths grouped by the unit (or command) that wrote them, from the watch record: a
-/// path written by several counts under each, one the record does not name under
-/// [`NOT_RECORDED`].
-fn by_writer(outcome: &Outcome, writers: &Writers, out: &mut impl Write) -> Result<()> {
-    let mut groups: BTreeMap<&str, Group> = BTreeMap::new();
-    for found in outcome.found.iter() {
-        let names = writers.of(found.path);
-        let names = if names.is_empty() {
-            vec![NOT_RECORDED]
-        } else {
-            names
-        };
-        for name in names {
-            let group = groups.entry(name).or_default();
-            group.paths += 1;
-            group.size += found.size;
-            match found.status {
-                Status::New | Status::Unstored => group.new += 1,
-                Status::Modified => group.modified += 1,
-            }
-        }
-    }
-    let mut rows: Vec<(&str, Group)> = groups.into_iter().collect();
+/// One table of the summary: its groups, largest first, under `heading`.
+fn table(groups: BTreeMap<&[u8], Group>, heading: &str, out: &mut impl Write) -> Result<()> {
+    let mut rows: Vec<(&[u8], Group)> = groups.into_iter().collect();
     rows.sort_by(|a, b| {
         b.1.size
             .cmp(&a.1.size)
@@ -184,8 +103,8 @@ fn by_writer(outcome: &Outcome, writers: &Writers, out: &mut impl Write) -> Resu
     });
     writeln!(
         out,
-        "{:>10} {:>8} {:>8} {:>8}  WRITER (from {})",
-        "SIZE", "PATHS", "NEW", "MODIFIED", writers.record
+        "{:>10} {:>8} {:>8} {:>8}  {heading}",
+        "SIZE", "PATHS", "NEW", "MODIFIED"
     )?;
     for (name, group) in &rows {
         writeln!(
@@ -195,10 +114,59 @@ fn by_writer(outcome: &Outcome, writers: &Writers, out: &mut impl Write) -> Resu
             group.paths,
             group.new,
             group.modified,
-            escape(name.as_bytes())
+            escape(name)
         )?;
     }
     writeln!(out)?;
+    Ok(())
+}
+
+pub fn summary(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
+    writeln!(out, "{}", headline(outcome))?;
+    let mut groups: BTreeMap<&[u8], Group> = BTreeMap::new();
+    for found in outcome.found.iter() {
+        groups.entry(group_of(found.path)).or_default().add(&found);
+    }
+    if !groups.is_empty() {
+        writeln!(out)?;
+        table(groups, "DIRECTORY", out)?;
+        if let Some(writers) = &outcome.writers {
+            // A path written by several counts under each.
+            let mut by_writer: BTreeMap<&[u8], Group> = BTreeMap::new();
+            for found in outcome.found.iter() {
+                for name in writers.named(found.path) {
+                    by_writer.entry(name.as_bytes()).or_default().add(&found);
+                }
+            }
+            table(by_writer, &format!("WRITER (from {})", writers.record), out)?;
+        }
+        // Counted, not collected: an unstored tree can be most of a large diff.
+        let (unstored, unstored_bytes) = outcome
+            .found
+            .iter()
+            .filter(|f| f.status == Status::Unstored)
+            .fold((0u64, 0u64), |(n, bytes), f| (n + 1, bytes + f.size));
+        if unstored > 0 {
+            let entries: Vec<String> = outcome
+                .rules
+                .unstored()
+                .iter()
+                .filter(|entry| outcome.found.contains_sorted(entry))
+                .map(|entry| escape(entry))
+                .collect();
+            writeln!(
+                out,
+                "{unstored} of these path(s) ({}) are {UNSTORED_NOTE}: {}",
+                human_size(unstored_bytes),
+                entries.join(" ")
+            )?;
+        }
+        writeln!(
+            out,
+            "`rasa diff --long` lists every path; `rasa diff --nix` suggests what to persist."
+        )?;
+    }
+    writeln!(out, "{}", left_out(outcome))?;
     Ok(())
 }
 

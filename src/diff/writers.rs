@@ -27,6 +27,16 @@ impl Writers {
         self.loaded.writers(path)
     }
 
+    /// [`Writers::of`], or [`NOT_RECORDED`] alone: what a path is counted under.
+    pub fn named(&self, path: &[u8]) -> Vec<&str> {
+        let names = self.of(path);
+        if names.is_empty() {
+            vec![NOT_RECORDED]
+        } else {
+            names
+        }
+    }
+
     /// What the record could not see: said with the report, so an empty column is not read as
     /// "nobody".
     pub fn caveat(&self) -> Option<String> {
