@@ -1768,10 +1768,13 @@ fn an_old_root_carries_its_watch_record() {
     assert!(!fresh.contains("watch_record"), "{fresh}");
 }
 
+/// A metric sample: its name, its labels (name, unescaped value) and its value.
+type Sample = (String, Vec<(String, String)>, f64);
+
 /// Parse the Prometheus text exposition format strictly enough to catch what a collector
 /// rejects: metric and label names, HELP and TYPE before a family's samples, label values'
 /// escapes, numeric values. Returns (metric, labels, value) for each sample.
-fn parse_exposition(text: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
+fn parse_exposition(text: &str) -> Vec<Sample> {
     fn is_name(s: &str, colon: bool) -> bool {
         let mut chars = s.chars();
         let ok_first = |c: char| c.is_ascii_alphabetic() || c == '_' || (colon && c == ':');

@@ -131,7 +131,7 @@ pub fn render(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
         .found
         .iter()
         .filter_map(|f| {
-            known_for(&f.path).map(|k| match k.unit {
+            known_for(f.path).map(|k| match k.unit {
                 Unit::Directory(dir) => dir.as_bytes().to_vec(),
                 Unit::EachFile => f.path.to_vec(),
             })
@@ -155,7 +155,7 @@ pub fn render(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
     for found in outcome.found.iter() {
         // Already in the manifest: migrate stores it, nothing to add.
         if found.status == Status::Unstored
-            || (found.kind == Kind::Directory && holds_known(&found.path))
+            || (found.kind == Kind::Directory && holds_known(found.path))
         {
             continue;
         }
@@ -265,7 +265,7 @@ fn classify(found: &Found<'_>, new_dirs: &[&[u8]]) -> (Vec<u8>, Option<&'static 
         };
     }
     // `new_dirs` is sorted, so the first ancestor found is the top-most.
-    match new_dirs.iter().find(|d| under(&found.path, d)) {
+    match new_dirs.iter().find(|d| under(found.path, d)) {
         Some(top) => (top.to_vec(), None, true),
         None => (found.path.to_vec(), None, is_dir),
     }
