@@ -283,6 +283,49 @@ mod tests {
         assert_eq!(nix_string(b"/a\xff"), None);
     }
 
+    /// The presets named in --nix exist in modules/presets.nix and keep what they are named for
+    /// (the path itself or a directory above it), so the two stay in step.
+    #[test]
+    fn named_presets_keep_what_they_are_named_for() {
+        let nix = include_str!("../../modules/presets.nix");
+        let wanted = &nix[nix.find("\n  wanted = {").expect("a wanted block")..];
+        let wanted = &wanted[..wanted.find("\n  };").expect("its end")];
+        // Each preset's entries: from `    <name> = ` to the next line at that indentation.
+        let chunk_of = |name: &str| {
+            let start = wanted.find(&format!("\n    {name} = "))? + 1;
+            let rest = &wanted[start..];
+            let end = rest[1..]
+                .find("\n    ")
+                .filter(|&i| !rest[i + 6..].starts_with(' '))
+                .map_or(rest.len(), |i| i + 1);
+            Some(&rest[..end])
+        };
+        for known in KNOWN {
+            let Some(preset) = known.preset else { continue };
+            assert!(
+                nix.contains(&format!("{preset} = preset {{")),
+                "rasa.presets.{preset} is not declared in modules/presets.nix"
+            );
+            let kept = match known.unit {
+                Unit::Directory(dir) => dir,
+                Unit::EachFile => known.prefix,
+            };
+            // A preset without entries of its own (ssh moves the host keys by option) is
+            // only checked to exist.
+            let Some(chunk) = chunk_of(preset) else {
+                continue;
+            };
+            let paths: Vec<&str> = chunk.split('"').skip(1).step_by(2).collect();
+            assert!(
+                paths.iter().any(
+                    |p| kept.starts_with(p) && under(kept.as_bytes(), p.as_bytes())
+                        || (known.unit == Unit::EachFile && kept == *p)
+                ),
+                "rasa.presets.{preset} keeps {paths:?}, not {kept}"
+            );
+        }
+    }
+
     #[test]
     fn known_state_is_named_by_its_directory() {
         assert_eq!(
