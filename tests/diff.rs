@@ -1943,4 +1943,20 @@ fn prometheus_file_is_valid_and_replaced_atomically() {
         .find(|(m, _, _)| m == "rasa_watch_record_present")
         .unwrap();
     assert_eq!(present.2, 0.0);
+
+    // A file in a directory that is not there: refused before anything is done.
+    let missing = fs.dir.path().join("no-such-dir/rasa.prom");
+    let (code, err) = code_and_err(&fs.rasa(&[
+        "diff",
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--prometheus",
+        missing.to_str().unwrap(),
+    ]));
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        err.contains("no-such-dir") && err.contains("not a directory") && err.contains("fix:"),
+        "{err}"
+    );
+    assert!(!missing.parent().unwrap().exists());
 }

@@ -309,6 +309,9 @@ pub struct Outcome {
 }
 
 pub fn run(args: Args) -> Result<u8> {
+    if let Some(file) = &args.prometheus {
+        prometheus::check_target(file)?;
+    }
     let outcome = collect(&args)?;
     if let Some(file) = &args.prometheus {
         prometheus::write(&outcome, file)?;

@@ -105,6 +105,26 @@ pub fn render(outcome: &Outcome, out: &mut dyn Write) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Refuse, before any work, a FILE whose directory is not there: the collector's directory is
+/// node_exporter's to create, not rasa's.
+pub fn check_target(path: &Path) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if path.file_name().is_none() || !dir.is_dir() {
+        return Err(crate::error::refuse(
+            format!(
+                "--prometheus {}: {} is not a directory",
+                path.display(),
+                dir.display()
+            ),
+            "pass a file in node_exporter's --collector.textfile.directory (create that directory first)",
+        ));
+    }
+    Ok(())
+}
+
 /// Replace `path` with the metrics: readable by the collector (0644), never half-written.
 pub fn write(outcome: &Outcome, path: &Path) -> Result<()> {
     crate::watch::record::write_atomically_as(path, 0o644, None, |out| render(outcome, out))
