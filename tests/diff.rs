@@ -155,6 +155,14 @@ fn scenario(fs: &LoopBtrfs, origin: Origin) -> PathBuf {
     stored_manifest(fs)
 }
 
+/// A test filesystem with the scenario (root made from the blank) and its manifest; `None`
+/// when the test is skipped.
+fn with_scenario(test: &str) -> Option<(LoopBtrfs, PathBuf)> {
+    let fs = LoopBtrfs::new(test, 300)?;
+    let manifest = scenario(&fs, Origin::RootFromBlank);
+    Some((fs, manifest))
+}
+
 fn diff(fs: &LoopBtrfs, manifest: &Path, extra: &[&str]) -> (String, String) {
     let mut args = vec![
         "diff",
@@ -377,10 +385,9 @@ fn line_diff(btrfs: &str, walk: &str) -> String {
 
 #[test]
 fn summary_nix_and_exit_code() {
-    let Some(fs) = LoopBtrfs::new("summary_nix_and_exit_code", 300) else {
+    let Some((fs, manifest)) = with_scenario("summary_nix_and_exit_code") else {
         return;
     };
-    let manifest = scenario(&fs, Origin::RootFromBlank);
     let (summary, _) = diff(&fs, &manifest, &[]);
     expect![[r#"
         25 paths (112 B) on root will be erased by the next boot [engine: btrfs, compared with root-blank]
@@ -504,10 +511,9 @@ fn code_and_err(out: &std::process::Output) -> (Option<i32>, String) {
 
 #[test]
 fn old_root_shows_what_a_past_boot_erased() {
-    let Some(fs) = LoopBtrfs::new("old_root_shows_what_a_past_boot_erased", 300) else {
+    let Some((fs, manifest)) = with_scenario("old_root_shows_what_a_past_boot_erased") else {
         return;
     };
-    let manifest = scenario(&fs, Origin::RootFromBlank);
     let m = manifest.to_str().unwrap();
     let (before, _) = diff(&fs, &manifest, &["--long"]);
     let out = fs.rasa(&["rollback"]);
@@ -547,10 +553,9 @@ fn old_root_shows_what_a_past_boot_erased() {
 
 #[test]
 fn refusals_name_the_problem_and_the_fix() {
-    let Some(fs) = LoopBtrfs::new("refusals_name_the_problem_and_the_fix", 300) else {
+    let Some((fs, manifest)) = with_scenario("refusals_name_the_problem_and_the_fix") else {
         return;
     };
-    let manifest = scenario(&fs, Origin::RootFromBlank);
     let m = manifest.to_str().unwrap();
     let tmpfs = fs.dir.path().join("tmpfs");
     std::fs::create_dir(&tmpfs).unwrap();
@@ -614,10 +619,9 @@ fn refusals_name_the_problem_and_the_fix() {
 
 #[test]
 fn walk_works_on_tmpfs_and_mounts_are_left_out() {
-    let Some(fs) = LoopBtrfs::new("walk_works_on_tmpfs_and_mounts_are_left_out", 300) else {
+    let Some((fs, manifest)) = with_scenario("walk_works_on_tmpfs_and_mounts_are_left_out") else {
         return;
     };
-    let manifest = scenario(&fs, Origin::RootFromBlank);
     // A tmpfs root: no blank, everything counts as new; a mount inside it is left out.
     let tmpfs = fs.dir.path().join("tmpfs");
     std::fs::create_dir(&tmpfs).unwrap();
@@ -1615,10 +1619,9 @@ const RECORDED: &[(&str, &str, &str)] = &[
 
 #[test]
 fn a_watch_record_names_who_wrote_each_path() {
-    let Some(fs) = LoopBtrfs::new("a_watch_record_names_who_wrote_each_path", 300) else {
+    let Some((fs, manifest)) = with_scenario("a_watch_record_names_who_wrote_each_path") else {
         return;
     };
-    let manifest = scenario(&fs, Origin::RootFromBlank);
     let record = fs.dir.path().join("watch.jsonl");
     std::fs::write(&record, watch_record(RECORDED)).unwrap();
     let r = record.to_str().unwrap();
@@ -1734,10 +1737,9 @@ fn a_watch_record_names_who_wrote_each_path() {
 
 #[test]
 fn an_old_root_carries_its_watch_record() {
-    let Some(fs) = LoopBtrfs::new("an_old_root_carries_its_watch_record", 300) else {
+    let Some((fs, manifest)) = with_scenario("an_old_root_carries_its_watch_record") else {
         return;
     };
-    let manifest = scenario(&fs, Origin::RootFromBlank);
     let in_root = fs.path("root/var/lib/rasa/watch/record.jsonl");
     std::fs::create_dir_all(in_root.parent().unwrap()).unwrap();
     std::fs::write(&in_root, watch_record(RECORDED)).unwrap();
@@ -1860,10 +1862,10 @@ fn parse_exposition(text: &str) -> Vec<Sample> {
 
 #[test]
 fn prometheus_file_is_valid_and_replaced_atomically() {
-    let Some(fs) = LoopBtrfs::new("prometheus_file_is_valid_and_replaced_atomically", 300) else {
+    let Some((fs, manifest)) = with_scenario("prometheus_file_is_valid_and_replaced_atomically")
+    else {
         return;
     };
-    let manifest = scenario(&fs, Origin::RootFromBlank);
     let record = fs.dir.path().join("watch.jsonl");
     std::fs::write(
         &record,
