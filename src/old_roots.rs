@@ -864,6 +864,10 @@ fn run_show(args: ShowArgs) -> Result<u8> {
         json: args.json,
         nix: false,
         exit_code: false,
+        // The old root's own record (written inside it by `rasa watch`) names each path's unit.
+        watch_record: None,
+        no_watch_record: false,
+        prometheus: None,
     })
 }
 

@@ -155,6 +155,14 @@ fn scenario(fs: &LoopBtrfs, origin: Origin) -> PathBuf {
     stored_manifest(fs)
 }
 
+/// A test filesystem with the scenario (root made from the blank) and its manifest; `None`
+/// when the test is skipped.
+fn with_scenario(test: &str) -> Option<(LoopBtrfs, PathBuf)> {
+    let fs = LoopBtrfs::new(test, 300)?;
+    let manifest = scenario(&fs, Origin::RootFromBlank);
+    Some((fs, manifest))
+}
+
 fn diff(fs: &LoopBtrfs, manifest: &Path, extra: &[&str]) -> (String, String) {
     let mut args = vec![
         "diff",
@@ -377,10 +385,9 @@ fn line_diff(btrfs: &str, walk: &str) -> String {
 
 #[test]
 fn summary_nix_and_exit_code() {
-    let Some(fs) = LoopBtrfs::new("summary_nix_and_exit_code", 300) else {
+    let Some((fs, manifest)) = with_scenario("summary_nix_and_exit_code") else {
         return;
     };
-    let manifest = scenario(&fs, Origin::RootFromBlank);
     let (summary, _) = diff(&fs, &manifest, &[]);
     expect![[r#"
         25 paths (112 B) on root will be erased by the next boot [engine: btrfs, compared with root-blank]
@@ -403,10 +410,10 @@ fn summary_nix_and_exit_code() {
         # configuration (with the impermanence module) and delete what you do not want to keep.
         environment.persistence."/persist" = {
           directories = [
-            "/etc/NetworkManager/system-connections" # NetworkManager connections (Wi-Fi passwords, VPNs)
+            "/etc/NetworkManager/system-connections" # NetworkManager connections (Wi-Fi passwords, VPNs); rasa.presets.networkmanager keeps it
             "/movedir" # 4 paths, 4 B
             "/var/lib/app" # 2 paths, 10 B
-            "/var/lib/bluetooth" # Bluetooth pairings
+            "/var/lib/bluetooth" # Bluetooth pairings; rasa.presets.bluetooth keeps it
             "/var/lib/machines" # 2 paths, 17 B
             "/var/log" # mode or owner differs from the blank
           ];
@@ -418,7 +425,7 @@ fn summary_nix_and_exit_code() {
             "/etc/modify.conf" # 1 path, 12 B
             "/etc/new.conf" # 1 path, 4 B
             "/etc/renamed.conf" # 1 path, 8 B
-            "/etc/ssh/ssh_host_ed25519_key" # ssh host key (clients warn when it changes)
+            "/etc/ssh/ssh_host_ed25519_key" # ssh host key (clients warn when it changes); rasa.presets.ssh keeps it
             "/home/alice/notes.txt" # 1 path, 6 B
           ];
         };
@@ -504,10 +511,9 @@ fn code_and_err(out: &std::process::Output) -> (Option<i32>, String) {
 
 #[test]
 fn old_root_shows_what_a_past_boot_erased() {
-    let Some(fs) = LoopBtrfs::new("old_root_shows_what_a_past_boot_erased", 300) else {
+    let Some((fs, manifest)) = with_scenario("old_root_shows_what_a_past_boot_erased") else {
         return;
     };
-    let manifest = scenario(&fs, Origin::RootFromBlank);
     let m = manifest.to_str().unwrap();
     let (before, _) = diff(&fs, &manifest, &["--long"]);
     let out = fs.rasa(&["rollback"]);
@@ -547,10 +553,9 @@ fn old_root_shows_what_a_past_boot_erased() {
 
 #[test]
 fn refusals_name_the_problem_and_the_fix() {
-    let Some(fs) = LoopBtrfs::new("refusals_name_the_problem_and_the_fix", 300) else {
+    let Some((fs, manifest)) = with_scenario("refusals_name_the_problem_and_the_fix") else {
         return;
     };
-    let manifest = scenario(&fs, Origin::RootFromBlank);
     let m = manifest.to_str().unwrap();
     let tmpfs = fs.dir.path().join("tmpfs");
     std::fs::create_dir(&tmpfs).unwrap();
@@ -614,10 +619,9 @@ fn refusals_name_the_problem_and_the_fix() {
 
 #[test]
 fn walk_works_on_tmpfs_and_mounts_are_left_out() {
-    let Some(fs) = LoopBtrfs::new("walk_works_on_tmpfs_and_mounts_are_left_out", 300) else {
+    let Some((fs, manifest)) = with_scenario("walk_works_on_tmpfs_and_mounts_are_left_out") else {
         return;
     };
-    let manifest = scenario(&fs, Origin::RootFromBlank);
     // A tmpfs root: no blank, everything counts as new; a mount inside it is left out.
     let tmpfs = fs.dir.path().join("tmpfs");
     std::fs::create_dir(&tmpfs).unwrap();
@@ -1580,4 +1584,381 @@ mod fuzz {
             );
         }
     }
+}
+
+/// A `rasa watch` record in the documented format (docs/watch.md), written by hand.
+fn watch_record(lines: &[(&str, &str, &str)]) -> String {
+    let mut text = format!(
+        r#"{{"rasaWatch":1,"root":"/","bootId":"test","started":1,"updated":2,"entries":{},"maxEntries":100000,"droppedEvents":0,"queueOverflows":0}}"#,
+        lines.len()
+    );
+    for (path, writer, kind) in lines {
+        text.push('\n');
+        text.push_str(
+            &serde_json::json!({
+                "path": path, "writer": writer, "kind": kind,
+                "first": 1, "last": 2, "count": 1, "events": ["create"]
+            })
+            .to_string(),
+        );
+    }
+    text.push('\n');
+    text
+}
+
+const RECORDED: &[(&str, &str, &str)] = &[
+    ("/etc/new.conf", "my editor", "command"),
+    ("/etc/new.conf", "nixos-activation.service", "unit"),
+    ("/var/lib/app/state.db", "app.service", "unit"),
+    ("/var/lib/bluetooth", "bluetooth.service", "unit"),
+    ("/var/lib/bluetooth/AA:BB", "bluetooth.service", "unit"),
+    ("/var/lib/bluetooth/AA:BB/info", "bluetooth.service", "unit"),
+    // Gone by now: named in the record, not in the diff.
+    ("/etc/delete.conf", "app.service", "unit"),
+];
+
+#[test]
+fn a_watch_record_names_who_wrote_each_path() {
+    let Some((fs, manifest)) = with_scenario("a_watch_record_names_who_wrote_each_path") else {
+        return;
+    };
+    let record = fs.dir.path().join("watch.jsonl");
+    std::fs::write(&record, watch_record(RECORDED)).unwrap();
+    let r = record.to_str().unwrap();
+
+    let (long, _) = diff(&fs, &manifest, &["--long", "--watch-record", r]);
+    let picked: Vec<&str> = long
+        .lines()
+        .filter(|l| {
+            l.contains("/etc/new.conf") || l.contains("bluetooth") || l.contains("/etc/keep.conf")
+        })
+        .collect();
+    expect![[r#"
+        [
+            "modified file              10  -  /etc/keep.conf",
+            "new      file               4  my\\x20editor,nixos-activation.service  /etc/new.conf",
+            "new      dir                0  bluetooth.service  /var/lib/bluetooth",
+            "new      dir                0  bluetooth.service  /var/lib/bluetooth/AA:BB",
+            "new      file               7  bluetooth.service  /var/lib/bluetooth/AA:BB/info",
+        ]
+    "#]]
+    .assert_debug_eq(&picked);
+    // Without the record, the output is the one every other test pins.
+    let (plain, _) = diff(&fs, &manifest, &["--long", "--no-watch-record"]);
+    EXPECTED_LONG.assert_eq(&plain);
+
+    let (json, _) = diff(&fs, &manifest, &["--json", "--watch-record", r]);
+    let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(parsed["watch_record"], r);
+    let entries = parsed["entries"].as_array().unwrap();
+    let writers_of = |path: &str| {
+        entries
+            .iter()
+            .find(|e| e["path"] == path)
+            .map(|e| e["writers"].clone())
+            .unwrap()
+    };
+    assert_eq!(
+        writers_of("/etc/new.conf"),
+        serde_json::json!(["my editor", "nixos-activation.service"])
+    );
+    assert_eq!(writers_of("/etc/keep.conf"), serde_json::json!([]));
+    let (plain_json, _) = diff(&fs, &manifest, &["--json"]);
+    assert!(!plain_json.contains("writers") && !plain_json.contains("watch_record"));
+
+    let (summary, _) = diff(&fs, &manifest, &["--watch-record", r]);
+    let summary = summary.replace(r, "<record>");
+    expect![[r#"
+        25 paths (112 B) on root will be erased by the next boot [engine: btrfs, compared with root-blank]
+
+              SIZE    PATHS      NEW MODIFIED  DIRECTORY
+              68 B       12        9        3  /etc
+              34 B        8        7        1  /var
+               6 B        1        1        0  /home
+               4 B        4        4        0  /movedir
+
+              SIZE    PATHS      NEW MODIFIED  WRITER (from <record>)
+              91 B       20       16        4  (not recorded)
+              10 B        1        1        0  app.service
+               7 B        3        3        0  bluetooth.service
+               4 B        1        1        0  my editor
+               4 B        1        1        0  nixos-activation.service
+
+        `rasa diff --long` lists every path; `rasa diff --nix` suggests what to persist.
+        left out: what root-blank holds unchanged, 2 persisted path(s) from the manifest, symlinks into /nix/store, /proc /sys /dev /run /tmp and 0 other mount(s), paths matching /root/.bash_history /var/cache/**
+    "#]]
+    .assert_eq(&summary);
+
+    let (nix, _) = diff(&fs, &manifest, &["--nix", "--watch-record", r]);
+    let nix = nix.replace(fs.path("persist").to_str().unwrap(), "/persist");
+    expect![[r##"
+        # What `rasa diff` found on root that the next boot erases. Paste into your NixOS
+        # configuration (with the impermanence module) and delete what you do not want to keep.
+        environment.persistence."/persist" = {
+          directories = [
+            # written by app.service
+            "/var/lib/app" # 2 paths, 10 B
+            # written by bluetooth.service
+            "/var/lib/bluetooth" # Bluetooth pairings; rasa.presets.bluetooth keeps it
+            # written by (not recorded)
+            "/etc/NetworkManager/system-connections" # NetworkManager connections (Wi-Fi passwords, VPNs); rasa.presets.networkmanager keeps it
+            "/movedir" # 4 paths, 4 B
+            "/var/lib/machines" # 2 paths, 17 B
+            "/var/log" # mode or owner differs from the blank
+          ];
+          files = [
+            # written by my editor, nixos-activation.service
+            "/etc/new.conf" # 1 path, 4 B
+            # written by (not recorded)
+            "/etc/alice-link" # 1 path, 11 B
+            # left out, not UTF-8 (Nix strings cannot hold it): /etc/caf\xff
+            "/etc/chmod.conf" # 1 path, 5 B
+            "/etc/keep.conf" # 1 path, 10 B
+            "/etc/modify.conf" # 1 path, 12 B
+            "/etc/renamed.conf" # 1 path, 8 B
+            "/etc/ssh/ssh_host_ed25519_key" # ssh host key (clients warn when it changes); rasa.presets.ssh keeps it
+            "/home/alice/notes.txt" # 1 path, 6 B
+          ];
+        };
+    "##]].assert_eq(&nix);
+
+    // A file that is not a record is refused, naming it.
+    std::fs::write(&record, "not json\n").unwrap();
+    let (code, err) = code_and_err(&fs.rasa(&[
+        "diff",
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--watch-record",
+        r,
+    ]));
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("watch record") && err.contains(r), "{err}");
+}
+
+#[test]
+fn an_old_root_carries_its_watch_record() {
+    let Some((fs, manifest)) = with_scenario("an_old_root_carries_its_watch_record") else {
+        return;
+    };
+    let in_root = fs.path("root/var/lib/rasa/watch/record.jsonl");
+    std::fs::create_dir_all(in_root.parent().unwrap()).unwrap();
+    std::fs::write(&in_root, watch_record(RECORDED)).unwrap();
+    let out = fs.rasa(&["rollback"]);
+    assert!(out.status.success(), "rollback failed: {}", stderr(&out));
+    let old = std::fs::read_dir(fs.path("old_roots"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name();
+    let old = old.to_str().unwrap();
+    let (json, _) = diff(&fs, &manifest, &["--old-root", old, "--json"]);
+    let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        parsed["watch_record"],
+        format!("old_roots/{old}/var/lib/rasa/watch/record.jsonl")
+    );
+    let entry = parsed["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["path"] == "/var/lib/app/state.db")
+        .unwrap();
+    assert_eq!(entry["writers"], serde_json::json!(["app.service"]));
+    // The fresh root has no record of its own yet: no writers column.
+    let (fresh, _) = diff(&fs, &manifest, &["--json"]);
+    assert!(!fresh.contains("watch_record"), "{fresh}");
+}
+
+/// A metric sample: its name, its labels (name, unescaped value) and its value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+/// Parse the Prometheus text exposition format strictly enough to catch what a collector
+/// rejects: metric and label names, HELP and TYPE before a family's samples, label values'
+/// escapes, numeric values. Returns (metric, labels, value) for each sample.
+fn parse_exposition(text: &str) -> Vec<Sample> {
+    fn is_name(s: &str, colon: bool) -> bool {
+        let mut chars = s.chars();
+        let ok_first = |c: char| c.is_ascii_alphabetic() || c == '_' || (colon && c == ':');
+        chars.next().is_some_and(ok_first) && chars.all(|c| ok_first(c) || c.is_ascii_digit())
+    }
+    let mut helped = std::collections::HashSet::new();
+    let mut typed = std::collections::HashSet::new();
+    let mut samples = Vec::new();
+    assert!(text.ends_with('\n'), "the file must end with a newline");
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').expect("HELP name text");
+            assert!(is_name(name, true) && !help.is_empty(), "{line}");
+            assert!(helped.insert(name.to_owned()), "second HELP: {line}");
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(is_name(name, true), "{line}");
+            assert!(
+                ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                "{line}"
+            );
+            assert!(typed.insert(name.to_owned()), "second TYPE: {line}");
+            continue;
+        }
+        assert!(
+            !line.starts_with('#') && !line.is_empty(),
+            "stray line: {line:?}"
+        );
+        let name_end = line.find(['{', ' ']).expect("a sample");
+        let name = &line[..name_end];
+        assert!(is_name(name, true), "bad metric name: {line}");
+        assert!(
+            helped.contains(name) && typed.contains(name),
+            "no HELP/TYPE before {line}"
+        );
+        let mut labels = Vec::new();
+        let mut rest = &line[name_end..];
+        if let Some(inner) = rest.strip_prefix('{') {
+            let mut chars = inner.char_indices().peekable();
+            loop {
+                let (start, _) = *chars.peek().expect("unterminated labels");
+                let eq = inner[start..].find('=').expect("label=") + start;
+                let label = &inner[start..eq];
+                assert!(is_name(label, false), "bad label name {label:?}: {line}");
+                while chars.next().is_some_and(|(i, _)| i < eq) {}
+                assert_eq!(chars.next().map(|(_, c)| c), Some('"'), "{line}");
+                let mut value = String::new();
+                loop {
+                    match chars.next().expect("unterminated value").1 {
+                        '\\' => match chars.next().expect("escape").1 {
+                            '\\' => value.push('\\'),
+                            '"' => value.push('"'),
+                            'n' => value.push('\n'),
+                            c => panic!("bad escape \\{c}: {line}"),
+                        },
+                        '"' => break,
+                        '\n' => panic!("raw newline: {line}"),
+                        c => value.push(c),
+                    }
+                }
+                labels.push((label.to_owned(), value));
+                match chars.next().expect("after a label").1 {
+                    ',' => continue,
+                    '}' => {
+                        let at = chars.peek().map_or(inner.len(), |(i, _)| *i);
+                        rest = &inner[at..];
+                        break;
+                    }
+                    c => panic!("unexpected {c:?}: {line}"),
+                }
+            }
+        }
+        let value = rest.strip_prefix(' ').expect("space before the value");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value: {line}"));
+        samples.push((name.to_owned(), labels, value));
+    }
+    samples
+}
+
+#[test]
+fn prometheus_file_is_valid_and_replaced_atomically() {
+    let Some((fs, manifest)) = with_scenario("prometheus_file_is_valid_and_replaced_atomically")
+    else {
+        return;
+    };
+    let record = fs.dir.path().join("watch.jsonl");
+    std::fs::write(
+        &record,
+        watch_record(&[
+            ("/etc/new.conf", "we\"ird\\name", "command"),
+            ("/var/lib/app/state.db", "app.service", "unit"),
+        ]),
+    )
+    .unwrap();
+    let collector = fs.dir.path().join("textfile");
+    std::fs::create_dir(&collector).unwrap();
+    let prom = collector.join("rasa.prom");
+    // What stood there (a symlink to elsewhere) is replaced, never written through.
+    let elsewhere = fs.dir.path().join("elsewhere");
+    std::fs::write(&elsewhere, "untouched").unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &prom).unwrap();
+    let (stdout, _) = diff(
+        &fs,
+        &manifest,
+        &[
+            "--prometheus",
+            prom.to_str().unwrap(),
+            "--watch-record",
+            record.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(stdout, "", "the metrics go to the file only");
+    assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "untouched");
+    let md = std::fs::symlink_metadata(&prom).unwrap();
+    assert!(md.is_file());
+    assert_eq!(md.permissions().mode() & 0o777, 0o644);
+    let leftovers: Vec<_> = std::fs::read_dir(&collector)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers, ["rasa.prom"]);
+
+    let text = std::fs::read_to_string(&prom).unwrap();
+    let samples = parse_exposition(&text);
+    let value = |metric: &str, unit: Option<&str>| {
+        samples
+            .iter()
+            .find(|(m, labels, _)| {
+                m == metric
+                    && unit.is_none_or(|u| labels.iter().any(|(k, v)| k == "unit" && v == u))
+            })
+            .unwrap_or_else(|| panic!("no {metric} {unit:?} in\n{text}"))
+            .2
+    };
+    assert_eq!(value("rasa_unpersisted_paths", Some("we\"ird\\name")), 1.0);
+    assert_eq!(value("rasa_unpersisted_bytes", Some("we\"ird\\name")), 4.0);
+    assert_eq!(value("rasa_unpersisted_paths", Some("app.service")), 1.0);
+    assert_eq!(
+        value("rasa_unpersisted_paths", Some("(not recorded)")),
+        23.0
+    );
+    assert_eq!(value("rasa_unpersisted_paths_all", None), 25.0);
+    assert_eq!(value("rasa_watch_record_present", None), 1.0);
+    assert_eq!(value("rasa_old_roots", None), 0.0);
+    assert!(samples
+        .iter()
+        .filter(|(m, _, _)| m.starts_with("rasa_unpersisted_paths"))
+        .all(|(_, labels, _)| labels.iter().any(|(k, v)| k == "tree" && v == "root")));
+
+    // After a rollback the old root is counted, and a second write replaces the first.
+    let out = fs.rasa(&["rollback"]);
+    assert!(out.status.success(), "rollback failed: {}", stderr(&out));
+    diff(&fs, &manifest, &["--prometheus", prom.to_str().unwrap()]);
+    let samples = parse_exposition(&std::fs::read_to_string(&prom).unwrap());
+    let old_roots = samples
+        .iter()
+        .find(|(m, _, _)| m == "rasa_old_roots")
+        .unwrap();
+    assert_eq!(old_roots.2, 1.0);
+    let present = samples
+        .iter()
+        .find(|(m, _, _)| m == "rasa_watch_record_present")
+        .unwrap();
+    assert_eq!(present.2, 0.0);
+
+    // A file in a directory that is not there: refused before anything is done.
+    let missing = fs.dir.path().join("no-such-dir/rasa.prom");
+    let (code, err) = code_and_err(&fs.rasa(&[
+        "diff",
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--prometheus",
+        missing.to_str().unwrap(),
+    ]));
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        err.contains("no-such-dir") && err.contains("not a directory") && err.contains("fix:"),
+        "{err}"
+    );
+    assert!(!missing.parent().unwrap().exists());
 }

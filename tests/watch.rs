@@ -358,6 +358,32 @@ fn writes_are_attributed_to_the_unit_the_command_or_unknown() {
         std::fs::read_to_string(&in_root).unwrap(),
         std::fs::read_to_string(&record).unwrap()
     );
+
+    // End to end: `rasa diff` on that root names the unit that really wrote each path.
+    let out = fs.rasa(&[
+        "diff",
+        "--empty",
+        "--live-root",
+        mnt.to_str().unwrap(),
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--watch-record",
+        record.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "rasa diff: {}", common::stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let writers = |path: &str| {
+        report["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["path"] == path)
+            .unwrap_or_else(|| panic!("{path} not in the diff"))["writers"]
+            .clone()
+    };
+    assert_eq!(writers("/etc/unit-renamed"), serde_json::json!([unit]));
+    assert_eq!(writers("/var/lib/unit-dir"), serde_json::json!([unit]));
 }
 
 #[test]

@@ -18,12 +18,13 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use anyhow::{Context, Result};
 
 use super::rules::{under, Rules};
 use super::walk::{join, open_beneath, stat_beneath, Walk};
-use super::{Found, Kind, Meta, Status};
+use super::{FoundList, Kind, Meta, Status};
 use crate::btrfs::find_new::{self, DirPaths};
 use crate::btrfs::tree;
 use crate::btrfs::SubvolInfo;
@@ -54,20 +55,23 @@ pub fn run(
     blank: Option<Blank<'_>>,
     rules: &Rules,
     progress: Option<&indicatif::ProgressBar>,
-) -> Result<Vec<Found>> {
+) -> Result<FoundList> {
     let after = blank.as_ref().map_or(0, |b| b.marker);
     // btrfs keeps recent inode updates in memory (delayed inodes) until a commit; the tree
     // search sees only committed items, so commit first. Cheap when nothing is pending.
     nix::unistd::syncfs(fs).context("syncing the filesystem before reading its trees")?;
     // Most of a diff's time is the kernel copying tree items out, one by one, and that scales
-    // with cores: a few threads take ranges of inode numbers from a shared list. A few ranges
-    // per thread keep them all busy when one range holds more changes than another.
+    // with cores: a few threads take ranges of inode numbers from a shared list. Many ranges
+    // per thread keep them all busy when one range holds more changes than another, and keep
+    // what a thread holds at once (a range's items, then its paths) a small part of the whole.
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
-    let ranges = find_new::changed_ranges(fs, tree_id, after, 4 * threads as u64)?;
+    let ranges = find_new::changed_ranges(fs, tree_id, after, 64 * threads as u64)?;
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
-    // Each thread reuses its buffers from one range to the next and keeps what it found in
-    // one list: fresh memory costs a page fault per 4 KiB, a visible share of a large diff.
+    // Each range's paths go into one shared list as soon as it is resolved, so memory holds
+    // the result once (not once per thread and again merged); each thread reuses its buffers
+    // from one range to the next: fresh memory costs a page fault per 4 KiB.
+    let shared = Mutex::new(FoundList::default());
     let per_thread: Vec<Result<Resolved>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads.min(ranges.len()))
             .map(|_| {
@@ -82,6 +86,7 @@ pub fn run(
                         let result =
                             find_new::changed_inodes(fs, tree_id, after, range, &mut changed)
                                 .and_then(|()| resolver.resolve(&changed, &mut resolved));
+                        shared.lock().unwrap().append(&mut resolved.found);
                         if let Some(bar) = progress {
                             bar.inc(changed.inodes.len() as u64);
                         }
@@ -96,17 +101,11 @@ pub fn run(
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let mut found = Vec::new();
     let mut moved: Vec<Vec<u8>> = Vec::new();
     for result in per_thread {
-        let mut resolved = result?;
-        if found.is_empty() {
-            found = resolved.found;
-        } else {
-            found.append(&mut resolved.found);
-        }
-        moved.append(&mut resolved.moved);
+        moved.append(&mut result?.moved);
     }
+    let mut found = shared.into_inner().unwrap();
     // Nested subvolumes: reported, and walked, as a whole.
     let mut dirs = DirPaths::new(fs, tree_id);
     let mut excluded_dirs = HashMap::new();
@@ -122,12 +121,7 @@ pub fn run(
         if rules.check(&path, true, None).is_some() {
             continue;
         }
-        found.push(Found {
-            path: path.clone(),
-            kind: Kind::Directory,
-            status: Status::New,
-            size: 0,
-        });
+        found.push(&path, Kind::Directory, Status::New, 0);
         moved.push(path);
     }
     moved.sort();
@@ -140,8 +134,7 @@ pub fn run(
         found.append(&mut walk.run(tree, None, path.clone(), false)?);
         walked.push(path);
     }
-    found.sort_by(|a, b| a.path.cmp(&b.path));
-    found.dedup_by(|a, b| a.path == b.path);
+    found.sort_dedup();
     Ok(found)
 }
 
@@ -149,7 +142,7 @@ pub fn run(
 /// directories that were moved away from where the blank has them (to be walked).
 #[derive(Default)]
 struct Resolved {
-    found: Vec<Found>,
+    found: FoundList,
     moved: Vec<Vec<u8>>,
 }
 
@@ -185,7 +178,6 @@ impl<'a> Resolver<'a> {
 
     fn resolve(&mut self, changed: &find_new::Changed, out: &mut Resolved) -> Result<()> {
         let after = self.blank.map_or(0, |b| b.marker);
-        let first_new = out.found.len();
         let Resolved { found, moved } = out;
         let mut last_parent: Option<u64> = None;
         let mut parent_path: Option<Vec<u8>> = None;
@@ -239,17 +231,10 @@ impl<'a> Resolver<'a> {
                     _ => Some(Status::New),
                 };
                 if let Some(status) = status {
-                    found.push(Found {
-                        path,
-                        kind,
-                        status,
-                        size: meta.reported_size(),
-                    });
+                    found.push(&path, kind, status, meta.reported_size());
                 }
             }
         }
-        // Sorted here, in parallel: the final sort then only merges these runs.
-        found[first_new..].sort_by(|a, b| a.path.cmp(&b.path));
         Ok(())
     }
 }
@@ -257,14 +242,15 @@ impl<'a> Resolver<'a> {
 /// Whether the directory `name` in `parent` has the same extended attributes and `chattr`
 /// flags in the live tree and in the blank; what cannot be opened counts as different.
 fn same_attributes(tree: &OwnedFd, blank: &OwnedFd, parent: &[u8], name: &[u8]) -> bool {
-    let (Ok(live_dir), Ok(blank_dir), Ok(name)) = (
-        open_beneath(tree, parent),
-        open_beneath(blank, parent),
-        std::ffi::CString::new(name),
-    ) else {
+    let (Ok(live_dir), Ok(blank_dir)) = (open_beneath(tree, parent), open_beneath(blank, parent))
+    else {
         return false;
     };
-    super::same_dir_attributes(live_dir.as_fd(), blank_dir.as_fd(), &name)
+    super::same_dir_attributes(
+        live_dir.as_fd(),
+        blank_dir.as_fd(),
+        std::os::unix::ffi::OsStrExt::from_bytes(name),
+    )
 }
 
 /// Whether a directory, or one above it, is left out; remembered per directory.

@@ -6,10 +6,13 @@
 //! [`rules`] and report the same [`Found`] list, which the tests check on the same tree.
 
 mod btrfs_engine;
+mod found;
 mod nix_fragment;
+mod prometheus;
 mod report;
 pub mod rules;
 mod walk;
+mod writers;
 
 use std::ffi::OsStr;
 use std::io::{IsTerminal, Write};
@@ -28,6 +31,7 @@ use crate::log;
 use crate::manifest::{self, Manifest};
 use crate::old_roots;
 use crate::toplevel::{self, TopLevel};
+pub use found::{Found, FoundList};
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "\
@@ -90,6 +94,22 @@ pub struct Args {
     /// Exit with 4 when something unpersisted remains (0 otherwise).
     #[arg(long)]
     pub exit_code: bool,
+
+    /// Read who wrote each path from this `rasa watch` record. [default: /run/rasa/watch.jsonl
+    /// for the running root; with --old-root, the record inside it
+    /// (var/lib/rasa/watch/record.jsonl)]
+    #[arg(long, value_name = "PATH", conflicts_with = "no_watch_record")]
+    pub watch_record: Option<PathBuf>,
+
+    /// Write the result as a node_exporter textfile-collector file (e.g.
+    /// /var/lib/prometheus-node-exporter-text-files/rasa.prom) instead of printing it: paths and
+    /// bytes the next boot erases by unit, and the old roots kept. Replaced atomically.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["long", "json", "nix"])]
+    pub prometheus: Option<PathBuf>,
+
+    /// Do not read a watch record, even where there is one.
+    #[arg(long)]
+    pub no_watch_record: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,17 +153,6 @@ pub enum Status {
 
 /// What is said about [`Status::Unstored`] paths, wherever they are shown.
 pub const UNSTORED_NOTE: &str = "in the manifest but not yet in storage (run rasa migrate --apply)";
-
-/// One path the next boot erases.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Found {
-    /// Absolute, as on the live system: `/etc/foo`.
-    pub path: Vec<u8>,
-    pub kind: Kind,
-    pub status: Status,
-    /// Bytes (the file's length, a symlink's target length; 0 for directories).
-    pub size: u64,
-}
 
 /// What decides "unchanged": both engines build it, from `lstat` or from the inode item.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -225,10 +234,10 @@ impl Meta {
 pub fn same_dir_attributes(
     live_dir: std::os::fd::BorrowedFd<'_>,
     blank_dir: std::os::fd::BorrowedFd<'_>,
-    name: &std::ffi::CStr,
+    name: &OsStr,
 ) -> bool {
     let read = |dir: std::os::fd::BorrowedFd<'_>| {
-        let fd = btrfs::open_dir_at(dir, OsStr::from_bytes(name.to_bytes())).ok()?;
+        let (fd, _) = crate::fs::open_dir(dir, name).ok()??;
         let xattrs =
             crate::copy::read_xattrs_sorted(&crate::copy::XattrSource::Fd(fd.as_fd())).ok()?;
         Some((
@@ -292,12 +301,29 @@ pub struct Source {
 
 pub struct Outcome {
     pub source: Source,
-    pub found: Vec<Found>,
+    pub found: FoundList,
     pub rules: rules::Rules,
+    /// Who wrote each path, when a watch record was read.
+    pub writers: Option<writers::Writers>,
+    /// The tree is what the running system has at `/` (so this boot's watch record is its).
+    running_root: bool,
+    /// How many old roots the filesystem keeps (`None`: not a rasa layout).
+    pub old_roots: Option<usize>,
 }
 
 pub fn run(args: Args) -> Result<u8> {
+    if let Some(file) = &args.prometheus {
+        prometheus::check_target(file)?;
+    }
     let outcome = collect(&args)?;
+    if let Some(file) = &args.prometheus {
+        prometheus::write(&outcome, file)?;
+        return Ok(if args.exit_code && !outcome.found.is_empty() {
+            exit::PROBLEMS
+        } else {
+            exit::OK
+        });
+    }
     let mut stdout = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
     let written = if args.json {
         report::json(&outcome, &mut stdout)
@@ -363,7 +389,7 @@ fn load_manifest(explicit: Option<&Path>) -> Result<Option<(PathBuf, Manifest)>>
 }
 
 /// What the rules are built from; the mounts are added once the tree is known.
-struct RuleInputs {
+pub struct RuleInputs {
     persisted: Vec<String>,
     /// Entries whose storage copy does not exist (a subset of `persisted`).
     unstored: Vec<String>,
@@ -374,7 +400,7 @@ struct RuleInputs {
 }
 
 impl RuleInputs {
-    fn rules(&self, mounts: &[Vec<u8>]) -> Result<rules::Rules> {
+    pub fn rules(&self, mounts: &[Vec<u8>]) -> Result<rules::Rules> {
         Ok(
             rules::Rules::new(&self.persisted, &self.storage_roots, mounts, &self.ignore)?
                 .with_unstored(&self.unstored),
@@ -392,13 +418,16 @@ impl RuleInputs {
     }
 }
 
-fn collect(args: &Args) -> Result<Outcome> {
-    let manifest = load_manifest(args.manifest.as_deref())?;
+/// What the rules are built from, as `rasa diff` finds it: the manifest (`explicit`, else the
+/// next boot's, else /etc/rasa/manifest.json; none is a warning) and the ignore globs. `rasa
+/// watch` builds its rules from the same inputs.
+pub fn rule_inputs(explicit: Option<&Path>, ignore: &[String]) -> Result<RuleInputs> {
+    let manifest = load_manifest(explicit)?;
     let mut inputs = RuleInputs {
         persisted: Vec::new(),
         unstored: Vec::new(),
         storage_roots: Vec::new(),
-        ignore: args.ignore.clone(),
+        ignore: ignore.to_vec(),
         manifest: manifest.as_ref().map(|(p, _)| p.display().to_string()),
         storage_root: String::new(),
     };
@@ -426,6 +455,27 @@ fn collect(args: &Args) -> Result<Outcome> {
         .first()
         .cloned()
         .unwrap_or_else(|| "/persist".to_owned());
+    Ok(inputs)
+}
+
+fn collect(args: &Args) -> Result<Outcome> {
+    let mut outcome = collect_found(args)?;
+    if args.no_watch_record {
+        outcome.writers = None;
+    } else if let Some(path) = &args.watch_record {
+        outcome.writers = Some(writers::explicit(path)?);
+    } else if outcome.running_root {
+        // This boot's record describes the running root.
+        outcome.writers = writers::live();
+    }
+    if let Some(caveat) = outcome.writers.as_ref().and_then(|w| w.caveat()) {
+        log::warn(caveat);
+    }
+    Ok(outcome)
+}
+
+fn collect_found(args: &Args) -> Result<Outcome> {
+    let inputs = rule_inputs(args.manifest.as_deref(), &args.ignore)?;
     // Refuse bad patterns before touching any disk.
     inputs.rules(&[])?;
 
@@ -503,6 +553,9 @@ fn walk_path(path: &Path, inputs: &RuleInputs) -> Result<Outcome> {
         source: inputs.source("walk", path.display().to_string(), None),
         found,
         rules,
+        writers: None,
+        running_root: path == Path::new("/"),
+        old_roots: None,
     })
 }
 
@@ -570,6 +623,10 @@ fn from_layout(
         },
     };
     let tree_info = btrfs::subvol_info(tree.as_fd())?;
+    // For --prometheus; a listing that fails says nothing about the diff.
+    let old_roots = old_roots::scan(top.fd(), &layout.old_roots)
+        .ok()
+        .map(|roots| roots.len());
     let blank = match &layout.blank {
         None => None,
         Some(name) => {
@@ -613,6 +670,7 @@ fn from_layout(
         ));
     }
     // Mounts matter only for the tree the running system has at /.
+    let running_root = old_root.is_none() && is_running_root(&tree)?;
     let (live_fd, display, mounts) = match live {
         Some((fd, path)) => {
             let mounts = rules::mounts_below(path.as_os_str().as_bytes());
@@ -621,7 +679,7 @@ fn from_layout(
             (fd, path.display().to_string(), mounts)
         }
         None => {
-            let mounts = if old_root.is_none() && is_running_root(&tree)? {
+            let mounts = if running_root {
                 let slash = btrfs::open_dir_at(nix::fcntl::AT_FDCWD, OsStr::new("/"))
                     .context("opening /")?;
                 separate_mounts(&tree, tree_info.id, &slash, rules::mounts_below(b"/"))
@@ -660,6 +718,13 @@ fn from_layout(
     };
     add_unstored(&rules, &live_fd, &mut found)?;
     let compared_with = blank.map(|(_, _, name)| name);
+    // An old root carries the record of the boot it served.
+    let writers = match old_root {
+        Some(_) if !args.no_watch_record && args.watch_record.is_none() => {
+            writers::in_tree(live_fd.as_fd(), &display)
+        }
+        _ => None,
+    };
     // Every fd below the mount must be closed before it can be unmounted.
     drop(live_fd);
     top.unmount()?;
@@ -667,6 +732,9 @@ fn from_layout(
         source: inputs.source(engine, display, compared_with),
         found,
         rules,
+        writers,
+        running_root,
+        old_roots,
     })
 }
 
@@ -695,7 +763,7 @@ fn nested_mounted_in_place(tree: &OwnedFd, tree_id: u64, live: &OwnedFd, point: 
         .ok()
         .and_then(|parent| {
             let parent_ino = nix::sys::stat::fstat(parent.as_fd()).ok()?.st_ino;
-            let child = btrfs::open_dir_at(parent.as_fd(), name).ok()?;
+            let (child, _) = crate::fs::open_dir(parent.as_fd(), name).ok()??;
             let info = btrfs::subvol_info(child.as_fd()).ok()?;
             (info.parent_id == tree_id && info.dirid == parent_ino).then_some(info.uuid)
         });
@@ -730,7 +798,7 @@ pub(crate) fn spinner(template: &'static str) -> Option<indicatif::ProgressBar> 
 /// Add what lies under the manifest entries that are not in storage yet: each such entry,
 /// and everything below it, as the live tree has it, since the next boot hides all of it under
 /// an empty copy (what equals the blank included). The engines left these paths out.
-fn add_unstored(rules: &rules::Rules, live: &OwnedFd, found: &mut Vec<Found>) -> Result<()> {
+fn add_unstored(rules: &rules::Rules, live: &OwnedFd, found: &mut FoundList) -> Result<()> {
     let unstored = rules.unstored();
     if unstored.is_empty() {
         return Ok(());
@@ -764,36 +832,24 @@ fn add_unstored(rules: &rules::Rules, live: &OwnedFd, found: &mut Vec<Found>) ->
             }
         }
         let first = found.len();
-        found.push(Found {
-            path: entry.clone(),
+        found.push(
+            &entry,
             kind,
-            status: Status::Unstored,
-            size: Meta::from_stat(&st).reported_size(),
-        });
+            Status::Unstored,
+            Meta::from_stat(&st).reported_size(),
+        );
         if kind == Kind::Directory {
             let walk = walk::Walk::new(rules, live, None)?;
             found.append(&mut walk.run(live, None, entry.clone(), false)?);
         }
-        for f in &mut found[first..] {
-            f.status = Status::Unstored;
-        }
+        found.set_status_from(first, Status::Unstored);
     }
-    found.sort_by(|a, b| a.path.cmp(&b.path));
     // An entry may also have been reported by an engine (e.g. as a nested subvolume).
-    found.dedup_by(|later, earlier| {
-        if later.path == earlier.path {
-            if later.status == Status::Unstored {
-                earlier.status = Status::Unstored;
-            }
-            true
-        } else {
-            false
-        }
-    });
+    found.sort_dedup();
     Ok(())
 }
 
-fn walk_all(rules: &rules::Rules, live: OwnedFd, blank: Option<OwnedFd>) -> Result<Vec<Found>> {
+fn walk_all(rules: &rules::Rules, live: OwnedFd, blank: Option<OwnedFd>) -> Result<FoundList> {
     let progress = spinner("{spinner} walked {pos} entries");
     let walk = walk::Walk::new(rules, &live, progress.clone())?;
     let found = walk.run(&live, blank.as_ref(), Vec::new(), true)?;

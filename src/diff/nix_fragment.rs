@@ -6,13 +6,14 @@
 //! directory is new, so the directory is the natural unit) or, inside directories the blank
 //! already has, file by file.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 
 use anyhow::Result;
 
 use super::report::human_size;
 use super::rules::under;
+use super::writers::NOT_RECORDED;
 use super::{escape, Found, Kind, Outcome, Status};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +29,8 @@ struct Known {
     prefix: &'static str,
     unit: Unit,
     what: &'static str,
+    /// The `rasa.presets.<name>` that keeps it (modules/presets.nix), if one does.
+    preset: Option<&'static str>,
 }
 
 /// Well-known state on NixOS machines, and what to persist for it.
@@ -36,41 +39,49 @@ const KNOWN: &[Known] = &[
         prefix: "/etc/NetworkManager/system-connections",
         unit: Unit::Directory("/etc/NetworkManager/system-connections"),
         what: "NetworkManager connections (Wi-Fi passwords, VPNs)",
+        preset: Some("networkmanager"),
     },
     Known {
         prefix: "/var/lib/NetworkManager",
         unit: Unit::Directory("/var/lib/NetworkManager"),
         what: "NetworkManager secret_key, seen-bssids, timestamps",
+        preset: Some("networkmanager"),
     },
     Known {
         prefix: "/etc/ssh/ssh_host_",
         unit: Unit::EachFile,
         what: "ssh host key (clients warn when it changes)",
+        preset: Some("ssh"),
     },
     Known {
         prefix: "/var/lib/bluetooth",
         unit: Unit::Directory("/var/lib/bluetooth"),
         what: "Bluetooth pairings",
+        preset: Some("bluetooth"),
     },
     Known {
         prefix: "/var/lib/docker",
         unit: Unit::Directory("/var/lib/docker"),
         what: "Docker images, containers and volumes",
+        preset: Some("docker"),
     },
     Known {
         prefix: "/var/lib/systemd/timers",
         unit: Unit::Directory("/var/lib/systemd/timers"),
         what: "systemd persistent timer stamps",
+        preset: Some("essential"),
     },
     Known {
         prefix: "/var/lib/nixos",
         unit: Unit::Directory("/var/lib/nixos"),
         what: "NixOS uid/gid allocations (keeps file ownership stable)",
+        preset: Some("essential"),
     },
     Known {
         prefix: "/etc/machine-id",
         unit: Unit::EachFile,
         what: "machine id (journal and DHCP identity)",
+        preset: Some("essential"),
     },
 ];
 
@@ -102,8 +113,11 @@ fn nix_string(path: &[u8]) -> Option<String> {
 }
 
 #[derive(Default)]
-struct Suggestion {
+struct Suggestion<'a> {
     what: Option<&'static str>,
+    preset: Option<&'static str>,
+    /// Who wrote what it stands for (from the watch record; empty without one).
+    writers: BTreeSet<&'a str>,
     /// An existing directory whose mode or owner changed (nothing below it is new).
     modified_dir: bool,
     paths: u64,
@@ -117,9 +131,9 @@ pub fn render(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
         .found
         .iter()
         .filter_map(|f| {
-            known_for(&f.path).map(|k| match k.unit {
+            known_for(f.path).map(|k| match k.unit {
                 Unit::Directory(dir) => dir.as_bytes().to_vec(),
-                Unit::EachFile => f.path.clone(),
+                Unit::EachFile => f.path.to_vec(),
             })
         })
         .collect();
@@ -133,19 +147,19 @@ pub fn render(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
         .found
         .iter()
         .filter(|f| f.kind == Kind::Directory && f.status == Status::New)
-        .map(|f| f.path.as_slice())
+        .map(|f| f.path)
         .filter(|dir| !holds_known(dir))
         .collect();
     let mut directories: BTreeMap<Vec<u8>, Suggestion> = BTreeMap::new();
     let mut files: BTreeMap<Vec<u8>, Suggestion> = BTreeMap::new();
-    for found in &outcome.found {
+    for found in outcome.found.iter() {
         // Already in the manifest: migrate stores it, nothing to add.
         if found.status == Status::Unstored
-            || (found.kind == Kind::Directory && holds_known(&found.path))
+            || (found.kind == Kind::Directory && holds_known(found.path))
         {
             continue;
         }
-        let (key, what, is_dir) = classify(found, &new_dirs);
+        let (key, known, is_dir) = classify(&found, &new_dirs);
         let modified_dir =
             found.kind == Kind::Directory && found.status == Status::Modified && found.path == key;
         let target = if is_dir {
@@ -153,7 +167,11 @@ pub fn render(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
         } else {
             files.entry(key).or_default()
         };
-        target.what = target.what.or(what);
+        target.what = target.what.or(known.map(|k| k.what));
+        target.preset = target.preset.or(known.and_then(|k| k.preset));
+        if let Some(writers) = &outcome.writers {
+            target.writers.extend(writers.named(found.path));
+        }
         target.modified_dir |= modified_dir;
         target.paths += 1;
         target.size += found.size;
@@ -173,9 +191,34 @@ pub fn render(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
     writeln!(out, "environment.persistence.{storage} = {{")?;
     for (label, map) in [("directories", &directories), ("files", &files)] {
         writeln!(out, "  {label} = [")?;
-        for (path, suggestion) in map {
+        // With a watch record, grouped by who wrote them (paths in order within a group).
+        let mut rows: Vec<(&Vec<u8>, &Suggestion)> = map.iter().collect();
+        let group_of = |s: &Suggestion| {
+            s.writers
+                .iter()
+                .filter(|w| **w != NOT_RECORDED || s.writers.len() == 1)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        rows.sort_by_cached_key(|(path, s)| {
+            let group = group_of(s);
+            (group == NOT_RECORDED, group, path.to_vec())
+        });
+        let mut last_group = None;
+        for (path, suggestion) in rows {
+            if outcome.writers.is_some() {
+                let group = group_of(suggestion);
+                if last_group.as_ref() != Some(&group) {
+                    writeln!(out, "    # written by {}", escape(group.as_bytes()))?;
+                    last_group = Some(group);
+                }
+            }
             let comment = match suggestion.what {
-                Some(what) => what.to_owned(),
+                Some(what) => match suggestion.preset {
+                    Some(preset) => format!("{what}; rasa.presets.{preset} keeps it"),
+                    None => what.to_owned(),
+                },
                 None if suggestion.modified_dir => {
                     "mode or owner differs from the blank".to_owned()
                 }
@@ -199,7 +242,7 @@ pub fn render(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
     }
     writeln!(out, "}};")?;
     for entry in outcome.rules.unstored() {
-        if outcome.found.iter().any(|f| f.path == entry) {
+        if outcome.found.contains_sorted(&entry) {
             writeln!(
                 out,
                 "# {} is {}: the next boot erases it.",
@@ -211,19 +254,20 @@ pub fn render(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
     Ok(())
 }
 
-/// Where one found path goes: the path to persist, what it is, and whether it is a directory.
-fn classify(found: &Found, new_dirs: &[&[u8]]) -> (Vec<u8>, Option<&'static str>, bool) {
+/// Where one found path goes: the path to persist, the well-known state it is, and whether it
+/// is a directory.
+fn classify(found: &Found<'_>, new_dirs: &[&[u8]]) -> (Vec<u8>, Option<&'static Known>, bool) {
     let is_dir = found.kind == Kind::Directory;
-    if let Some(known) = known_for(&found.path) {
+    if let Some(known) = known_for(found.path) {
         return match known.unit {
-            Unit::Directory(dir) => (dir.as_bytes().to_vec(), Some(known.what), true),
-            Unit::EachFile => (found.path.clone(), Some(known.what), is_dir),
+            Unit::Directory(dir) => (dir.as_bytes().to_vec(), Some(known), true),
+            Unit::EachFile => (found.path.to_vec(), Some(known), is_dir),
         };
     }
     // `new_dirs` is sorted, so the first ancestor found is the top-most.
-    match new_dirs.iter().find(|d| under(&found.path, d)) {
+    match new_dirs.iter().find(|d| under(found.path, d)) {
         Some(top) => (top.to_vec(), None, true),
-        None => (found.path.clone(), None, is_dir),
+        None => (found.path.to_vec(), None, is_dir),
     }
 }
 
@@ -237,6 +281,57 @@ mod tests {
         assert_eq!(nix_string(b"/a${b}").unwrap(), r#""/a\${b}""#);
         assert_eq!(nix_string(b"/a$b").unwrap(), r#""/a$b""#);
         assert_eq!(nix_string(b"/a\xff"), None);
+    }
+
+    /// The presets named in --nix exist (in the presets' table, modules/preset-table.nix, or
+    /// as ssh's option in modules/presets.nix) and keep what they are named for (the path itself
+    /// or a directory above it), so the two stay in step.
+    #[test]
+    fn named_presets_keep_what_they_are_named_for() {
+        let table = include_str!("../../modules/preset-table.nix");
+        let presets = include_str!("../../modules/presets.nix");
+        // A preset's entry: from `  <name> = ` (two spaces in) to the next line at that depth.
+        let chunk_of = |name: &str| {
+            let start = table.find(&format!("\n  {name} = "))? + 1;
+            let rest = &table[start..];
+            let end = rest[1..]
+                .match_indices("\n  ")
+                .map(|(i, _)| i + 1)
+                .find(|&i| {
+                    let next = &rest[i + 3..];
+                    next.starts_with(|c: char| c.is_ascii_alphabetic()) || next.starts_with('}')
+                })
+                .unwrap_or(rest.len());
+            Some(&rest[..end])
+        };
+        for known in KNOWN {
+            let Some(preset) = known.preset else { continue };
+            let kept = match known.unit {
+                Unit::Directory(dir) => dir,
+                Unit::EachFile => known.prefix,
+            };
+            let Some(chunk) = chunk_of(preset) else {
+                // A preset without a table entry moves its files by an option (ssh's host keys).
+                assert!(
+                    presets.contains(&format!("# {preset}:")),
+                    "rasa.presets.{preset} is neither in modules/preset-table.nix nor in modules/presets.nix"
+                );
+                continue;
+            };
+            let paths: Vec<&str> = chunk
+                .split('"')
+                .skip(1)
+                .step_by(2)
+                .filter(|p| p.starts_with('/'))
+                .collect();
+            assert!(
+                paths.iter().any(
+                    |p| kept.starts_with(p) && under(kept.as_bytes(), p.as_bytes())
+                        || (known.unit == Unit::EachFile && kept == *p)
+                ),
+                "rasa.presets.{preset} keeps {paths:?}, not {kept}"
+            );
+        }
     }
 
     #[test]

@@ -81,62 +81,83 @@ fn left_out(outcome: &Outcome) -> String {
     )
 }
 
+impl Group {
+    fn add(&mut self, found: &Found<'_>) {
+        self.paths += 1;
+        self.size += found.size;
+        match found.status {
+            Status::New | Status::Unstored => self.new += 1,
+            Status::Modified => self.modified += 1,
+        }
+    }
+}
+
+/// One table of the summary: its groups, largest first, under `heading`.
+fn table(groups: BTreeMap<&[u8], Group>, heading: &str, out: &mut impl Write) -> Result<()> {
+    let mut rows: Vec<(&[u8], Group)> = groups.into_iter().collect();
+    rows.sort_by(|a, b| {
+        b.1.size
+            .cmp(&a.1.size)
+            .then(b.1.paths.cmp(&a.1.paths))
+            .then(a.0.cmp(b.0))
+    });
+    writeln!(
+        out,
+        "{:>10} {:>8} {:>8} {:>8}  {heading}",
+        "SIZE", "PATHS", "NEW", "MODIFIED"
+    )?;
+    for (name, group) in &rows {
+        writeln!(
+            out,
+            "{:>10} {:>8} {:>8} {:>8}  {}",
+            human_size(group.size),
+            group.paths,
+            group.new,
+            group.modified,
+            escape(name)
+        )?;
+    }
+    writeln!(out)?;
+    Ok(())
+}
+
 pub fn summary(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
     writeln!(out, "{}", headline(outcome))?;
     let mut groups: BTreeMap<&[u8], Group> = BTreeMap::new();
-    for found in &outcome.found {
-        let group = groups.entry(group_of(&found.path)).or_default();
-        group.paths += 1;
-        group.size += found.size;
-        match found.status {
-            Status::New | Status::Unstored => group.new += 1,
-            Status::Modified => group.modified += 1,
-        }
+    for found in outcome.found.iter() {
+        groups.entry(group_of(found.path)).or_default().add(&found);
     }
     if !groups.is_empty() {
-        let mut rows: Vec<(&[u8], Group)> = groups.into_iter().collect();
-        rows.sort_by(|a, b| {
-            b.1.size
-                .cmp(&a.1.size)
-                .then(b.1.paths.cmp(&a.1.paths))
-                .then(a.0.cmp(b.0))
-        });
         writeln!(out)?;
-        writeln!(
-            out,
-            "{:>10} {:>8} {:>8} {:>8}  DIRECTORY",
-            "SIZE", "PATHS", "NEW", "MODIFIED"
-        )?;
-        for (name, group) in &rows {
-            writeln!(
-                out,
-                "{:>10} {:>8} {:>8} {:>8}  {}",
-                human_size(group.size),
-                group.paths,
-                group.new,
-                group.modified,
-                escape(name)
-            )?;
+        table(groups, "DIRECTORY", out)?;
+        if let Some(writers) = &outcome.writers {
+            // A path written by several counts under each.
+            let mut by_writer: BTreeMap<&[u8], Group> = BTreeMap::new();
+            for found in outcome.found.iter() {
+                for name in writers.named(found.path) {
+                    by_writer.entry(name.as_bytes()).or_default().add(&found);
+                }
+            }
+            table(by_writer, &format!("WRITER (from {})", writers.record), out)?;
         }
-        writeln!(out)?;
-        let unstored: Vec<&Found> = outcome
+        // Counted, not collected: an unstored tree can be most of a large diff.
+        let (unstored, unstored_bytes) = outcome
             .found
             .iter()
             .filter(|f| f.status == Status::Unstored)
-            .collect();
-        if !unstored.is_empty() {
+            .fold((0u64, 0u64), |(n, bytes), f| (n + 1, bytes + f.size));
+        if unstored > 0 {
             let entries: Vec<String> = outcome
                 .rules
                 .unstored()
                 .iter()
-                .filter(|entry| unstored.iter().any(|f| f.path == **entry))
+                .filter(|entry| outcome.found.contains_sorted(entry))
                 .map(|entry| escape(entry))
                 .collect();
             writeln!(
                 out,
-                "{} of these path(s) ({}) are {UNSTORED_NOTE}: {}",
-                unstored.len(),
-                human_size(unstored.iter().map(|f| f.size).sum()),
+                "{unstored} of these path(s) ({}) are {UNSTORED_NOTE}: {}",
+                human_size(unstored_bytes),
                 entries.join(" ")
             )?;
         }
@@ -153,7 +174,7 @@ pub fn long(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
     // Built by hand rather than with `format!` padding: on 100,000 paths the formatting
     // machinery was a visible share of the whole run.
     let mut line: Vec<u8> = Vec::with_capacity(256);
-    for found in &outcome.found {
+    for found in outcome.found.iter() {
         line.clear();
         line.extend_from_slice(match found.status {
             Status::New => b"new      ",
@@ -171,15 +192,37 @@ pub fn long(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
         line.resize(line.len() + 1 + 12usize.saturating_sub(size.len()), b' ');
         line.extend_from_slice(size);
         line.extend_from_slice(b"  ");
-        if is_plain(&found.path) {
-            line.extend_from_slice(&found.path);
+        if let Some(writers) = &outcome.writers {
+            line.extend_from_slice(writer_label(&writers.of(found.path)).as_bytes());
+            line.extend_from_slice(b"  ");
+        }
+        if is_plain(found.path) {
+            line.extend_from_slice(found.path);
         } else {
-            line.extend_from_slice(escape(&found.path).as_bytes());
+            line.extend_from_slice(escape(found.path).as_bytes());
         }
         line.push(b'\n');
         out.write_all(&line)?;
     }
     Ok(())
+}
+
+/// The writers of a path as one word for `--long`: comma-separated, `-` when the record does
+/// not name the path; a command name's spaces and commas escaped like any byte that would split
+/// it.
+fn writer_label(names: &[&str]) -> String {
+    if names.is_empty() {
+        return "-".to_owned();
+    }
+    names
+        .iter()
+        .map(|n| {
+            escape(n.as_bytes())
+                .replace(' ', "\\x20")
+                .replace(',', "\\x2c")
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// `n` in decimal, written at the end of `buf` (u64::MAX has 20 digits).
@@ -210,25 +253,24 @@ struct JsonEntry<'a> {
     kind: Kind,
     status: Status,
     size: u64,
+    /// The units (or commands) the watch record names for this path; only with a record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    writers: Option<Vec<&'a str>>,
 }
 
-impl<'a> From<&'a Found> for JsonEntry<'a> {
-    fn from(found: &'a Found) -> Self {
-        match std::str::from_utf8(&found.path) {
-            Ok(text) => JsonEntry {
-                path: text.to_owned(),
-                path_bytes: None,
-                kind: found.kind,
-                status: found.status,
-                size: found.size,
-            },
-            Err(_) => JsonEntry {
-                path: escape(&found.path),
-                path_bytes: Some(&found.path),
-                kind: found.kind,
-                status: found.status,
-                size: found.size,
-            },
+impl<'a> JsonEntry<'a> {
+    fn new(found: Found<'a>, writers: Option<&'a super::writers::Writers>) -> Self {
+        let (path, path_bytes) = match std::str::from_utf8(found.path) {
+            Ok(text) => (text.to_owned(), None),
+            Err(_) => (escape(found.path), Some(found.path)),
+        };
+        JsonEntry {
+            path,
+            path_bytes,
+            kind: found.kind,
+            status: found.status,
+            size: found.size,
+            writers: writers.map(|w| w.of(found.path)),
         }
     }
 }
@@ -240,7 +282,20 @@ struct JsonReport<'a> {
     paths: usize,
     size: u64,
     ignore: &'a [String],
-    entries: Vec<JsonEntry<'a>>,
+    /// The `rasa watch` record the writers come from; only with a record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    watch_record: Option<&'a str>,
+    entries: Entries<'a>,
+}
+
+/// The entries, serialized one by one as they are written rather than collected first.
+struct Entries<'a>(&'a Outcome);
+
+impl Serialize for Entries<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let writers = self.0.writers.as_ref();
+        serializer.collect_seq(self.0.found.iter().map(|f| JsonEntry::new(f, writers)))
+    }
 }
 
 pub fn json(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
@@ -249,7 +304,8 @@ pub fn json(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
         paths: outcome.found.len(),
         size: outcome.found.iter().map(|f| f.size).sum(),
         ignore: &outcome.rules.ignore_patterns,
-        entries: outcome.found.iter().map(JsonEntry::from).collect(),
+        watch_record: outcome.writers.as_ref().map(|w| w.record.as_str()),
+        entries: Entries(outcome),
     };
     serde_json::to_writer_pretty(&mut *out, &report)?;
     writeln!(out)?;

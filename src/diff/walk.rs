@@ -1,27 +1,28 @@
-//! The portable engine: walk the live tree with `openat`, compare each entry with the same path
+//! The portable engine: walk the live tree through the descriptor layer ([`crate::fs`]), compare each entry with the same path
 //! in the blank (when there is one), and keep what the rules do not leave out.
 //!
-//! Every directory is opened relative to its parent with O_NOFOLLOW, so a symlink planted in
-//! the tree is reported, never followed. The walk stays on the device it started on, with one
+//! Every directory is opened beneath the top one component at a time, never following a
+//! symlink, and each descriptor is checked to be the inode that was inspected, so a symlink
+//! planted in the tree is reported, never followed. The walk stays on the device it started on, with one
 //! exception: a subvolume nested inside the tree (a container's or snapper's subvolume below
 //! `/`) leaves with the root when `rollback` moves it away, and `prune` deletes it with the old
 //! root, so the walk descends into it and reports all of it as new. What is mounted there from
 //! elsewhere (another filesystem, a subvolume that is not this tree's child) is skipped: it
 //! survives the boot. btrfs's empty-subvolume placeholders (inode 2) hold nothing.
 
-use std::ffi::{CStr, CString};
-use std::os::fd::{AsFd, OwnedFd};
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 
 use anyhow::{Context, Result};
-use nix::dir::Dir;
-use nix::fcntl::{readlinkat, AtFlags};
-use nix::sys::stat::{fstat, fstatat, FileStat};
+use nix::sys::stat::FileStat;
 
 use super::rules::Rules;
-use super::{Found, Kind, Meta, Status};
+use super::{FoundList, Kind, Meta, Status};
 use crate::btrfs;
+use crate::fs;
 
 /// A directory still to read: its path (from the tree's top), whether the blank holds the
 /// same directory there, and the device it was listed on (None: whatever it is when opened).
@@ -66,7 +67,7 @@ impl<'a> Walk<'a> {
         blank: Option<&OwnedFd>,
         start: Vec<u8>,
         start_in_blank: bool,
-    ) -> Result<Vec<Found>> {
+    ) -> Result<FoundList> {
         let queue = Mutex::new(Queue {
             tasks: vec![(start, start_in_blank && blank.is_some(), None)],
             busy: 0,
@@ -74,11 +75,11 @@ impl<'a> Walk<'a> {
         let wake = Condvar::new();
         let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
-        let results: Vec<Vec<Found>> = std::thread::scope(|scope| {
+        let results: Vec<FoundList> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..workers)
                 .map(|_| {
                     scope.spawn(|| {
-                        let mut found = Vec::new();
+                        let mut found = FoundList::default();
                         loop {
                             let task = {
                                 let mut q = queue.lock().unwrap();
@@ -112,7 +113,7 @@ impl<'a> Walk<'a> {
                             wake.notify_all();
                         }
                         // Sorted on this thread, so that the final sort only merges.
-                        found.sort_by(|a, b| a.path.cmp(&b.path));
+                        found.sort_from(0);
                         found
                     })
                 })
@@ -125,8 +126,11 @@ impl<'a> Walk<'a> {
         if let Some(bar) = &self.progress {
             bar.set_position(self.visited.load(Ordering::Relaxed));
         }
-        let mut found: Vec<Found> = results.into_iter().flatten().collect();
-        found.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut found = FoundList::default();
+        for mut part in results {
+            found.append(&mut part);
+        }
+        found.sort_from(0);
         Ok(found)
     }
 
@@ -135,7 +139,7 @@ impl<'a> Walk<'a> {
         live_top: &OwnedFd,
         blank_top: Option<&OwnedFd>,
         (path, in_blank, expected_device): &Task,
-        found: &mut Vec<Found>,
+        found: &mut FoundList,
         subdirs: &mut Vec<Task>,
     ) -> Result<()> {
         let (path, in_blank, expected_device) = (path.as_slice(), *in_blank, *expected_device);
@@ -143,12 +147,15 @@ impl<'a> Walk<'a> {
             Ok(fd) => fd,
             // Gone or replaced since it was listed: the tree is live.
             Err(
-                nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR | nix::errno::Errno::ELOOP,
+                nix::errno::Errno::ENOENT
+                | nix::errno::Errno::ENOTDIR
+                | nix::errno::Errno::ELOOP
+                | fs::CHANGED,
             ) => return Ok(()),
             Err(e) => return Err(e).with_context(|| format!("opening {}", super::escape(path))),
         };
         // Opened again by path: if something was mounted there since it was listed, stop.
-        let Ok(dir_st) = fstat(live.as_fd()) else {
+        let Ok(dir_st) = fs::fstat(live.as_fd()) else {
             return Ok(());
         };
         if expected_device.is_some_and(|device| device != dir_st.st_dev) {
@@ -159,39 +166,26 @@ impl<'a> Walk<'a> {
             Some(top) if in_blank => open_beneath(top, path).ok(),
             _ => None,
         };
-        let mut dir =
-            Dir::from_fd(live).with_context(|| format!("reading {}", super::escape(path)))?;
-        // The names, each with its NUL, in one buffer: one allocation per directory rather
-        // than one per entry.
-        let mut name_bytes: Vec<u8> = Vec::new();
-        let mut name_ends: Vec<usize> = Vec::new();
-        for entry in dir.iter() {
-            let entry = entry.with_context(|| format!("reading {}", super::escape(path)))?;
-            let name = entry.file_name();
-            if name != c"." && name != c".." {
-                name_bytes.extend_from_slice(name.to_bytes_with_nul());
-                name_ends.push(name_bytes.len());
-            }
+        let names = fs::list_names(live.as_fd())
+            .with_context(|| format!("reading {}", super::escape(path)))?;
+        if names.is_empty() {
+            return Ok(());
         }
         let visited = self
             .visited
-            .fetch_add(name_ends.len() as u64, Ordering::Relaxed);
+            .fetch_add(names.len() as u64, Ordering::Relaxed);
         if let Some(bar) = &self.progress {
-            if visited / 8192 != (visited + name_ends.len() as u64) / 8192 {
+            if visited / 8192 != (visited + names.len() as u64) / 8192 {
                 bar.set_position(visited);
             }
         }
-        let mut start = 0;
-        for &end in &name_ends {
-            let name = CStr::from_bytes_with_nul(&name_bytes[start..end])
-                .expect("one NUL, at the end, as readdir gave it");
-            start = end;
-            let st = match fstatat(dir.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-                Ok(st) => st,
-                Err(nix::errno::Errno::ENOENT) => continue,
+        for name in names.iter() {
+            let st = match fs::lstat_at(live.as_fd(), name) {
+                Ok(Some(st)) => st,
+                Ok(None) => continue,
                 Err(e) => {
                     return Err(e).with_context(|| {
-                        format!("inspecting {}", super::escape(&join(path, name.to_bytes())))
+                        format!("inspecting {}", super::escape(&join(path, name.as_bytes())))
                     })
                 }
             };
@@ -202,18 +196,18 @@ impl<'a> Walk<'a> {
                 && st.st_dev != device
                 && self.on_btrfs
                 && st.st_ino == btrfs::FIRST_FREE_OBJECTID
-                && nested_subvolume_here(&dir, dir_st.st_ino, name)?;
+                && nested_subvolume_here(live.as_fd(), dir_st.st_ino, name, &st)?;
             if kind == Kind::Directory
                 && !nested
                 && (st.st_dev != device || (self.on_btrfs && st.st_ino == 2))
             {
                 continue;
             }
-            let full = join(path, name.to_bytes());
+            let full = join(path, name.as_bytes());
             let target = if kind == Kind::Symlink {
-                readlinkat(dir.as_fd(), name)
+                fs::read_link_at(live.as_fd(), name)
                     .ok()
-                    .map(|t| t.as_encoded_bytes().to_vec())
+                    .map(OsString::into_encoded_bytes)
             } else {
                 None
             };
@@ -229,7 +223,7 @@ impl<'a> Walk<'a> {
             let in_blank = blank
                 .as_ref()
                 .filter(|_| !nested)
-                .and_then(|b| fstatat(b.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW).ok())
+                .and_then(|b| fs::lstat_at(b.as_fd(), name).ok().flatten())
                 .filter(|b| b.st_ino == st.st_ino && Kind::from_mode(b.st_mode) == kind);
             let status = match &in_blank {
                 None => Some(Status::New),
@@ -238,7 +232,7 @@ impl<'a> Walk<'a> {
                     let same = live_meta.same_as(&blank_meta)
                         && (!live_meta.needs_attribute_check(&blank_meta)
                             || super::same_dir_attributes(
-                                dir.as_fd(),
+                                live.as_fd(),
                                 blank.as_ref().expect("in the blank").as_fd(),
                                 name,
                             ));
@@ -249,33 +243,34 @@ impl<'a> Walk<'a> {
                 subdirs.push((full.clone(), in_blank.is_some(), Some(st.st_dev)));
             }
             if let Some(status) = status {
-                found.push(Found {
-                    path: full,
-                    kind,
-                    status,
-                    size: live_meta.reported_size(),
-                });
+                found.push(&full, kind, status, live_meta.reported_size());
             }
         }
         Ok(())
     }
 }
 
-/// Is the subvolume top `name`, inside the directory `dir` (inode `dir_ino`), the subvolume
-/// nested at this very place in the tree `dir` belongs to? A subvolume mounted here from
-/// elsewhere is not: it belongs to another parent, or hangs elsewhere in this one.
-fn nested_subvolume_here(dir: &Dir, dir_ino: u64, name: &CStr) -> Result<bool> {
-    let Ok(child) = btrfs::open_dir_at(dir.as_fd(), name.to_bytes().as_ref_os()) else {
-        // Gone since it was listed.
+/// Is the subvolume top `name` (inspected as `st`), inside the directory `dir` (inode
+/// `dir_ino`), the subvolume nested at this very place in the tree `dir` belongs to? A subvolume
+/// mounted here from elsewhere is not: it belongs to another parent, or hangs elsewhere in this
+/// one.
+fn nested_subvolume_here(
+    dir: BorrowedFd<'_>,
+    dir_ino: u64,
+    name: &OsStr,
+    st: &FileStat,
+) -> Result<bool> {
+    let Ok(child) = fs::open_verified(dir, name, st) else {
+        // Gone (or replaced) since it was listed.
         return Ok(false);
     };
     // Another filesystem (btrfs or not) whose top happens to be inode 256 is a mount.
-    let same_filesystem = crate::btrfs::fsid(child.as_fd())
-        .is_some_and(|fsid| crate::btrfs::fsid(dir.as_fd()) == Some(fsid));
+    let same_filesystem =
+        crate::btrfs::fsid(child.as_fd()).is_some_and(|fsid| crate::btrfs::fsid(dir) == Some(fsid));
     let Ok(child) = btrfs::subvol_info(child.as_fd()) else {
         return Ok(false);
     };
-    let parent = btrfs::subvol_info(dir.as_fd())?;
+    let parent = btrfs::subvol_info(dir)?;
     Ok(same_filesystem && child.parent_id == parent.id && child.dirid == dir_ino)
 }
 
@@ -287,44 +282,18 @@ pub fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
     path
 }
 
-trait AsOsStr {
-    fn as_ref_os(&self) -> &std::ffi::OsStr;
-}
-
-impl AsOsStr for [u8] {
-    fn as_ref_os(&self) -> &std::ffi::OsStr {
-        std::os::unix::ffi::OsStrExt::from_bytes(self)
-    }
-}
-
-/// Open a directory below `top` by its path (`/a/b`), one component at a time, never
-/// following a symlink.
+/// Open a directory below `top` by its path (`/a/b`): the descriptor layer's walk beneath,
+/// never following a symlink, each component verified.
 pub fn open_beneath(top: &OwnedFd, path: &[u8]) -> nix::Result<OwnedFd> {
-    let mut current = nix::unistd::dup(top.as_fd())?;
-    for component in path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
-        current = btrfs::open_dir_at(current.as_fd(), component.as_ref_os())?;
-    }
-    Ok(current)
+    fs::open_dir_at_path(top.as_fd(), path)
 }
 
 /// The target of the symlink at `path` below `top`, never following a symlink on the way.
 pub fn readlink_beneath(top: &OwnedFd, path: &[u8]) -> Option<Vec<u8>> {
-    let split = path.iter().rposition(|&b| b == b'/')?;
-    let parent = open_beneath(top, &path[..split]).ok()?;
-    readlinkat(parent.as_fd(), path[split + 1..].as_ref_os())
-        .ok()
-        .map(|t| t.as_encoded_bytes().to_vec())
+    fs::read_link_at_path(top.as_fd(), path).ok()
 }
 
 /// `lstat` of a path below `top`, never following a symlink on the way.
 pub fn stat_beneath(top: &OwnedFd, path: &[u8]) -> Option<FileStat> {
-    let split = path.iter().rposition(|&b| b == b'/')?;
-    let parent = open_beneath(top, &path[..split]).ok()?;
-    let name = CString::new(&path[split + 1..]).ok()?;
-    fstatat(
-        parent.as_fd(),
-        name.as_c_str(),
-        AtFlags::AT_SYMLINK_NOFOLLOW,
-    )
-    .ok()
+    fs::lstat_at_path(top.as_fd(), path).ok().flatten()
 }

@@ -11,6 +11,7 @@
 //! [`CHANGED`]. Callers add their context (which path, what for) once.
 
 pub mod cursor;
+pub mod names;
 pub mod trees;
 pub mod walk;
 
@@ -23,6 +24,7 @@ use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{FileStat, Mode, SFlag};
 
 pub use cursor::Cursor;
+pub use names::{list_names, lstat_at_path, open_dir_at_path, read_link_at_path};
 pub use trees::Error as WalkError;
 pub use trees::{Failed, Here, Trees, Visit, Visitor};
 pub use walk::{measure, Measure, MountRoots};
@@ -145,22 +147,7 @@ pub fn read_link_at(dir: BorrowedFd<'_>, name: &OsStr) -> nix::Result<OsString> 
 
 /// The names in an open directory, without `.` and `..`, in the filesystem's order.
 pub fn list(dir: BorrowedFd<'_>) -> nix::Result<Vec<OsString>> {
-    // A new open file description, so the listing has an offset of its own.
-    let mut stream = nix::dir::Dir::openat(
-        dir,
-        ".",
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    let mut names = Vec::new();
-    for entry in stream.iter() {
-        let entry = entry?;
-        let bytes = entry.file_name().to_bytes();
-        if bytes != b"." && bytes != b".." {
-            names.push(OsString::from_vec(bytes.to_vec()));
-        }
-    }
-    Ok(names)
+    Ok(list_names(dir)?.iter().map(OsStr::to_os_string).collect())
 }
 
 /// Where opening a relative path beneath a directory ended.

@@ -31,14 +31,13 @@ use nix::sys::stat::{fstat, fstatat, Mode};
 use crate::diff::rules::{self, Rules};
 use crate::error::{exit, refuse};
 use crate::log;
-use crate::manifest;
 use crate::toplevel::{self, TopLevel};
 
 // The reader `rasa diff` (and `--old-root`) uses to show the unit per path; wired by the diff
 // work, which is not in this module.
 use record::{event, Record};
 #[allow(unused_imports)]
-pub use record::{load_record, Attribution, Loaded};
+pub use record::{load_record, parse_record, Attribution, Loaded};
 use writer::Writer;
 
 /// Where the record for this boot goes by default (`rasa diff` reads it from there).
@@ -98,37 +97,10 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// The manifest's persisted paths and globs, found as `rasa diff` finds them.
+/// The manifest's persisted paths and globs, found as `rasa diff` finds them (the same code).
 fn rules_for(args: &Args, root: &[u8]) -> Result<Rules> {
-    let mut persisted = Vec::new();
-    let mut storage_roots = Vec::new();
-    let mut ignore = args.ignore.clone();
-    let path = match &args.manifest {
-        Some(path) => Some(path.clone()),
-        None => manifest::locate(None).ok().map(|(path, _)| path),
-    };
-    match path {
-        Some(path) => {
-            let m = manifest::load(&path)?;
-            ignore.extend(m.diff_ignore.iter().cloned());
-            for entry in m.entries {
-                if !storage_roots.contains(&entry.storage_root) {
-                    storage_roots.push(entry.storage_root.clone());
-                }
-                persisted.push(entry.path);
-            }
-        }
-        None => log::warn(format!(
-            "no manifest found at {}: nothing counts as persisted (pass --manifest PATH)",
-            manifest::search_path_text()
-        )),
-    }
-    Rules::new(
-        &persisted,
-        &storage_roots,
-        &rules::mounts_below(root),
-        &ignore,
-    )
+    crate::diff::rule_inputs(args.manifest.as_deref(), &args.ignore)?
+        .rules(&rules::mounts_below(root))
 }
 
 /// Why `path` is left out: it or a directory above it is persisted, runtime or ignored.

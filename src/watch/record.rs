@@ -3,9 +3,6 @@
 //!
 //! JSON lines: a header object first, then one object per (path, writer), sorted by path.
 
-// The reader half is used by the tests until `rasa diff` reads records.
-#![allow(dead_code)]
-
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
@@ -108,8 +105,15 @@ impl Loaded {
 
 /// Read a record written by `rasa watch`: for each path, who wrote it.
 pub fn load_record(path: &Path) -> Result<Loaded> {
-    let text = std::fs::read_to_string(path)
+    let text = std::fs::read(path)
         .with_context(|| format!("reading the watch record {}", path.display()))?;
+    parse_record(&text, path)
+}
+
+/// A record's text, read from where `path` names (for messages).
+pub fn parse_record(text: &[u8], path: &Path) -> Result<Loaded> {
+    let text = std::str::from_utf8(text)
+        .with_context(|| format!("{} is not UTF-8, not a watch record", path.display()))?;
     let mut lines = text.lines();
     let header: Header = match lines.next() {
         Some(first) => serde_json::from_str(first)
@@ -294,15 +298,28 @@ pub fn write_atomically(
     path: &Path,
     contents: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> Result<()> {
+    write_atomically_as(path, 0o600, Some(0o700), contents)
+}
+
+/// [`write_atomically`] with the file's mode, and the mode of the directory to create (`None`:
+/// it must exist, as a collector's directory does).
+pub fn write_atomically_as(
+    path: &Path,
+    mode: u32,
+    create_dir: Option<u32>,
+    contents: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating {}", dir.display()))?;
+    if let Some(dir_mode) = create_dir {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(dir_mode)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
     let mut tmp_name = b".".to_vec();
     tmp_name.extend_from_slice(path.file_name().unwrap_or_default().as_bytes());
     tmp_name.extend_from_slice(b".tmp");
@@ -318,9 +335,12 @@ pub fn write_atomically(
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(mode)
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
+    // Exactly this mode, whatever the umask (a collector's reader must be able to read it).
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", tmp.display()))?;
     let mut out = std::io::BufWriter::with_capacity(1 << 16, file);
     contents(&mut out)
         .and_then(|()| out.flush())

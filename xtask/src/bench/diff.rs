@@ -1,7 +1,11 @@
-//! `cargo xtask bench diff [--files N] [--dirs N]`: `rasa diff` (each engine) against seed
-//! 004's `fs-diff.sh` and plain `find`, in one hyperfine run, on a loop-file btrfs whose root
-//! holds N new files (default 100,000 in 200 directories) that the blank does not. Then the
-//! walk engine against `find` on a tmpfs copy of the same tree, where the walk is meant to run.
+//! `cargo xtask bench diff [--files N] [--dirs N] [--runs N] [--no-fs-diff] [--no-tmpfs]`:
+//! `rasa diff` (each engine) against seed 004's `fs-diff.sh` and plain `find`, in one hyperfine
+//! run, on a loop-file btrfs whose root holds N new files (default 100,000 in 200 directories)
+//! that the blank does not; then the peak memory (max RSS) and wall time of single runs of the
+//! btrfs engine's summary, `--long` and `--json`. Then the walk engine against `find` on a tmpfs
+//! copy of the same tree, where the walk is meant to run. At 1,000,000 files fs-diff.sh takes
+//! half a minute a run: `--no-fs-diff` leaves it out, `--runs` lowers hyperfine's minimum.
+//! `--baseline PATH` measures another `rasa` binary (an earlier commit's) beside this one.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -78,6 +82,9 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let files = arg_value(args, "--files", 100_000)?;
     let dirs = arg_value(args, "--dirs", 200)?.max(1);
+    let runs = arg_value(args, "--runs", 10)?.max(2);
+    let with_fs_diff = !args.iter().any(|a| a == "--no-fs-diff");
+    let with_tmpfs = !args.iter().any(|a| a == "--no-tmpfs");
     deps::apt(&["btrfs-progs", "hyperfine"])?;
     let root = crate::project_root();
     deps::run(
@@ -91,7 +98,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let image = dir.join("disk.img");
-    std::fs::File::create(&image)?.set_len(2 << 30)?;
+    // About 1 KiB of metadata per small file, plus room.
+    std::fs::File::create(&image)?.set_len(((files as u64) << 11).max(2 << 30))?;
     let device = sh(&format!("losetup -f --show '{}'", image.display()))?;
     let top = dir.join("top");
     std::fs::create_dir(&top)?;
@@ -126,13 +134,20 @@ pub fn run(args: &[String]) -> Result<()> {
 
     let script = dir.join("fs-diff.sh");
     std::fs::write(&script, FS_DIFF.replace("@TOP@", &t.to_string()))?;
-    let rasa_cmd = |engine: &str| {
+    let manifest = dir.join("manifest.json");
+    let diff_cmd = |rasa: &str, engine: &str| {
         format!(
-            "{} diff --device {device} --engine {engine} --long --manifest {}",
-            rasa.display(),
-            dir.join("manifest.json").display()
+            "{rasa} diff --device {device} --engine {engine} --long --manifest {}",
+            manifest.display()
         )
     };
+    let rasa_cmd = |engine: &str| diff_cmd(&rasa.display().to_string(), engine);
+    // Another build (say, the previous commit's) measured beside this one.
+    let baseline = args
+        .iter()
+        .position(|a| a == "--baseline")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
     std::fs::write(
         dir.join("manifest.json"),
         r#"{"version":1,"rollback":{"device":"/dev/null","root":"root","blank":"root-blank","oldRoots":"old_roots","persist":"persist","keep":5,"keepDays":7},"entries":[]}"#,
@@ -145,14 +160,52 @@ pub fn run(args: &[String]) -> Result<()> {
         "xtask: lines printed: rasa btrfs {}, rasa walk {}, fs-diff.sh {}, find {}",
         counted(&rasa_cmd("btrfs"))?,
         counted(&rasa_cmd("walk"))?,
-        counted(&format!("bash {}", script.display()))?,
+        if with_fs_diff {
+            counted(&format!("bash {}", script.display()))?.to_string()
+        } else {
+            "(left out)".to_owned()
+        },
         counted(&format!("find {t}/root"))?
     );
+    // Peak memory: one run of each output of the btrfs engine under /usr/bin/time.
+    println!("| `rasa diff --engine btrfs` output | wall [s] | max RSS [MB] |");
+    println!("|:---|---:|---:|");
+    let mut measured_cmds = Vec::new();
+    for (build, rasa) in [
+        ("", Some(rasa.display().to_string())),
+        ("baseline ", baseline.clone()),
+    ] {
+        let Some(rasa) = rasa else { continue };
+        let long = diff_cmd(&rasa, "btrfs");
+        let summary = long.replace(" --long", "");
+        measured_cmds.push((format!("{build}summary"), summary.clone()));
+        measured_cmds.push((format!("{build}--long"), long));
+        measured_cmds.push((format!("{build}--json"), format!("{summary} --json")));
+    }
+    measured_cmds.push(("find".to_owned(), format!("find {t}/root")));
+    for (name, cmd) in measured_cmds {
+        let measured = sh(&format!(
+            "/usr/bin/time -f '%e %M' sh -c '{cmd} >/dev/null 2>/dev/null' 2>&1 | tail -1"
+        ))?;
+        let mut fields = measured.split_whitespace();
+        let (wall, kib) = (fields.next().unwrap_or("?"), fields.next().unwrap_or("0"));
+        println!(
+            "| {name} | {wall} | {:.1} |",
+            kib.parse::<f64>().unwrap_or(0.0) / 1024.0
+        );
+    }
     let markdown = dir.join("results.md");
     let json = dir.join("results.json");
+    let mut hyperfine = Command::new("hyperfine");
+    if with_fs_diff {
+        hyperfine
+            .args(["-n", "fs-diff.sh (seed 004)"])
+            .arg(format!("cd {t}/root && bash {}", script.display()));
+    }
     deps::run(
-        Command::new("hyperfine")
-            .args(["--warmup", "2", "--min-runs", "10", "--style", "basic"])
+        hyperfine
+            .args(["--warmup", "2", "--style", "basic"])
+            .args(["--min-runs", &runs.to_string()])
             .arg("--export-markdown")
             .arg(&markdown)
             .arg("--export-json")
@@ -161,8 +214,13 @@ pub fn run(args: &[String]) -> Result<()> {
             .arg(rasa_cmd("btrfs"))
             .args(["-n", "rasa diff --engine walk"])
             .arg(rasa_cmd("walk"))
-            .args(["-n", "fs-diff.sh (seed 004)"])
-            .arg(format!("cd {t}/root && bash {}", script.display()))
+            .args(baseline.iter().flat_map(|b| {
+                [
+                    "-n".to_owned(),
+                    "baseline rasa diff --engine btrfs".to_owned(),
+                    diff_cmd(b, "btrfs"),
+                ]
+            }))
             .args(["-n", "find"])
             .arg(format!("find {t}/root"))
             // What rasa prints per path (type and size) needs a stat of every entry, which
@@ -176,14 +234,15 @@ pub fn run(args: &[String]) -> Result<()> {
     // wrecks the mean. The median says what a run usually costs.
     let medians = medians(&std::fs::read_to_string(&json)?);
     let of = |name: &str| medians.iter().find(|(n, _)| n == name).map(|(_, m)| *m);
-    if let (Some(find), Some(fs_diff)) = (of("find"), of("fs-diff.sh (seed 004)")) {
+    if let Some(find) = of("find") {
+        let fs_diff = of("fs-diff.sh (seed 004)");
         println!("| Command | Median [ms] | vs fs-diff.sh | vs find |");
         println!("|:---|---:|---:|---:|");
         for (name, median) in &medians {
             println!(
-                "| `{name}` | {:.1} | {:.1}x faster | {:.2}x |",
+                "| `{name}` | {:.1} | {} | {:.2}x |",
                 median * 1e3,
-                fs_diff / median,
+                fs_diff.map_or("-".to_owned(), |f| format!("{:.1}x faster", f / median)),
                 median / find
             );
         }
@@ -193,6 +252,9 @@ pub fn run(args: &[String]) -> Result<()> {
         sh("uname -r")?
     );
 
+    if !with_tmpfs {
+        return Ok(());
+    }
     // The walk exists for roots that are not btrfs: time it where it is meant to run, on a
     // tmpfs holding the same tree, against find there.
     let tmpfs = dir.join("tmpfs");
