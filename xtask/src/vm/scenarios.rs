@@ -926,7 +926,11 @@ fn boot_old_root(a: &Artefacts) -> Result<Report> {
             .iter()
             .any(|k| k.ends_with("flag=written in boot 2")),
         "boot 3: boot 2's root is kept as an old root",
-        vec![],
+        vec![format!(
+            "{}: OLD_ROOTS before-prune {}",
+            back.label,
+            back.vm("OLD_ROOTS before-prune").unwrap_or_default()
+        )],
     );
 
     let again = simple_boot(a, "boot-old-root-4", Initrd::Rollback, &disk, "")?;
@@ -940,7 +944,11 @@ fn boot_old_root(a: &Artefacts) -> Result<Report> {
     r.check(
         !used.is_empty() && boot1_root(&again) == used,
         "boot 4: boot 1's root is still kept",
-        vec![],
+        again
+            .vm_all("OLD_ROOT before-prune")
+            .iter()
+            .map(|k| format!("{}: OLD_ROOT before-prune {k}", again.label))
+            .collect(),
     );
     Ok(r)
 }
