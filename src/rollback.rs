@@ -14,8 +14,17 @@
 //!
 //! Before step 1, a stale `root.rasa-new` (a name only rasa creates, the rules reserve, and
 //! nothing ever mounts) is discarded, nested subvolumes first, read-only flags cleared: a crash
-//! half-way leaves `root` untouched (or, with `root` gone, a partial stray that the next run
-//! discards and remakes: `Plan::Remake`). Nothing else is deleted on the boot's critical path.
+//! half-way leaves `root` untouched. Nothing else is deleted on the boot's critical path.
+//!
+//! With `root` gone and a `root.rasa-new` that is not one rasa would install (read-only, or with
+//! nested subvolumes): `Plan::Remake`, in the other order, so that there is always a root:
+//!
+//! | disk after            | `root` | `root.rasa-new`  | next run does                                  |
+//! |-----------------------|--------|------------------|------------------------------------------------|
+//! | (nothing yet)         | -      | stray            | everything                                     |
+//! | R1. make root         | fresh  | stray            | discards the stray, then a full run (the fresh |
+//! | (during the discard)  | fresh  | part of a stray  | root, never booted, is kept as an old root)    |
+//! | R2. stray discarded   | fresh  | -                | (done)                                         |
 //!
 //! Before anything, with the top level locked against every other rasa (see
 //! `TopLevel::lock`), `inspect` refuses (exit 3, nothing changed) what no rerun could complete:
@@ -303,18 +312,15 @@ fn inspect(top: &TopLevel, layout: &Layout, request: Option<&Option<String>>) ->
     };
 
     if !root_is_subvol {
+        if new_present && request.is_some() {
+            log::warn(format!(
+                "an interrupted run left {root} gone and {new} in its place; finishing that run \
+                 instead of booting an old root (discarding {new} first would leave a moment with \
+                 no root): boot with rasa.boot-old-root again for the old root"
+            ));
+        }
         return match (new_present, new_is_rasas) {
-            (true, true) => {
-                if request.is_some() {
-                    log::warn(format!(
-                        "an interrupted run left {new} waiting to be installed and {root} gone; \
-                         finishing that run instead of booting an old root (discarding {new} \
-                         would leave a moment with no root): boot with rasa.boot-old-root again \
-                         for the old root"
-                    ));
-                }
-                Ok(Plan::InstallOnly)
-            }
+            (true, true) => Ok(Plan::InstallOnly),
             (true, false) => Ok(Plan::Remake),
             (false, _) => Err(refuse(
                 format!(
@@ -452,9 +458,20 @@ fn execute(top: &TopLevel, layout: &Layout, plan: &Plan) -> Result<()> {
     let old_dir = btrfs::open_dir_at(top.fd(), OsStr::new(&layout.old_roots))
         .context("opening the old-roots directory")?;
 
-    if let Plan::Full { .. } | Plan::Remake | Plan::FromOldRoot { .. } = plan {
-        // A leftover new root is from a run that stopped before installing it (or, for Remake,
-        // not one rasa would install): it was never booted and holds nothing of value.
+    if let Plan::Remake = plan {
+        // The root is gone: make the fresh root under its own name first (one atomic step), and
+        // only then discard the stray. Discarding first would leave a moment with neither a root
+        // nor a root-to-be, and a crash there a machine with nothing to boot.
+        make_from_blank(top, layout, root)?;
+        failpoint::hit("created-new-root");
+        discard_stray_new(top, layout)?;
+        nix::unistd::syncfs(top.fd()).context("syncing the filesystem")?;
+        return Ok(());
+    }
+
+    if let Plan::Full { .. } | Plan::FromOldRoot { .. } = plan {
+        // A leftover new root is from a run that stopped before installing it: it was never
+        // booted and holds nothing of value.
         if matches!(
             plan,
             Plan::Full {
@@ -462,17 +479,9 @@ fn execute(top: &TopLevel, layout: &Layout, plan: &Plan) -> Result<()> {
             } | Plan::FromOldRoot {
                 discard_stale_new: true,
                 ..
-            } | Plan::Remake
+            }
         ) {
-            log::info(format!(
-                "discarding {new}, left by an interrupted run before it was used"
-            ));
-            let mut keep: Vec<&str> = vec![root, &layout.persist];
-            keep.extend(layout.blank.as_deref());
-            let protected = old_roots::protected_ids(top, &keep)?;
-            btrfs::delete_subvolume_tree(top.fd(), top.fd(), OsStr::new(&new), &protected, || {
-                failpoint::hit("discarded-stale-subvolume")
-            })?;
+            discard_stray_new(top, layout)?;
         }
 
         // Step 1. The new root is made under a temporary name; `root` is untouched.
@@ -496,15 +505,7 @@ fn execute(top: &TopLevel, layout: &Layout, plan: &Plan) -> Result<()> {
                     ));
                 }
             }
-            (_, Some(blank)) => {
-                let source = btrfs::open_dir_at(top.fd(), OsStr::new(blank))?;
-                btrfs::snapshot(source.as_fd(), top.fd(), OsStr::new(&new), false)?;
-                log::info(format!("created {new} as a writable snapshot of {blank}"));
-            }
-            (_, None) => {
-                btrfs::create_subvolume(top.fd(), OsStr::new(&new))?;
-                log::info(format!("created {new} as a new empty subvolume"));
-            }
+            _ => make_from_blank(top, layout, &new)?,
         }
         failpoint::hit("created-new-root");
     }
@@ -553,6 +554,40 @@ fn execute(top: &TopLevel, layout: &Layout, plan: &Plan) -> Result<()> {
     Ok(())
 }
 
+/// Make `name` at the top level from the blank (a writable snapshot), or a new empty subvolume
+/// with `--empty`.
+fn make_from_blank(top: &TopLevel, layout: &Layout, name: &str) -> Result<()> {
+    match &layout.blank {
+        Some(blank) => {
+            let source = btrfs::open_dir_at(top.fd(), OsStr::new(blank))?;
+            btrfs::snapshot(source.as_fd(), top.fd(), OsStr::new(name), false)?;
+            log::info(format!("created {name} as a writable snapshot of {blank}"));
+        }
+        None => {
+            btrfs::create_subvolume(top.fd(), OsStr::new(name))?;
+            log::info(format!("created {name} as a new empty subvolume"));
+        }
+    }
+    Ok(())
+}
+
+/// Delete a `root.rasa-new` left by an interrupted run (never booted), nested subvolumes first;
+/// never one of the subvolumes rasa keeps.
+fn discard_stray_new(top: &TopLevel, layout: &Layout) -> Result<()> {
+    let new = layout.new_root_name();
+    log::info(format!(
+        "discarding {new}, left by an interrupted run before it was used"
+    ));
+    let mut keep: Vec<&str> = vec![&layout.root, &layout.persist];
+    keep.extend(layout.blank.as_deref());
+    let protected = old_roots::protected_ids(top, &keep)?;
+    btrfs::delete_subvolume_tree(top.fd(), top.fd(), OsStr::new(&new), &protected, || {
+        failpoint::hit("discarded-stale-subvolume")
+    })?;
+    failpoint::hit("discarded-stale-new");
+    Ok(())
+}
+
 fn print_plan(top: &TopLevel, layout: &Layout, plan: &Plan) -> Result<()> {
     let new = layout.new_root_name();
     let existing = old_roots::scan_all(top.fd(), &layout.old_roots)?;
@@ -584,11 +619,19 @@ fn print_plan(top: &TopLevel, layout: &Layout, plan: &Plan) -> Result<()> {
         }
         Plan::InstallOnly => println!("  (a previous run already kept the old root)"),
         Plan::Remake => {
-            println!("  - discard {new}: the root is gone and {new} is not one rasa would install");
             match &layout.blank {
-                Some(blank) => println!("  1. snapshot {blank} (read-only blank) as {new}"),
-                None => println!("  1. create {new} as an empty subvolume"),
+                Some(blank) => println!(
+                    "  1. snapshot {blank} (read-only blank) as {} (the root is gone)",
+                    layout.root
+                ),
+                None => println!(
+                    "  1. create {} as an empty subvolume (the root is gone)",
+                    layout.root
+                ),
             }
+            println!("  2. discard {new}: not one rasa would install");
+            println!("old roots kept now: {}", existing.roots.len());
+            return Ok(());
         }
     }
     println!("  3. rename {new} to {}", layout.root);

@@ -446,7 +446,8 @@ fn crash_after_each_rollback_step_then_rerun_completes() {
 }
 
 /// Discarding a stray read-only `root.rasa-new` with nested subvolumes is a step of its own:
-/// a crash half-way through leaves a root and a partial stray, and the rerun completes.
+/// a crash half-way through leaves a root and a partial stray, and the rerun completes (with the
+/// root gone, the fresh root is made first, so there is one then too).
 #[cfg(feature = "failpoints")]
 #[test]
 fn crash_while_discarding_a_stray_new_root_then_rerun_completes() {
@@ -481,9 +482,10 @@ fn crash_while_discarding_a_stray_new_root_then_rerun_completes() {
             "{}",
             stderr(&crashed)
         );
-        assert_eq!(
+        // With the root gone, the fresh root is made before the stray is discarded: there is
+        // a root at every point.
+        assert!(
             fs.subvolumes().contains(&"root".to_string()),
-            root_present,
             "{:?}",
             fs.subvolumes()
         );
@@ -491,8 +493,59 @@ fn crash_while_discarding_a_stray_new_root_then_rerun_completes() {
         assert!(again.status.success(), "{}", stderr(&again));
         assert!(ls(&fs.path("root")).is_empty());
         assert!(!fs.path("root.rasa-new").exists());
+        // The root that was there is kept: the populated one, or the fresh one the crashed
+        // run made (never booted, empty).
         let kept = old_roots(&fs);
-        assert_eq!(kept.len(), usize::from(root_present), "{kept:?}");
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert_eq!(
+            fs.path(&format!("old_roots/{}/test_flag", kept[0]))
+                .exists(),
+            root_present
+        );
+    }
+}
+
+/// A crash right after a stray `root.rasa-new` is discarded, before the new one is made: with
+/// the root present the rerun starts over; with the root gone (a `Remake`) there must still be
+/// a root on disk, or the next boot has nothing to mount and rasa nothing to finish.
+#[cfg(feature = "failpoints")]
+#[test]
+fn crash_right_after_discarding_a_stray_new_root_leaves_a_root() {
+    for root_present in [true, false] {
+        let Some(fs) = LoopBtrfs::new("crash_after_discarding_stray", 256) else {
+            return;
+        };
+        fs.standard_layout();
+        if root_present {
+            populate_root(&fs);
+        } else {
+            sh(&format!(
+                "btrfs -q subvolume delete '{}'",
+                fs.path("root").display()
+            ));
+        }
+        fs.subvolume("root.rasa-new");
+        fs.subvolume("root.rasa-new/a");
+        sh(&format!(
+            "btrfs property set '{}' ro true",
+            fs.path("root.rasa-new").display()
+        ));
+        let step = "discarded-stale-new";
+        let crashed = fs.rasa_env(&["rollback"], &[("RASA_FAILPOINT", step)]);
+        assert!(
+            stderr(&crashed).contains(&format!("RASA-FAILPOINT-REACHED {step}")),
+            "{}",
+            stderr(&crashed)
+        );
+        assert!(
+            fs.subvolumes().contains(&"root".to_string()),
+            "root present before: {root_present}: the crash left no root: {:?}",
+            fs.subvolumes()
+        );
+        let again = fs.rasa(&["rollback"]);
+        assert!(again.status.success(), "{}", stderr(&again));
+        assert!(ls(&fs.path("root")).is_empty());
+        assert!(!fs.path("root.rasa-new").exists());
     }
 }
 
