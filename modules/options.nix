@@ -143,6 +143,22 @@ in
       erase (`rasa diff`'s summary), so that `journalctl -b -1 -u rasa-shutdown-report` shows it
       after the reboot'';
 
+    bootMenuEntry.enable = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        A boot-menu entry that boots the previous root once: the specialisation
+        `rasa-previous-root`, which only adds the kernel parameter `rasa.boot-old-root`, so that
+        the initrd puts a writable snapshot of the newest old root in place as the root (the old
+        root itself is kept, and today's root is kept as an old root too); the next normal boot
+        resets as usual. systemd-boot and GRUB list specialisations (GRUB in a submenu); the
+        entry is there before it is needed, which is the point. It costs a second evaluation of
+        the system when it is built and one more entry per generation; the closure is shared.
+        To boot a named old root instead, edit the entry's command line to
+        `rasa.boot-old-root=NAME` (`rasa old-roots list` shows the names).
+      '';
+    };
+
     diffIgnore = mkOption {
       type = types.listOf types.str;
       default = [ "/var/cache/**" "/home/*/.cache/**" "/root/.cache/**" ];

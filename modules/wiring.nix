@@ -1,6 +1,7 @@
 # What rasa's options do (declared in options.nix; the presets in presets.nix). From one set of
 # options, so that they cannot disagree:
 #   - boot.initrd.systemd.services.rollback: `rasa rollback` before / is mounted;
+#   - specialisation.rasa-previous-root: the boot-menu entry that boots the previous root once;
 #   - systemd.services.rasa-prune: deletes old roots past retention after boot;
 #   - /etc/rasa/manifest.json: the settings and every persisted path, read by `rasa migrate`,
 #     `rasa diff` and `rasa check`, and validated with `rasa check manifest` when it is built.
@@ -207,6 +208,14 @@ in
         };
       };
       boot.initrd.systemd.storePaths = [ rasaExe ];
+
+      # The boot-menu entry that boots the previous root once (`rasa rollback` reads the kernel
+      # parameter). A specialisation rather than an extra loader entry: it works for systemd-boot
+      # and GRUB alike, with the kernel, initrd and parameters of its own generation. Inside a
+      # specialisation nixpkgs clears `specialisation`, so this does not nest.
+      specialisation = lib.mkIf cfg.bootMenuEntry.enable {
+        rasa-previous-root.configuration.boot.kernelParams = [ "rasa.boot-old-root" ];
+      };
 
       # Deleting old roots can take long (nested subvolumes), so it happens here, off the boot's
       # critical path, at the lowest priority.

@@ -168,6 +168,15 @@ pub fn scan(top: BorrowedFd<'_>, dir_name: &str) -> Result<Vec<OldRoot>> {
     Ok(scan_all(top, dir_name)?.roots)
 }
 
+/// The old root called `name`, or the newest (last retired) one for `None`: only a root rasa
+/// named and retention counts (not one a prune has claimed, nor anything else in the directory).
+pub fn find<'a>(scan: &'a Scan, name: Option<&str>) -> Option<&'a OldRoot> {
+    match name {
+        Some(name) => scan.roots.iter().find(|r| r.name == name),
+        None => scan.roots.last(),
+    }
+}
+
 /// Read the old-roots directory; a missing one holds nothing.
 pub fn scan_all(top: BorrowedFd<'_>, dir_name: &str) -> Result<Scan> {
     let dir = match btrfs::open_dir_at(top, OsStr::new(dir_name)) {

@@ -14,8 +14,17 @@
 //!
 //! Before step 1, a stale `root.rasa-new` (a name only rasa creates, the rules reserve, and
 //! nothing ever mounts) is discarded, nested subvolumes first, read-only flags cleared: a crash
-//! half-way leaves `root` untouched (or, with `root` gone, a partial stray that the next run
-//! discards and remakes: `Plan::Remake`). Nothing else is deleted on the boot's critical path.
+//! half-way leaves `root` untouched. Nothing else is deleted on the boot's critical path.
+//!
+//! With `root` gone and a `root.rasa-new` that is not one rasa would install (read-only, or with
+//! nested subvolumes): `Plan::Remake`, in the other order, so that there is always a root:
+//!
+//! | disk after            | `root` | `root.rasa-new`  | next run does                                  |
+//! |-----------------------|--------|------------------|------------------------------------------------|
+//! | (nothing yet)         | -      | stray            | everything                                     |
+//! | R1. make root         | fresh  | stray            | discards the stray, then a full run (the fresh |
+//! | (during the discard)  | fresh  | part of a stray  | root, never booted, is kept as an old root)    |
+//! | R2. stray discarded   | fresh  | -                | (done)                                         |
 //!
 //! Before anything, with the top level locked against every other rasa (see
 //! `TopLevel::lock`), `inspect` refuses (exit 3, nothing changed) what no rerun could complete:
@@ -24,6 +33,31 @@
 //! which the blank root would lack. Pruning old roots is separate (`rasa prune`, run from
 //! a stage-2 service) because deleting a root that holds thousands of nested subvolumes takes
 //! time proportional to that tree, and the boot should not wait for it.
+//!
+//! ## Booting an old root once
+//!
+//! `--from-old-root [NAME]` (the kernel parameter `rasa.boot-old-root[=NAME]` from the boot
+//! menu; without a name, the newest old root) runs the same three steps with another source for
+//! step 1: a writable snapshot of `<old-roots>/NAME` instead of the blank. The old root itself
+//! is not touched (a snapshot, not a rename), so it stays recoverable and retention still counts
+//! it; the current root is retired under a new name as usual. The crash points, for a next run
+//! in either mode (the normal reset, or booting an old root again):
+//!
+//! | disk after          | `root`   | `root.rasa-new` | `<old-roots>/NAME` | next run does (either mode)           |
+//! |---------------------|----------|-----------------|--------------------|---------------------------------------|
+//! | (nothing yet)       | current  | -               | as it was          | everything                            |
+//! | 1. snapshot NAME    | current  | copy of NAME    | as it was          | discards new (never booted), again    |
+//! | 2. move root aside  | -        | copy of NAME    | as it was          | step 3 only: installs the copy        |
+//! | 3. install new      | copy     | -               | as it was          | (done)                                |
+//!
+//! After step 2 a next run cannot tell which source the waiting `root.rasa-new` came from, and
+//! need not: it was never booted, it is writable and has no nested subvolumes (a snapshot stops
+//! at them), so `InstallOnly` finishes whichever run was interrupted. Asked to boot an old root
+//! in that state, rasa finishes the interrupted run and says so (boot the entry again for the
+//! old root) rather than discard the only root-to-be, which would leave a moment with no root.
+//! An unknown NAME (or no old root at all) is a refusal that changes nothing: the unit fails,
+//! and the boot goes on with the current root as it is, not reset, which is bootable and loses
+//! nothing; the message lists the old roots there are.
 
 use std::ffi::OsStr;
 use std::os::fd::AsFd;
@@ -55,6 +89,11 @@ Examples:
   # See what would happen, change nothing:
   rasa rollback --device /dev/mapper/cryptroot --dry-run
 
+  # Boot yesterday's system once: a writable snapshot of the newest old root becomes the root
+  # (the kernel parameter rasa.boot-old-root[=NAME] does this from the boot menu):
+  rasa rollback --device /dev/mapper/cryptroot --from-old-root
+  rasa rollback --device /dev/mapper/cryptroot --from-old-root 20260101T120000Z
+
 The previous root is kept as <old-roots>/<YYYYMMDDTHHMMSSZ>. Old roots past retention are
 deleted by `rasa prune` after boot, or here with --prune.")]
 pub struct RollbackArgs {
@@ -74,6 +113,11 @@ pub struct RollbackArgs {
     /// the boot menu; `noresume` discards the image and so lets the reset go on as well.
     #[arg(long)]
     pub ignore_hibernation: bool,
+    /// Instead of the blank, put a writable snapshot of the old root NAME (the newest without a
+    /// name) in place as the root; the old root stays as it is, the current one is retired as
+    /// usual. Without this flag, the kernel parameter `rasa.boot-old-root[=NAME]` asks the same.
+    #[arg(long, value_name = "NAME", num_args = 0..=1)]
+    pub from_old_root: Option<Option<String>>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -86,6 +130,29 @@ enum Plan {
     /// or holding nested subvolumes, which a snapshot of the blank never does): discard it,
     /// make a new one and install that.
     Remake,
+    /// Boot an old root once: the steps of `Full`, with a writable snapshot of
+    /// `<old-roots>/<source>` as the new root instead of the blank.
+    FromOldRoot {
+        source: String,
+        discard_stale_new: bool,
+    },
+}
+
+/// The old root asked for: `Some(None)` for the newest, `Some(Some(name))` for one by name.
+/// The flag wins; without it, the kernel parameter `rasa.boot-old-root[=NAME]` (the boot-menu
+/// entry), whose empty value also means the newest.
+fn old_root_request(flag: &Option<Option<String>>, cmdline: &str) -> Option<Option<String>> {
+    if flag.is_some() {
+        return flag.clone();
+    }
+    cmdline.split_whitespace().find_map(|arg| {
+        if arg == "rasa.boot-old-root" {
+            Some(None)
+        } else {
+            arg.strip_prefix("rasa.boot-old-root=")
+                .map(|name| (!name.is_empty()).then(|| name.to_owned()))
+        }
+    })
 }
 
 pub fn run(args: RollbackArgs) -> Result<u8> {
@@ -105,8 +172,10 @@ pub fn run(args: RollbackArgs) -> Result<u8> {
         }
         return Ok(exit::OK);
     }
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let request = old_root_request(&args.from_old_root, &cmdline);
     let top = TopLevel::mount(&layout.device, args.dry_run)?;
-    let plan = inspect(&top, &layout)?;
+    let plan = inspect(&top, &layout, request.as_ref())?;
     if args.dry_run {
         print_plan(&top, &layout, &plan)?;
         top.unmount()?;
@@ -165,7 +234,7 @@ fn kept_for_resume(args: &RollbackArgs) -> Option<String> {
 
 /// Look at the top level and decide; refuse (changing nothing) when the layout is not one rasa
 /// can act on safely.
-fn inspect(top: &TopLevel, layout: &Layout) -> Result<Plan> {
+fn inspect(top: &TopLevel, layout: &Layout, request: Option<&Option<String>>) -> Result<Plan> {
     let dev = layout.device.display();
     let root = layout.root.as_str();
     let new = layout.new_root_name();
@@ -243,6 +312,13 @@ fn inspect(top: &TopLevel, layout: &Layout) -> Result<Plan> {
     };
 
     if !root_is_subvol {
+        if new_present && request.is_some() {
+            log::warn(format!(
+                "an interrupted run left {root} gone and {new} in its place; finishing that run \
+                 instead of booting an old root (discarding {new} first would leave a moment with \
+                 no root): boot with rasa.boot-old-root again for the old root"
+            ));
+        }
         return match (new_present, new_is_rasas) {
             (true, true) => Ok(Plan::InstallOnly),
             (true, false) => Ok(Plan::Remake),
@@ -280,10 +356,20 @@ fn inspect(top: &TopLevel, layout: &Layout) -> Result<Plan> {
             format!("make it writable (`btrfs property set <top>/{root} ro false`), or pass the right name with --root"),
         ));
     }
+    let source = match request {
+        Some(name) => Some(find_old_root(top, layout, name.as_deref())?),
+        None => None,
+    };
+    // What the new root starts from: /nix or /boot in the current root is lost with it unless
+    // the new root has them too.
     let mut lost = rules::boot_dirs_inside(root_fd.as_fd())?;
-    if let Some(blank) = &layout.blank {
-        let blank_fd = btrfs::open_dir_at(top.fd(), OsStr::new(blank))?;
-        let kept = rules::boot_dirs_inside(blank_fd.as_fd())?;
+    let start = match &source {
+        Some(name) => Some(format!("{}/{name}", layout.old_roots)),
+        None => layout.blank.clone(),
+    };
+    if let Some(start) = &start {
+        let start_fd = btrfs::open_dir_at(top.fd(), OsStr::new(start))?;
+        let kept = rules::boot_dirs_inside(start_fd.as_fd())?;
         lost.retain(|d| !kept.contains(d));
     }
     if let Some(dir) = lost.first() {
@@ -292,9 +378,46 @@ fn inspect(top: &TopLevel, layout: &Layout) -> Result<Plan> {
             format!("move /{dir} into a subvolume of its own at the top level, mounted at /{dir} (docs/guide.md), and boot once with it before enabling rollback"),
         ));
     }
-    Ok(Plan::Full {
-        discard_stale_new: new_present,
+    Ok(match source {
+        Some(source) => Plan::FromOldRoot {
+            source,
+            discard_stale_new: new_present,
+        },
+        None => Plan::Full {
+            discard_stale_new: new_present,
+        },
     })
+}
+
+/// The name of the old root to boot (the newest for `None`), or a refusal listing those there
+/// are.
+fn find_old_root(top: &TopLevel, layout: &Layout, name: Option<&str>) -> Result<String> {
+    let scan = old_roots::scan_all(top.fd(), &layout.old_roots)?;
+    if let Some(found) = old_roots::find(&scan, name) {
+        return Ok(found.name.clone());
+    }
+    let dev = layout.device.display();
+    let dir = &layout.old_roots;
+    let names: Vec<&str> = scan.roots.iter().map(|r| r.name.as_str()).collect();
+    let problem = match name {
+        Some(name) if names.is_empty() => format!(
+            "asked to boot the old root {name:?}, but {dir} on {dev} holds no old roots"
+        ),
+        Some(name) => format!(
+            "asked to boot the old root {name:?}, but there is no old root of that name in {dir} on {dev}; the old roots, oldest first: {}",
+            names.join(", ")
+        ),
+        None => format!("asked to boot the newest old root, but {dir} on {dev} holds no old roots"),
+    };
+    let fix = if names.is_empty() {
+        "there is nothing to go back to: boot normally (without rasa.boot-old-root); at boot, the current root is then used as it is, not reset".to_string()
+    } else {
+        format!(
+            "boot with rasa.boot-old-root={} (or rasa.boot-old-root alone for the newest), or pass one of those names to --from-old-root; at boot, the current root is then used as it is, not reset",
+            names.last().unwrap()
+        )
+    };
+    Err(refuse(problem, fix))
 }
 
 fn top_level_listing(top: &TopLevel) -> String {
@@ -335,41 +458,58 @@ fn execute(top: &TopLevel, layout: &Layout, plan: &Plan) -> Result<()> {
     let old_dir = btrfs::open_dir_at(top.fd(), OsStr::new(&layout.old_roots))
         .context("opening the old-roots directory")?;
 
-    if let Plan::Full { .. } | Plan::Remake = plan {
-        // A leftover new root is from a run that stopped before installing it (or, for Remake,
-        // not one rasa would install): it was never booted and holds nothing of value.
+    if let Plan::Remake = plan {
+        // The root is gone: make the fresh root under its own name first (one atomic step), and
+        // only then discard the stray. Discarding first would leave a moment with neither a root
+        // nor a root-to-be, and a crash there a machine with nothing to boot.
+        make_from_blank(top, layout, root)?;
+        failpoint::hit("created-new-root");
+        discard_stray_new(top, layout)?;
+        nix::unistd::syncfs(top.fd()).context("syncing the filesystem")?;
+        return Ok(());
+    }
+
+    if let Plan::Full { .. } | Plan::FromOldRoot { .. } = plan {
+        // A leftover new root is from a run that stopped before installing it: it was never
+        // booted and holds nothing of value.
         if matches!(
             plan,
             Plan::Full {
                 discard_stale_new: true
-            } | Plan::Remake
+            } | Plan::FromOldRoot {
+                discard_stale_new: true,
+                ..
+            }
         ) {
-            log::info(format!(
-                "discarding {new}, left by an interrupted run before it was used"
-            ));
-            let mut keep: Vec<&str> = vec![root, &layout.persist];
-            keep.extend(layout.blank.as_deref());
-            let protected = old_roots::protected_ids(top, &keep)?;
-            btrfs::delete_subvolume_tree(top.fd(), top.fd(), OsStr::new(&new), &protected, || {
-                failpoint::hit("discarded-stale-subvolume")
-            })?;
+            discard_stray_new(top, layout)?;
         }
 
         // Step 1. The new root is made under a temporary name; `root` is untouched.
-        match &layout.blank {
-            Some(blank) => {
-                let source = btrfs::open_dir_at(top.fd(), OsStr::new(blank))?;
-                btrfs::snapshot(source.as_fd(), top.fd(), OsStr::new(&new), false)?;
-                log::info(format!("created {new} as a writable snapshot of {blank}"));
+        match (plan, &layout.blank) {
+            (Plan::FromOldRoot { source, .. }, _) => {
+                // A snapshot, not a rename: the old root stays as it was, still recoverable and
+                // still counted by retention.
+                let source_fd = btrfs::open_dir_at(old_dir.as_fd(), OsStr::new(source))
+                    .with_context(|| format!("opening {}/{source}", layout.old_roots))?;
+                let info = btrfs::subvol_info(source_fd.as_fd())?;
+                let nested = btrfs::tree::child_subvolumes(top.fd(), info.id)?.len();
+                btrfs::snapshot(source_fd.as_fd(), top.fd(), OsStr::new(&new), false)?;
+                log::info(format!(
+                    "created {new} as a writable snapshot of the old root {}/{source}, which stays as it is",
+                    layout.old_roots
+                ));
+                if nested > 0 {
+                    log::warn(format!(
+                        "{}/{source} holds {nested} nested subvolume(s), which a snapshot does not include: they are empty directories in the root this boot gets, and stay in {}/{source}",
+                        layout.old_roots, layout.old_roots
+                    ));
+                }
             }
-            None => {
-                btrfs::create_subvolume(top.fd(), OsStr::new(&new))?;
-                log::info(format!("created {new} as a new empty subvolume"));
-            }
+            _ => make_from_blank(top, layout, &new)?,
         }
         failpoint::hit("created-new-root");
     }
-    if let Plan::Full { .. } = plan {
+    if let Plan::Full { .. } | Plan::FromOldRoot { .. } = plan {
         // Step 2. Retire the current root with one rename into the old-roots directory. Both
         // live in the top-level subvolume, so this is atomic; NOREPLACE guards a kept root.
         let existing = old_roots::scan_all(top.fd(), &layout.old_roots)?;
@@ -414,6 +554,40 @@ fn execute(top: &TopLevel, layout: &Layout, plan: &Plan) -> Result<()> {
     Ok(())
 }
 
+/// Make `name` at the top level from the blank (a writable snapshot), or a new empty subvolume
+/// with `--empty`.
+fn make_from_blank(top: &TopLevel, layout: &Layout, name: &str) -> Result<()> {
+    match &layout.blank {
+        Some(blank) => {
+            let source = btrfs::open_dir_at(top.fd(), OsStr::new(blank))?;
+            btrfs::snapshot(source.as_fd(), top.fd(), OsStr::new(name), false)?;
+            log::info(format!("created {name} as a writable snapshot of {blank}"));
+        }
+        None => {
+            btrfs::create_subvolume(top.fd(), OsStr::new(name))?;
+            log::info(format!("created {name} as a new empty subvolume"));
+        }
+    }
+    Ok(())
+}
+
+/// Delete a `root.rasa-new` left by an interrupted run (never booted), nested subvolumes first;
+/// never one of the subvolumes rasa keeps.
+fn discard_stray_new(top: &TopLevel, layout: &Layout) -> Result<()> {
+    let new = layout.new_root_name();
+    log::info(format!(
+        "discarding {new}, left by an interrupted run before it was used"
+    ));
+    let mut keep: Vec<&str> = vec![&layout.root, &layout.persist];
+    keep.extend(layout.blank.as_deref());
+    let protected = old_roots::protected_ids(top, &keep)?;
+    btrfs::delete_subvolume_tree(top.fd(), top.fd(), OsStr::new(&new), &protected, || {
+        failpoint::hit("discarded-stale-subvolume")
+    })?;
+    failpoint::hit("discarded-stale-new");
+    Ok(())
+}
+
 fn print_plan(top: &TopLevel, layout: &Layout, plan: &Plan) -> Result<()> {
     let new = layout.new_root_name();
     let existing = old_roots::scan_all(top.fd(), &layout.old_roots)?;
@@ -430,16 +604,64 @@ fn print_plan(top: &TopLevel, layout: &Layout, plan: &Plan) -> Result<()> {
             }
             println!("  2. move {} to {}/{stamp}", layout.root, layout.old_roots);
         }
+        Plan::FromOldRoot {
+            source,
+            discard_stale_new,
+        } => {
+            if *discard_stale_new {
+                println!("  - discard {new}, left by an interrupted run");
+            }
+            println!(
+                "  1. snapshot the old root {}/{source} (left as it is) as {new}",
+                layout.old_roots
+            );
+            println!("  2. move {} to {}/{stamp}", layout.root, layout.old_roots);
+        }
         Plan::InstallOnly => println!("  (a previous run already kept the old root)"),
         Plan::Remake => {
-            println!("  - discard {new}: the root is gone and {new} is not one rasa would install");
             match &layout.blank {
-                Some(blank) => println!("  1. snapshot {blank} (read-only blank) as {new}"),
-                None => println!("  1. create {new} as an empty subvolume"),
+                Some(blank) => println!(
+                    "  1. snapshot {blank} (read-only blank) as {} (the root is gone)",
+                    layout.root
+                ),
+                None => println!(
+                    "  1. create {} as an empty subvolume (the root is gone)",
+                    layout.root
+                ),
             }
+            println!("  2. discard {new}: not one rasa would install");
+            println!("old roots kept now: {}", existing.roots.len());
+            return Ok(());
         }
     }
     println!("  3. rename {new} to {}", layout.root);
     println!("old roots kept now: {}", existing.roots.len());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::old_root_request;
+
+    #[test]
+    fn the_kernel_parameter_asks_for_an_old_root_and_the_flag_wins() {
+        let none: Option<Option<String>> = None;
+        assert_eq!(old_root_request(&none, "quiet root=x"), None);
+        assert_eq!(
+            old_root_request(&none, "quiet rasa.boot-old-root ro"),
+            Some(None)
+        );
+        assert_eq!(old_root_request(&none, "rasa.boot-old-root="), Some(None));
+        assert_eq!(
+            old_root_request(&none, "a rasa.boot-old-root=20260101T000000Z b"),
+            Some(Some("20260101T000000Z".into()))
+        );
+        // A parameter that only starts the same is not this one.
+        assert_eq!(old_root_request(&none, "rasa.boot-old-roots"), None);
+        let flag = Some(Some("X".to_string()));
+        assert_eq!(
+            old_root_request(&flag, "rasa.boot-old-root"),
+            Some(Some("X".into()))
+        );
+    }
 }

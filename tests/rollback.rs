@@ -452,7 +452,8 @@ fn crash_after_each_rollback_step_then_rerun_completes() {
 }
 
 /// Discarding a stray read-only `root.rasa-new` with nested subvolumes is a step of its own:
-/// a crash half-way through leaves a root and a partial stray, and the rerun completes.
+/// a crash half-way through leaves a root and a partial stray, and the rerun completes (with the
+/// root gone, the fresh root is made first, so there is one then too).
 #[cfg(feature = "failpoints")]
 #[test]
 fn crash_while_discarding_a_stray_new_root_then_rerun_completes() {
@@ -487,9 +488,10 @@ fn crash_while_discarding_a_stray_new_root_then_rerun_completes() {
             "{}",
             stderr(&crashed)
         );
-        assert_eq!(
+        // With the root gone, the fresh root is made before the stray is discarded: there is
+        // a root at every point.
+        assert!(
             fs.subvolumes().contains(&"root".to_string()),
-            root_present,
             "{:?}",
             fs.subvolumes()
         );
@@ -497,8 +499,59 @@ fn crash_while_discarding_a_stray_new_root_then_rerun_completes() {
         assert!(again.status.success(), "{}", stderr(&again));
         assert!(ls(&fs.path("root")).is_empty());
         assert!(!fs.path("root.rasa-new").exists());
+        // The root that was there is kept: the populated one, or the fresh one the crashed
+        // run made (never booted, empty).
         let kept = old_roots(&fs);
-        assert_eq!(kept.len(), usize::from(root_present), "{kept:?}");
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert_eq!(
+            fs.path(&format!("old_roots/{}/test_flag", kept[0]))
+                .exists(),
+            root_present
+        );
+    }
+}
+
+/// A crash right after a stray `root.rasa-new` is discarded, before the new one is made: with
+/// the root present the rerun starts over; with the root gone (a `Remake`) there must still be
+/// a root on disk, or the next boot has nothing to mount and rasa nothing to finish.
+#[cfg(feature = "failpoints")]
+#[test]
+fn crash_right_after_discarding_a_stray_new_root_leaves_a_root() {
+    for root_present in [true, false] {
+        let Some(fs) = LoopBtrfs::new("crash_after_discarding_stray", 256) else {
+            return;
+        };
+        fs.standard_layout();
+        if root_present {
+            populate_root(&fs);
+        } else {
+            sh(&format!(
+                "btrfs -q subvolume delete '{}'",
+                fs.path("root").display()
+            ));
+        }
+        fs.subvolume("root.rasa-new");
+        fs.subvolume("root.rasa-new/a");
+        sh(&format!(
+            "btrfs property set '{}' ro true",
+            fs.path("root.rasa-new").display()
+        ));
+        let step = "discarded-stale-new";
+        let crashed = fs.rasa_env(&["rollback"], &[("RASA_FAILPOINT", step)]);
+        assert!(
+            stderr(&crashed).contains(&format!("RASA-FAILPOINT-REACHED {step}")),
+            "{}",
+            stderr(&crashed)
+        );
+        assert!(
+            fs.subvolumes().contains(&"root".to_string()),
+            "root present before: {root_present}: the crash left no root: {:?}",
+            fs.subvolumes()
+        );
+        let again = fs.rasa(&["rollback"]);
+        assert!(again.status.success(), "{}", stderr(&again));
+        assert!(ls(&fs.path("root")).is_empty());
+        assert!(!fs.path("root.rasa-new").exists());
     }
 }
 
@@ -1118,4 +1171,226 @@ fn a_closed_stdout_is_not_a_crash() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         assert_eq!(out.status.code(), Some(141), "{args:?}: {err}");
     }
+}
+
+// ---- booting an old root once ------------------------------------------------------------
+
+/// A layout where one boot happened: `old_roots/<A>` is the root that held the flag (with its
+/// nested subvolumes), and the live root, booted since, holds `today`. Returns A's name.
+fn one_boot_later(fs: &LoopBtrfs) -> String {
+    fs.standard_layout();
+    populate_root(fs);
+    populate_persist(fs);
+    let out = fs.rasa(&["rollback"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    sh(&format!(
+        "echo today > '{}'",
+        fs.path("root/today").display()
+    ));
+    let kept = old_roots(fs);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    kept[0].clone()
+}
+
+/// What an old root is and holds (its subvolume UUID, every entry, every file's content), to
+/// show that booting from it left it as it was. Directories without their times: the empty
+/// directory a snapshot shows in place of a nested subvolume gets a new time each time it is read.
+fn old_root_fingerprint(fs: &LoopBtrfs, name: &str) -> String {
+    sh(&format!(
+        "btrfs subvolume show '{0}' | grep -m1 -w UUID: && cd '{0}' && find . -type d -printf '%p %y %m\\n' | sort \
+         && find . ! -type d -printf '%p %y %m %s %T@\\n' | sort && find . -type f -print0 | sort -z | xargs -0 sha256sum",
+        fs.path(&format!("old_roots/{name}")).display()
+    ))
+}
+
+#[test]
+fn booting_an_old_root_puts_a_snapshot_in_place_and_keeps_both_roots() {
+    let Some(fs) = LoopBtrfs::new("booting_an_old_root", 512) else {
+        return;
+    };
+    let yesterday = one_boot_later(&fs);
+    let yesterday_before = old_root_fingerprint(&fs, &yesterday);
+    let persist_before = persist_fingerprint(&fs);
+
+    let out = fs.rasa(&["rollback", "--from-old-root", &yesterday]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    expect![[r#"
+        rasa: mounted the top level of <DEVICE> privately
+        rasa: created root.rasa-new as a writable snapshot of the old root old_roots/<STAMP>, which stays as it is
+        rasa: warning: old_roots/<STAMP> holds 1 nested subvolume(s), which a snapshot does not include: they are empty directories in the root this boot gets, and stay in old_roots/<STAMP>
+        rasa: kept the previous root as old_roots/<STAMP>
+        rasa: installed the new root
+        rasa: new root in place in <N> ms"#]]
+    .assert_eq(&redact(&stderr(&out), &fs));
+
+    // The root is yesterday's system, writable, and a copy: writing to it leaves the old root be.
+    assert_eq!(
+        std::fs::read_to_string(fs.path("root/test_flag")).unwrap(),
+        "flag\n"
+    );
+    assert!(!fs.path("root/today").exists());
+    std::fs::write(fs.path("root/test_flag"), "changed").expect("the root is writable");
+    assert_eq!(old_root_fingerprint(&fs, &yesterday), yesterday_before);
+    // Today's root is kept under a new name, and the old root used is still listed.
+    let kept = old_roots(&fs);
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    let today: Vec<&String> = kept
+        .iter()
+        .filter(|n| fs.path(&format!("old_roots/{n}/today")).exists())
+        .collect();
+    assert_eq!(today.len(), 1, "{kept:?}");
+    assert_ne!(today[0], &yesterday);
+    let listed = fs.rasa(&["old-roots", "list", "--json"]);
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    assert!(stdout(&listed).contains(&yesterday), "{}", stdout(&listed));
+    assert_eq!(persist_fingerprint(&fs), persist_before);
+
+    // Without a name, the newest old root: the root just retired (today's).
+    let out = fs.rasa(&["rollback", "--from-old-root"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(fs.path("root/today").exists());
+    assert_eq!(old_roots(&fs).len(), 3);
+    // And the next normal boot resets again.
+    let out = fs.rasa(&["rollback"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(ls(&fs.path("root")).is_empty());
+    assert_eq!(old_root_fingerprint(&fs, &yesterday), yesterday_before);
+}
+
+#[test]
+fn booting_an_old_root_dry_run_prints_the_plan_and_changes_nothing() {
+    let Some(fs) = LoopBtrfs::new("booting_an_old_root_dry_run", 256) else {
+        return;
+    };
+    one_boot_later(&fs);
+    let before = top_state(&fs);
+    let out = fs.rasa(&["rollback", "--from-old-root", "--dry-run"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    expect![[r#"
+        dry run: nothing will be changed. rasa rollback would:
+          1. snapshot the old root old_roots/<STAMP> (left as it is) as root.rasa-new
+          2. move root to old_roots/<STAMP>
+          3. rename root.rasa-new to root
+        old roots kept now: 1"#]]
+    .assert_eq(&redact(stdout(&out).trim_end(), &fs));
+    assert_eq!(top_state(&fs), before);
+}
+
+#[test]
+fn booting_an_unknown_old_root_is_refused_with_the_names_and_changes_nothing() {
+    let Some(fs) = LoopBtrfs::new("booting_an_unknown_old_root", 256) else {
+        return;
+    };
+    fs.standard_layout();
+    expect![[r#"
+        rasa: mounted the top level of <DEVICE> privately
+        rasa: error: asked to boot the newest old root, but old_roots on <DEVICE> holds no old roots
+        rasa:          fix: there is nothing to go back to: boot normally (without rasa.boot-old-root); at boot, the current root is then used as it is, not reset
+        rasa:          nothing was changed"#]]
+    .assert_eq(&refusal(&fs, &["rollback", "--from-old-root"]));
+    one_boot_later_again(&fs);
+    expect![[r#"
+        rasa: mounted the top level of <DEVICE> privately
+        rasa: error: asked to boot the old root "<STAMP>", but there is no old root of that name in old_roots on <DEVICE>; the old roots, oldest first: <STAMP>
+        rasa:          fix: boot with rasa.boot-old-root=<STAMP> (or rasa.boot-old-root alone for the newest), or pass one of those names to --from-old-root; at boot, the current root is then used as it is, not reset
+        rasa:          nothing was changed"#]]
+    .assert_eq(&refusal(&fs, &["rollback", "--from-old-root", "20990101T000000Z"]));
+    // Not a path: a name rasa never made is never looked up outside the old-roots directory.
+    expect![[r#"
+        rasa: mounted the top level of <DEVICE> privately
+        rasa: error: asked to boot the old root "../root-blank", but there is no old root of that name in old_roots on <DEVICE>; the old roots, oldest first: <STAMP>
+        rasa:          fix: boot with rasa.boot-old-root=<STAMP> (or rasa.boot-old-root alone for the newest), or pass one of those names to --from-old-root; at boot, the current root is then used as it is, not reset
+        rasa:          nothing was changed"#]]
+    .assert_eq(&refusal(&fs, &["rollback", "--from-old-root", "../root-blank"]));
+}
+
+/// `one_boot_later` on a layout that already exists.
+fn one_boot_later_again(fs: &LoopBtrfs) {
+    populate_root(fs);
+    let out = fs.rasa(&["rollback"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// Crash booting an old root right after `step`, then run again in `rerun`'s mode: at every
+/// point the next run leaves a root, no stray, today's root kept exactly once, the old root used
+/// as it was, and /persist untouched.
+#[cfg(feature = "failpoints")]
+#[test]
+fn crash_after_each_step_of_booting_an_old_root_then_either_mode_completes() {
+    for step in ["created-new-root", "moved-old-root", "installed-new-root"] {
+        for rerun_from_old_root in [false, true] {
+            let Some(fs) = LoopBtrfs::new(&format!("crash_old_root_at_{step}"), 512) else {
+                return;
+            };
+            let yesterday = one_boot_later(&fs);
+            let yesterday_before = old_root_fingerprint(&fs, &yesterday);
+            let persist_before = persist_fingerprint(&fs);
+            let boot_old = ["rollback", "--from-old-root", yesterday.as_str()];
+
+            let crashed = fs.rasa_env(&boot_old, &[("RASA_FAILPOINT", step)]);
+            assert!(
+                stderr(&crashed).contains(&format!("RASA-FAILPOINT-REACHED {step}")),
+                "{}",
+                stderr(&crashed)
+            );
+            assert!(!crashed.status.success());
+            let again = if rerun_from_old_root {
+                fs.rasa(&boot_old)
+            } else {
+                fs.rasa(&["rollback"])
+            };
+            let what = format!("{step}, rerun from old root: {rerun_from_old_root}");
+            assert!(again.status.success(), "{what}: {}", stderr(&again));
+            assert!(fs.subvolumes().contains(&"root".to_string()), "{what}");
+            assert!(!fs.path("root.rasa-new").exists(), "{what}: a stray");
+            assert_eq!(
+                old_root_fingerprint(&fs, &yesterday),
+                yesterday_before,
+                "{what}: the old root used changed"
+            );
+            assert_eq!(persist_fingerprint(&fs), persist_before, "{what}");
+            let with_today: Vec<String> = old_roots(&fs)
+                .into_iter()
+                .filter(|n| fs.path(&format!("old_roots/{n}/today")).exists())
+                .collect();
+            assert_eq!(with_today.len(), 1, "{what}: {:?}", old_roots(&fs));
+            assert!(!fs.path("root/today").exists(), "{what}");
+            // The root: the copy of the old root, unless a normal run started over (the snapshot
+            // was discarded before the root was retired) or reset after the done boot.
+            let expect_blank = !rerun_from_old_root && step != "moved-old-root";
+            if expect_blank {
+                assert!(ls(&fs.path("root")).is_empty(), "{what}");
+            } else {
+                assert_eq!(
+                    std::fs::read_to_string(fs.path("root/test_flag")).unwrap(),
+                    "flag\n",
+                    "{what}"
+                );
+            }
+        }
+    }
+}
+
+/// Asked to boot an old root after a normal run stopped with the root retired and the blank
+/// waiting: rasa finishes that run (discarding the only root-to-be would leave a moment with no
+/// root), says so, and leaves no stray.
+#[cfg(feature = "failpoints")]
+#[test]
+fn booting_an_old_root_after_an_interrupted_reset_finishes_the_reset_and_says_so() {
+    let Some(fs) = LoopBtrfs::new("old_root_after_interrupted_reset", 512) else {
+        return;
+    };
+    let yesterday = one_boot_later(&fs);
+    let crashed = fs.rasa_env(&["rollback"], &[("RASA_FAILPOINT", "moved-old-root")]);
+    assert!(!crashed.status.success(), "{}", stderr(&crashed));
+    let out = fs.rasa(&["rollback", "--from-old-root", &yesterday]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("boot with rasa.boot-old-root again"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(ls(&fs.path("root")).is_empty());
+    assert!(!fs.path("root.rasa-new").exists());
+    assert_eq!(old_roots(&fs).len(), 2);
 }

@@ -341,6 +341,27 @@ in
       { paths = [ "/var/lib" "/var/db/sudo" "/etc/ssh/ssh_host_ed25519_key" ]; twice = [ ]; failed = [ ]; hostKeys = [ ]; }
   )
 
+  (
+    let
+      # Whether the entry is there, and whether its configuration carries the kernel parameter
+      # (under a full NixOS evaluation the parent's parameters are there too; the stubs hold the
+      # definition as written).
+      entryOf = config:
+        let s = config.specialisation; in
+        if s ? rasa-previous-root
+        then lib.elem "rasa.boot-old-root" (s.rasa-previous-root.configuration.boot.kernelParams or [ ])
+        else null;
+      withRasa = extra: encrypted // { rasa = encrypted.rasa // extra; };
+    in
+    expect "boot-menu entry: a specialisation adding rasa.boot-old-root, on by default, none when disabled or without rasa"
+      {
+        default = entryOf (eval [ encrypted ]);
+        disabled = entryOf (eval [ (withRasa { bootMenuEntry.enable = false; }) ]);
+        withoutRasa = entryOf (eval [ (withRasa { enable = false; }) ]);
+      }
+      { default = true; disabled = null; withoutRasa = null; }
+  )
+
   (expect "a good configuration fails no assertion (rasa's or impermanence's)"
     (lib.filter (m: lib.hasPrefix "rasa:" m || lib.hasInfix "environment.persistence" m) (failed (eval [ encrypted ])))
     [ ])

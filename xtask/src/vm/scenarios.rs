@@ -15,6 +15,7 @@ pub const ALL: &[&str] = &[
     "retention",
     "power-cut",
     "hibernation",
+    "boot-old-root",
 ];
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -34,6 +35,7 @@ pub fn run(a: &Artefacts, name: &str) -> Result<Report> {
         "retention" => retention(a),
         "power-cut" => power_cut(a),
         "hibernation" => hibernation(a),
+        "boot-old-root" => boot_old_root(a),
         _ => bail!("unknown scenario {name:?}"),
     }?;
     report.took = report.started.elapsed();
@@ -855,6 +857,98 @@ fn hibernation(a: &Artefacts) -> Result<Report> {
         "FLAG",
         "ABSENT",
         "with noresume, /test_flag is gone",
+    );
+    Ok(r)
+}
+
+/// The boot-menu entry's kernel parameter: after a normal boot wiped boot 1's root, a boot with
+/// `rasa.boot-old-root` gets a writable snapshot of it back (its /test_flag), the old root used
+/// stays under old_roots, boot 2's root is kept too, and the next normal boot resets again.
+fn boot_old_root(a: &Artefacts) -> Result<Report> {
+    let mut r = Report::new("boot-old-root");
+    let disk = scenario_disk(a, "boot-old-root")?;
+    let wiped = simple_boot(a, "boot-old-root-2", Initrd::Rollback, &disk, "")?;
+    r.completed(&wiped);
+    r.vm_is(
+        &wiped,
+        "FLAG",
+        "ABSENT",
+        "boot 2 (normal): /test_flag is gone",
+    );
+    let boot1_root = |t: &Transcript| -> Vec<String> {
+        t.vm_all("OLD_ROOT before-prune")
+            .into_iter()
+            .filter(|k| k.ends_with("flag=written in boot 1"))
+            .filter_map(|k| k.split_whitespace().next().map(str::to_owned))
+            .collect()
+    };
+    let used = boot1_root(&wiped);
+    r.check(
+        used.len() == 1,
+        "boot 2: boot 1's root is the newest old root",
+        wiped
+            .vm_all("OLD_ROOT before-prune")
+            .iter()
+            .map(|k| format!("{}: OLD_ROOT before-prune {k}", wiped.label))
+            .collect(),
+    );
+
+    let back = simple_boot(
+        a,
+        "boot-old-root-3",
+        Initrd::Rollback,
+        &disk,
+        "rasa.boot-old-root",
+    )?;
+    r.completed(&back);
+    r.line(
+        &back,
+        "as a writable snapshot of the old root old_roots/",
+        "boot 3 (rasa.boot-old-root): rasa put a snapshot of the newest old root in place",
+    );
+    r.vm_is(
+        &back,
+        "FLAG",
+        "EXISTS written in boot 1",
+        "boot 3: boot 1's /test_flag is back",
+    );
+    let still = boot1_root(&back);
+    r.check(
+        !used.is_empty() && still == used,
+        "boot 3: the old root used is still listed under old_roots, as it was",
+        back.vm_all("OLD_ROOT before-prune")
+            .iter()
+            .map(|k| format!("{}: OLD_ROOT before-prune {k}", back.label))
+            .collect(),
+    );
+    r.check(
+        back.vm_all("OLD_ROOT before-prune")
+            .iter()
+            .any(|k| k.ends_with("flag=written in boot 2")),
+        "boot 3: boot 2's root is kept as an old root",
+        vec![format!(
+            "{}: OLD_ROOTS before-prune {}",
+            back.label,
+            back.vm("OLD_ROOTS before-prune").unwrap_or_default()
+        )],
+    );
+
+    let again = simple_boot(a, "boot-old-root-4", Initrd::Rollback, &disk, "")?;
+    r.completed(&again);
+    r.line(
+        &again,
+        "created root.rasa-new as a writable snapshot of root-blank",
+        "boot 4 (normal): the reset starts from the blank again",
+    );
+    r.vm_is(&again, "FLAG", "ABSENT", "boot 4: /test_flag is gone again");
+    r.check(
+        !used.is_empty() && boot1_root(&again) == used,
+        "boot 4: boot 1's root is still kept",
+        again
+            .vm_all("OLD_ROOT before-prune")
+            .iter()
+            .map(|k| format!("{}: OLD_ROOT before-prune {k}", again.label))
+            .collect(),
     );
     Ok(r)
 }
