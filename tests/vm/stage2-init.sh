@@ -43,6 +43,28 @@ old_roots() {
   umount /run/top
 }
 
+# `rasa watch` at work (the watch scenario, rasa_vm.watch=1): a writer in a cgroup named like a
+# systemd unit writes state on the root; the record must name that unit. This init is no
+# systemd, so the cgroup is made by hand, as systemd would for vm-writer.service.
+if [ "$(cmdline_arg rasa_vm.watch 0)" = 1 ]; then
+  [ -e /sys/fs/cgroup/cgroup.procs ] || mount -t cgroup2 none /sys/fs/cgroup
+  mkdir -p /run/rasa /sys/fs/cgroup/system.slice/vm-writer.service
+  rasa watch --root / --record /run/rasa/watch.jsonl --flush-interval 1 &
+  watcher=$!
+  # The first write of the record means the mark is in place.
+  for _ in $(seq 1 120); do [ -s /run/rasa/watch.jsonl ] && break; sleep 0.5; done
+  # The shell itself writes the file (echo is a builtin), and stays alive while rasa looks up
+  # who wrote it.
+  sh -c 'echo $$ > /sys/fs/cgroup/system.slice/vm-writer.service/cgroup.procs
+         mkdir -p /var/lib/vm-writer
+         echo "written by vm-writer.service" > /var/lib/vm-writer/state
+         sleep 3'
+  kill -TERM "$watcher"; wait "$watcher"
+  say "WATCH_EXIT $?"
+  say "WATCH_STATE $(grep -F '"/var/lib/vm-writer/state"' /run/rasa/watch.jsonl | head -n 1)"
+  say "WATCH_DIFF $(rasa diff --long --watch-record /run/rasa/watch.jsonl 2>/dev/null | grep -F /var/lib/vm-writer/state | head -n 1)"
+fi
+
 say "LS_ROOT start $(listing /)"
 say "LS_PERSIST start $(listing /persist)"
 if [ -e /test_flag ]; then say "FLAG EXISTS $(cat /test_flag)"; else say "FLAG ABSENT"; fi

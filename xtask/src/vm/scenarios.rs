@@ -16,6 +16,7 @@ pub const ALL: &[&str] = &[
     "power-cut",
     "hibernation",
     "boot-old-root",
+    "watch",
 ];
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -35,6 +36,7 @@ pub fn run(a: &Artefacts, name: &str) -> Result<Report> {
         "retention" => retention(a),
         "power-cut" => power_cut(a),
         "hibernation" => hibernation(a),
+        "watch" => watch(a),
         "boot-old-root" => boot_old_root(a),
         _ => bail!("unknown scenario {name:?}"),
     }?;
@@ -949,6 +951,35 @@ fn boot_old_root(a: &Artefacts) -> Result<Report> {
             .iter()
             .map(|k| format!("{}: OLD_ROOT before-prune {k}", again.label))
             .collect(),
+    );
+    Ok(r)
+}
+
+/// `rasa watch` at boot: a writer in a cgroup named like a systemd unit (stage 2 is not systemd,
+/// so the cgroup is made by hand, as systemd makes one per unit) writes state on the root; the
+/// record names that unit for the path, and `rasa diff --long` shows it beside the path.
+fn watch(a: &Artefacts) -> Result<Report> {
+    let mut r = Report::new("watch");
+    let disk = scenario_disk(a, "watch")?;
+    let b = simple_boot(a, "watch", Initrd::Rollback, &disk, "rasa_vm.watch=1")?;
+    r.completed(&b);
+    r.vm_is(
+        &b,
+        "WATCH_EXIT",
+        "0",
+        "rasa watch wrote its record and stopped cleanly on SIGTERM",
+    );
+    let state = b.vm("WATCH_STATE").unwrap_or_default();
+    r.check(
+        state.contains("\"vm-writer.service\""),
+        "the record names vm-writer.service as the writer of /var/lib/vm-writer/state",
+        vec![format!("{}: RASA-VM: WATCH_STATE {state}", b.label)],
+    );
+    let diff = b.vm("WATCH_DIFF").unwrap_or_default();
+    r.check(
+        diff.contains("vm-writer.service"),
+        "rasa diff --long shows the unit beside the path",
+        vec![format!("{}: RASA-VM: WATCH_DIFF {diff}", b.label)],
     );
     Ok(r)
 }
