@@ -420,16 +420,7 @@ fn migrate_apply(m: &Machine) -> Output {
 }
 
 fn with_entries(m: &Machine, entries: &str) {
-    std::fs::write(
-        &m.manifest,
-        format!(
-            r#"{{"version": 1,
-  "rollback": {{"device": "/dev/null", "root": "root", "blank": "root-blank",
-    "oldRoots": "old_roots", "persist": "persist", "keep": 5, "keepDays": 7}},
-  "entries": [{entries}]}}"#
-        ),
-    )
-    .unwrap();
+    std::fs::write(&m.manifest, common::manifest_text(entries)).unwrap();
 }
 
 /// A symlinked parent (/home/alice -> /data/alice) is a failure with the fix, not an entry

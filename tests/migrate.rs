@@ -56,17 +56,7 @@ impl Fixture {
 
     fn manifest(&self, entries: &str) -> PathBuf {
         let path = self.fs.dir.path().join("manifest.json");
-        std::fs::write(
-            &path,
-            format!(
-                r#"{{"version": 1,
-  "rollback": {{"device": "/dev/null", "root": "root", "blank": "root-blank",
-    "oldRoots": "old_roots", "persist": "persist", "keep": 5, "keepDays": 7}},
-  "entries": [{entries}],
-  "diffIgnore": []}}"#
-            ),
-        )
-        .unwrap();
+        std::fs::write(&path, common::manifest_text(entries)).unwrap();
         path
     }
 

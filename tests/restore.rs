@@ -40,17 +40,7 @@ impl Fx {
     }
 
     fn write_manifest(&self, entries: &str) {
-        std::fs::write(
-            &self.manifest,
-            format!(
-                r#"{{"version": 1,
-  "rollback": {{"device": "/dev/null", "root": "root", "blank": "root-blank",
-    "oldRoots": "old_roots", "persist": "persist", "keep": 5, "keepDays": 7}},
-  "entries": [{entries}],
-  "diffIgnore": []}}"#
-            ),
-        )
-        .unwrap();
+        std::fs::write(&self.manifest, common::manifest_text(entries)).unwrap();
     }
 
     fn live(&self) -> PathBuf {

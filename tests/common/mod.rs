@@ -197,6 +197,19 @@ pub fn quoted(p: &Path) -> String {
 /// A live root at `<top>/root` for `rasa migrate`, with the storage root `/persist` as a nested
 /// subvolume (same filesystem: reflinks) or, with `cross_fs`, an ext4 filesystem mounted there
 /// (byte copies).
+/// The text of a manifest of the standard test layout (root, root-blank, old_roots, persist)
+/// with these entries (JSON objects, comma-separated).
+#[allow(dead_code)] // not every test binary writes manifests
+pub fn manifest_text(entries: &str) -> String {
+    format!(
+        r#"{{"version": 1,
+  "rollback": {{"device": "/dev/null", "root": "root", "blank": "root-blank",
+    "oldRoots": "old_roots", "persist": "persist", "keep": 5, "keepDays": 7}},
+  "entries": [{entries}],
+  "diffIgnore": []}}"#
+    )
+}
+
 pub struct LiveRoot {
     pub fs: LoopBtrfs,
     pub live: PathBuf,
@@ -230,17 +243,7 @@ impl LiveRoot {
     /// A manifest with these entries (JSON objects, comma-separated).
     pub fn manifest(&self, entries: &str) -> PathBuf {
         let path = self.fs.dir.path().join("manifest.json");
-        std::fs::write(
-            &path,
-            format!(
-                r#"{{"version": 1,
-  "rollback": {{"device": "/dev/null", "root": "root", "blank": "root-blank",
-    "oldRoots": "old_roots", "persist": "persist", "keep": 5, "keepDays": 7}},
-  "entries": [{entries}],
-  "diffIgnore": []}}"#
-            ),
-        )
-        .unwrap();
+        std::fs::write(&path, manifest_text(entries)).unwrap();
         path
     }
 
