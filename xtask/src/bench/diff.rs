@@ -12,6 +12,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+use super::sh;
 use crate::deps;
 
 /// Seed 004's script, adapted only in its paths (and without `sudo`: the benchmark runs as
@@ -39,17 +40,6 @@ while read path; do
   fi
 done
 "#;
-
-fn sh(cmd: &str) -> Result<String> {
-    let out = Command::new("sh").arg("-c").arg(cmd).output()?;
-    if !out.status.success() {
-        bail!(
-            "`{cmd}` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
 
 struct Fixture {
     dir: PathBuf,

@@ -19,23 +19,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use super::sh;
+
 use crate::project_root;
 
 const FILES: u64 = 20_000;
 const TOTAL_BYTES: u64 = 1_300_000_000;
 const MARKER: &str = ".bench-data-complete";
-
-fn sh(cmd: &str) -> Result<String> {
-    let out = Command::new("sh").arg("-c").arg(cmd).output()?;
-    if !out.status.success() {
-        bail!(
-            "`{cmd}` failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// A loop device attached to an image, detached (and its mounts undone) on drop.
 struct Loop {

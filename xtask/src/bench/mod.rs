@@ -6,7 +6,7 @@ mod migrate;
 mod rollback;
 mod watch;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 pub fn run(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
@@ -17,4 +17,22 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("diff-fuzz") => diff::fuzz(&args[1..]),
         _ => bail!("usage: cargo xtask bench <rollback|migrate|diff|diff-fuzz|watch>"),
     }
+}
+
+/// Run a bash command line for a benchmark's setup or measurement; its stdout, trimmed, or an
+/// error with both streams.
+pub(crate) fn sh(cmd: &str) -> Result<String> {
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "`{cmd}` failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }

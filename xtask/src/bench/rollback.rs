@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+use super::sh;
 use crate::deps;
 
 const SUBVOLUMES: usize = 2000;
@@ -81,18 +82,6 @@ impl Drop for Fs {
         let _ = sh(&format!("losetup -d {}", self.device));
         let _ = std::fs::remove_file(self.dir.join("bench.img"));
     }
-}
-
-fn sh(cmd: &str) -> Result<String> {
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg(cmd)
-        .output()
-        .with_context(|| format!("running {cmd}"))?;
-    if !out.status.success() {
-        bail!("`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Run a command to completion, failing with its stderr; return its wall time and stderr.
