@@ -38,10 +38,15 @@ use crate::toplevel::{self, TopLevel};
 #[derive(clap::Args, Debug)]
 #[command(after_help = "\
 Examples:
-  rasa restore /etc/nixos/configuration.nix          # dry run: from where, how big, what it replaces
-  rasa restore /etc/nixos/configuration.nix --apply  # copy it back from the newest old root holding it
+  # Dry run: which old root, how big, what it would replace:
+  rasa restore /etc/nixos/configuration.nix
+  # Copy it back from the newest old root that holds it:
+  rasa restore /etc/nixos/configuration.nix --apply
+  # From a given old root:
   rasa restore /home/alice/notes --from 20261122T193000Z --apply
-  rasa restore /var/lib/foo --persist --apply        # straight into /persist; prints the line to add
+  # Straight into /persist, printing the rasa.directories line to add:
+  rasa restore /var/lib/foo --persist --apply
+  # Keep what is there now as a backup beside it:
   rasa restore /etc/foo --apply --on-conflict replace-with-backup
 
 A path the manifest persists is served from storage and never restored from an old root.
