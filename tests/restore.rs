@@ -580,6 +580,20 @@ fn old_roots_show_lists_what_that_boot_created() {
     let text = stdout(&out);
     assert!(text.contains("/etc/foo"), "{text}");
     assert!(!text.contains("/etc/other"), "{text}");
+    // The summary speaks of a past boot, not of the next one.
+    let out = fx.fs.rasa(&[
+        "old-roots",
+        "show",
+        N2,
+        "--manifest",
+        fx.manifest.to_str().unwrap(),
+    ]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("were not persisted: the boot after it erased them"),
+        "{text}"
+    );
+    assert!(!text.contains("will be erased by the next boot"), "{text}");
     let out = fx.fs.rasa(&["old-roots", "show", "20991231T000000Z"]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
 }

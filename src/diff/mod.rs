@@ -299,6 +299,14 @@ pub struct Source {
     pub storage_root: String,
 }
 
+impl Source {
+    /// The tree is an old root (`<old-roots>/<name>`): subvolume names are plain, and a live
+    /// root is given as an absolute path, so only an old root is a relative path.
+    pub fn is_old_root(&self) -> bool {
+        self.tree.contains('/') && !self.tree.starts_with('/')
+    }
+}
+
 pub struct Outcome {
     pub source: Source,
     pub found: FoundList,

@@ -46,8 +46,13 @@ fn headline(outcome: &Outcome) -> String {
         Some(blank) => format!("compared with {blank}"),
         None => "no blank to compare with".to_owned(),
     };
+    let fate = if outcome.source.is_old_root() {
+        "were not persisted: the boot after it erased them (they are still here)"
+    } else {
+        "will be erased by the next boot"
+    };
     format!(
-        "{} path{} ({}) on {} will be erased by the next boot [engine: {}, {compared}]",
+        "{} path{} ({}) on {} {fate} [engine: {}, {compared}]",
         outcome.found.len(),
         if outcome.found.len() == 1 { "" } else { "s" },
         human_size(total),
