@@ -1468,11 +1468,24 @@ fn rollback_records_its_outcome_for_every_result_and_never_follows_a_symlink() {
         "no temporary left behind"
     );
 
+    // A failure part-way (the top level immutable, so the new root cannot be made) is recorded
+    // as "failed", with the error; the exit code is still 1.
+    sh(&format!("chattr +i '{}'", fs.top.display()));
+    let out = fs.rasa(&["rollback", "--record-file", record_arg]);
+    sh(&format!("chattr -i '{}'", fs.top.display()));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let json = read_record(&record);
+    assert_eq!(json["result"], "failed", "{json}");
+    assert!(
+        json["message"].as_str().unwrap().contains("root.rasa-new"),
+        "{json}"
+    );
+
     // A dry run changes nothing and records nothing: the record still says what the last real
     // run did.
     let out = fs.rasa(&["rollback", "--dry-run", "--record-file", record_arg]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(read_record(&record)["result"], "refused");
+    assert_eq!(read_record(&record)["result"], "failed");
 
     // A record that cannot be written is a warning, never a failed rollback.
     let blocked = fs.dir.path().join("not-a-dir");
