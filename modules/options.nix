@@ -158,13 +158,14 @@ in
       };
       file = mkOption {
         type = types.strMatching "/.+/[^/]+\\.prom";
-        default = "/run/rasa/textfile/rasa.prom";
+        default = "/run/rasa-metrics/rasa.prom";
         example = "/var/lib/prometheus-node-exporter-text-files/rasa.prom";
         description = ''
           The metrics file, replaced atomically at each run. The collector reads only names
           ending in `.prom`. Its directory is created (0755, root) by systemd-tmpfiles when
           missing, and left as it is when it exists; pass it to node_exporter as
-          `--collector.textfile.directory`.
+          `--collector.textfile.directory`. Not under /run/rasa, which rasa keeps 0700 (the
+          watch record is there), so node_exporter, running as its own user, could not read it.
         '';
       };
       interval = mkOption {

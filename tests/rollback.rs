@@ -669,6 +669,7 @@ fn refuses_missing_and_non_btrfs_devices() {
             .args(["rollback", "--device", device])
             .env("NO_COLOR", "1")
             .env_remove("JOURNAL_STREAM")
+            .env("RASA_ROLLBACK_RECORD", fs.record_file())
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
@@ -777,6 +778,7 @@ fn concurrent_rollbacks_take_turns_and_always_leave_a_root() {
             .arg(&fs.device)
             .env("NO_COLOR", "1")
             .env_remove("JOURNAL_STREAM")
+            .env("RASA_ROLLBACK_RECORD", fs.record_file())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -1164,6 +1166,7 @@ fn a_closed_stdout_is_not_a_crash() {
             .arg("--device")
             .arg(&fs.device)
             .env("NO_COLOR", "1")
+            .env("RASA_ROLLBACK_RECORD", fs.record_file())
             .stdout(writer)
             .output()
             .unwrap();
@@ -1431,11 +1434,14 @@ fn rollback_records_its_outcome_for_every_result_and_never_follows_a_symlink() {
         json["message"].as_str().unwrap().contains(&kept[0]),
         "{json}"
     );
-    let md = std::fs::symlink_metadata(&record).unwrap();
-    assert_eq!(
-        std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o777,
-        0o644
-    );
+    let mode = |path: &std::path::Path| {
+        std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::symlink_metadata(path).unwrap().permissions(),
+        ) & 0o777
+    };
+    assert_eq!(mode(&record), 0o644);
+    // The directory it made is root's only, as `rasa watch` makes /run/rasa.
+    assert_eq!(mode(record.parent().unwrap()), 0o700);
 
     // A refusal (no such blank) is recorded too, with its message; the exit code is unchanged.
     // What stands at the record's name is a symlink to a file elsewhere: it is replaced, and

@@ -78,9 +78,11 @@ impl Record {
         }
     }
 
-    /// Replace `path` with this record (0644, its directory created 0755 if missing).
+    /// Replace `path` with this record (0644; its directory, when missing, created 0700 as
+    /// `rasa watch` creates /run/rasa, so that whichever comes first the directory is never
+    /// wider than the watcher's record needs).
     pub fn write(&self, path: &Path) -> Result<()> {
-        crate::watch::record::write_atomically_as(path, 0o644, Some(0o755), |out| {
+        crate::watch::record::write_atomically_as(path, 0o644, Some(0o700), |out| {
             serde_json::to_writer(&mut *out, self).map_err(std::io::Error::from)?;
             out.write_all(b"\n")
         })

@@ -756,14 +756,14 @@ in
       {
         service = {
           Type = "oneshot";
-          argv = [ exe "diff" ] ++ layout ++ [ "--prometheus" "/run/rasa/textfile/rasa.prom" ];
+          argv = [ exe "diff" ] ++ layout ++ [ "--prometheus" "/run/rasa-metrics/rasa.prom" ];
         };
         timer = {
           wantedBy = [ "timers.target" ];
           OnCalendar = "*:0/15";
           OnBootSec = "3min";
         };
-        tmpfiles = [ "d /run/rasa/textfile - - - -" ];
+        tmpfiles = [ "d /run/rasa-metrics - - - -" ];
         custom = {
           argv = [ "--persist" "persist" "--prometheus" "/var/lib/node-exporter/text/rasa.prom" ];
           OnCalendar = "hourly";
