@@ -1983,6 +1983,23 @@ fn prometheus_file_is_valid_and_replaced_atomically() {
         .unwrap();
     assert_eq!(present.2, 0.0);
 
+    // A record that is not one: a warning, and the rollback metrics left out; the rest written.
+    std::fs::write(fs.record_file(), "{not json").unwrap();
+    let (_, err) = diff(&fs, &manifest, &["--prometheus", prom.to_str().unwrap()]);
+    assert!(
+        err.contains("leaving out the last rollback's metrics"),
+        "{err}"
+    );
+    let text = std::fs::read_to_string(&prom).unwrap();
+    let unreadable = parse_exposition(&text);
+    assert!(
+        !unreadable
+            .iter()
+            .any(|(m, _, _)| m.starts_with("rasa_last_rollback")),
+        "{text}"
+    );
+    assert!(unreadable.iter().any(|(m, _, _)| m == "rasa_old_roots"));
+
     // A file in a directory that is not there: refused before anything is done.
     let missing = fs.dir.path().join("no-such-dir/rasa.prom");
     let (code, err) = code_and_err(&fs.rasa(&[

@@ -1514,4 +1514,17 @@ fn rollback_records_its_outcome_for_every_result_and_never_follows_a_symlink() {
     assert!(out.status.success(), "{}", stderr(&out));
     let json = read_record(&fs.record_file());
     assert_eq!(json["result"], "reset", "{json}");
+
+    // Booting an old root: "booted-old-root", with the name today's root is kept under.
+    let before_boot = old_roots(&fs);
+    let out = fs.rasa(&["rollback", "--from-old-root", "--record-file", record_arg]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let retired: Vec<String> = old_roots(&fs)
+        .into_iter()
+        .filter(|name| !before_boot.contains(name))
+        .collect();
+    assert_eq!(retired.len(), 1);
+    let json = read_record(&record);
+    assert_eq!(json["result"], "booted-old-root", "{json}");
+    assert_eq!(json["oldRoot"], retired[0].as_str(), "{json}");
 }
