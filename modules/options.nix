@@ -143,6 +143,42 @@ in
       erase (`rasa diff`'s summary), so that `journalctl -b -1 -u rasa-shutdown-report` shows it
       after the reboot'';
 
+    prometheus = {
+      enable = mkOption {
+        type = types.bool;
+        default = false;
+        example = true;
+        description = ''
+          A timer that writes `rasa diff --prometheus` for node_exporter's textfile collector:
+          the paths and bytes the next boot erases by the unit that wrote them, the old roots
+          kept, and the last rollback's result, duration and time (from the record
+          `rasa rollback` leaves in /run/rasa/rollback.json; left out when there is none). Point
+          the collector at the file's directory (docs/nixos.md, "A fleet view").
+        '';
+      };
+      file = mkOption {
+        type = types.strMatching "/.+/[^/]+\\.prom";
+        default = "/run/rasa-metrics/rasa.prom";
+        example = "/var/lib/prometheus-node-exporter-text-files/rasa.prom";
+        description = ''
+          The metrics file, replaced atomically at each run. The collector reads only names
+          ending in `.prom`. Its directory is created (0755, root) by systemd-tmpfiles when
+          missing, and left as it is when it exists; pass it to node_exporter as
+          `--collector.textfile.directory`. Not under /run/rasa, which rasa keeps 0700 (the
+          watch record is there), so node_exporter, running as its own user, could not read it.
+        '';
+      };
+      interval = mkOption {
+        type = types.str;
+        default = "*:0/15";
+        example = "hourly";
+        description = ''
+          How often to write the file: a systemd calendar event (`OnCalendar=`, see
+          systemd.time(7)); it is also written a few minutes after boot.
+        '';
+      };
+    };
+
     bootMenuEntry.enable = mkOption {
       type = types.bool;
       default = true;

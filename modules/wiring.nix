@@ -268,6 +268,33 @@ in
         };
       };
 
+      # The fleet view (docs/nixos.md): `rasa diff --prometheus` on a timer, for node_exporter's
+      # textfile collector. A diff walks the root, so at the lowest priority.
+      systemd.services.rasa-prometheus = lib.mkIf cfg.prometheus.enable {
+        description = "Write rasa's metrics for node_exporter's textfile collector (rasa)";
+        after = [ "local-fs.target" "systemd-tmpfiles-setup.service" ];
+        serviceConfig = {
+          Type = "oneshot";
+          Nice = 19;
+          IOSchedulingClass = "idle";
+          ExecStart = execStart ([ "diff" ] ++ layoutFlags ++ [ "--prometheus" cfg.prometheus.file ]);
+        };
+      };
+      systemd.timers.rasa-prometheus = lib.mkIf cfg.prometheus.enable {
+        description = "Write rasa's metrics periodically (rasa)";
+        wantedBy = [ "timers.target" ];
+        timerConfig = {
+          OnCalendar = cfg.prometheus.interval;
+          OnBootSec = "3min";
+        };
+      };
+      # `rasa diff --prometheus` refuses a directory that is not there. Created 0755 root (the
+      # collector reads the file as its own user); mode and owner `-`, so that a directory that
+      # exists already (node_exporter's own, or /tmp) is left exactly as it is, never changed.
+      systemd.tmpfiles.rules = lib.mkIf cfg.prometheus.enable [
+        "d ${dirOf cfg.prometheus.file} - - - -"
+      ];
+
       environment.systemPackages = [ cfg.package ];
 
       environment.etc."rasa/manifest.json".source = manifest.file;

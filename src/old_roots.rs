@@ -877,6 +877,7 @@ fn run_show(args: ShowArgs) -> Result<u8> {
         watch_record: None,
         no_watch_record: false,
         prometheus: None,
+        rollback_record: crate::rollback::record::DEFAULT_PATH.into(),
     })
 }
 

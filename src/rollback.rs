@@ -59,8 +59,11 @@
 //! and the boot goes on with the current root as it is, not reset, which is bootable and loses
 //! nothing; the message lists the old roots there are.
 
+pub mod record;
+
 use std::ffi::OsStr;
 use std::os::fd::AsFd;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -68,7 +71,7 @@ use nix::fcntl::{renameat2, RenameFlags};
 use nix::sys::stat::{fstatat, mkdirat, Mode};
 
 use crate::btrfs;
-use crate::error::{exit, refuse};
+use crate::error::{self, exit, refuse};
 use crate::failpoint;
 use crate::hibernation::{self, Verdict};
 use crate::layout::{Layout, LayoutArgs, RetentionArgs};
@@ -118,6 +121,11 @@ pub struct RollbackArgs {
     /// usual. Without this flag, the kernel parameter `rasa.boot-old-root[=NAME]` asks the same.
     #[arg(long, value_name = "NAME", num_args = 0..=1)]
     pub from_old_root: Option<Option<String>>,
+    /// Record the outcome (result, duration, the old root's name) here as JSON, for `rasa diff
+    /// --prometheus`, on every run but a dry run, refusals and failures included. /run survives
+    /// the initrd's switch to the real root. A write error is only a warning.
+    #[arg(long, value_name = "PATH", env = record::ENV, default_value = record::DEFAULT_PATH)]
+    pub record_file: PathBuf,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -155,8 +163,48 @@ fn old_root_request(flag: &Option<Option<String>>, cmdline: &str) -> Option<Opti
     })
 }
 
+/// What a run did, for the record.
+struct Done {
+    outcome: record::Outcome,
+    old_root: Option<String>,
+    message: String,
+}
+
+/// Run, then record the outcome (every outcome, refusals and failures included; a dry run
+/// changes nothing and records nothing, so the record keeps saying what the boot did).
 pub fn run(args: RollbackArgs) -> Result<u8> {
     let started = Instant::now();
+    let record_file = args.record_file.clone();
+    let dry_run = args.dry_run;
+    let result = run_steps(args, started);
+    if !dry_run {
+        let done = match &result {
+            Ok(done) => record::Record::new(
+                done.outcome,
+                started.elapsed(),
+                done.old_root.clone(),
+                done.message.clone(),
+            ),
+            Err(e) => record::Record::new(
+                if error::exit_code_for(e) == exit::REFUSED {
+                    record::Outcome::Refused
+                } else {
+                    record::Outcome::Failed
+                },
+                started.elapsed(),
+                None,
+                format!("{e:#}"),
+            ),
+        };
+        if let Err(e) = done.write(&record_file) {
+            // The root is what it is either way; a missing record only blinds the fleet view.
+            log::warn(format!("could not record the outcome: {e:#}"));
+        }
+    }
+    result.map(|_| exit::OK)
+}
+
+fn run_steps(args: RollbackArgs, started: Instant) -> Result<Done> {
     let layout = args.layout.validate()?;
     toplevel::check_device(&layout.device)?;
     if let Some(why) = kept_for_resume(&args) {
@@ -170,7 +218,11 @@ pub fn run(args: RollbackArgs) -> Result<u8> {
         if args.dry_run {
             println!("dry run: nothing will be changed. rasa rollback would keep the root: {why}");
         }
-        return Ok(exit::OK);
+        return Ok(Done {
+            outcome: record::Outcome::KeptForResume,
+            old_root: None,
+            message: why,
+        });
     }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let request = old_root_request(&args.from_old_root, &cmdline);
@@ -179,9 +231,13 @@ pub fn run(args: RollbackArgs) -> Result<u8> {
     if args.dry_run {
         print_plan(&top, &layout, &plan)?;
         top.unmount()?;
-        return Ok(exit::OK);
+        return Ok(Done {
+            outcome: record::Outcome::Reset,
+            old_root: None,
+            message: "dry run".into(),
+        });
     }
-    execute(&top, &layout, &plan)?;
+    let old_root = execute(&top, &layout, &plan)?;
     let critical = started.elapsed();
     log::info(format!(
         "new root in place in {:.1} ms",
@@ -203,7 +259,35 @@ pub fn run(args: RollbackArgs) -> Result<u8> {
         }
     }
     top.unmount()?;
-    Ok(exit::OK)
+    let (outcome, installed) = match &plan {
+        Plan::FromOldRoot { source, .. } => (
+            record::Outcome::BootedOldRoot,
+            format!("a snapshot of the old root {}/{source}", layout.old_roots),
+        ),
+        Plan::Full { .. } | Plan::InstallOnly | Plan::Remake => (
+            record::Outcome::Reset,
+            match &layout.blank {
+                Some(blank) => format!("a snapshot of {blank}"),
+                None => "a new empty subvolume".into(),
+            },
+        ),
+    };
+    let message = match &old_root {
+        Some(name) => format!(
+            "the root is {installed}; the previous root is kept as {}/{name}",
+            layout.old_roots
+        ),
+        None if plan == Plan::InstallOnly => format!(
+            "the root is the one an interrupted run prepared; that run kept the previous root in {}",
+            layout.old_roots
+        ),
+        None => format!("the root was gone and is now {installed}"),
+    };
+    Ok(Done {
+        outcome,
+        old_root,
+        message,
+    })
 }
 
 /// Why this boot must not reset the root: a hibernation image waits to be resumed (or a resume
@@ -451,7 +535,8 @@ fn ensure_old_roots_dir(top: &TopLevel, layout: &Layout) -> Result<()> {
     }
 }
 
-fn execute(top: &TopLevel, layout: &Layout, plan: &Plan) -> Result<()> {
+/// Carry out the plan; the name the current root was kept under, when this run retired it.
+fn execute(top: &TopLevel, layout: &Layout, plan: &Plan) -> Result<Option<String>> {
     let new = layout.new_root_name();
     let root = layout.root.as_str();
     ensure_old_roots_dir(top, layout)?;
@@ -466,7 +551,7 @@ fn execute(top: &TopLevel, layout: &Layout, plan: &Plan) -> Result<()> {
         failpoint::hit("created-new-root");
         discard_stray_new(top, layout)?;
         nix::unistd::syncfs(top.fd()).context("syncing the filesystem")?;
-        return Ok(());
+        return Ok(None);
     }
 
     if let Plan::Full { .. } | Plan::FromOldRoot { .. } = plan {
@@ -509,6 +594,7 @@ fn execute(top: &TopLevel, layout: &Layout, plan: &Plan) -> Result<()> {
         }
         failpoint::hit("created-new-root");
     }
+    let mut retired = None;
     if let Plan::Full { .. } | Plan::FromOldRoot { .. } = plan {
         // Step 2. Retire the current root with one rename into the old-roots directory. Both
         // live in the top-level subvolume, so this is atomic; NOREPLACE guards a kept root.
@@ -530,6 +616,7 @@ fn execute(top: &TopLevel, layout: &Layout, plan: &Plan) -> Result<()> {
             layout.old_roots
         ));
         failpoint::hit("moved-old-root");
+        retired = Some(stamp);
     } else if let Plan::InstallOnly = plan {
         log::info(format!(
             "resuming an interrupted rollback: {root} was already kept, installing {new}"
@@ -551,7 +638,7 @@ fn execute(top: &TopLevel, layout: &Layout, plan: &Plan) -> Result<()> {
 
     // Make the new layout durable before the boot goes on and starts writing to it.
     nix::unistd::syncfs(top.fd()).context("syncing the filesystem")?;
-    Ok(())
+    Ok(retired)
 }
 
 /// Make `name` at the top level from the blank (a writable snapshot), or a new empty subvolume

@@ -1929,12 +1929,49 @@ fn prometheus_file_is_valid_and_replaced_atomically() {
         .iter()
         .filter(|(m, _, _)| m.starts_with("rasa_unpersisted_paths"))
         .all(|(_, labels, _)| labels.iter().any(|(k, v)| k == "tree" && v == "root")));
+    // No rollback has recorded anything yet: its metrics are left out, not made up.
+    assert!(
+        !samples
+            .iter()
+            .any(|(m, _, _)| m.starts_with("rasa_last_rollback")),
+        "{text}"
+    );
 
     // After a rollback the old root is counted, and a second write replaces the first.
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let out = fs.rasa(&["rollback"]);
     assert!(out.status.success(), "rollback failed: {}", stderr(&out));
     diff(&fs, &manifest, &["--prometheus", prom.to_str().unwrap()]);
-    let samples = parse_exposition(&std::fs::read_to_string(&prom).unwrap());
+    let text = std::fs::read_to_string(&prom).unwrap();
+    let samples = parse_exposition(&text);
+    // The last rollback's result, duration and time, from the record it left.
+    let results: Vec<_> = samples
+        .iter()
+        .filter(|(m, _, _)| m == "rasa_last_rollback_result")
+        .map(|(_, labels, v)| (labels.clone(), *v))
+        .collect();
+    assert_eq!(
+        results,
+        [(vec![("result".to_string(), "reset".to_string())], 1.0)],
+        "{text}"
+    );
+    let one = |metric: &str| {
+        samples
+            .iter()
+            .find(|(m, _, _)| m == metric)
+            .unwrap_or_else(|| panic!("no {metric} in\n{text}"))
+            .2
+    };
+    let duration = one("rasa_last_rollback_duration_seconds");
+    assert!(duration > 0.0 && duration < 60.0, "{text}");
+    let stamp = one("rasa_last_rollback_timestamp_seconds");
+    assert!(
+        stamp >= before as f64 && stamp <= before as f64 + 120.0,
+        "{text}"
+    );
     let old_roots = samples
         .iter()
         .find(|(m, _, _)| m == "rasa_old_roots")
@@ -1945,6 +1982,23 @@ fn prometheus_file_is_valid_and_replaced_atomically() {
         .find(|(m, _, _)| m == "rasa_watch_record_present")
         .unwrap();
     assert_eq!(present.2, 0.0);
+
+    // A record that is not one: a warning, and the rollback metrics left out; the rest written.
+    std::fs::write(fs.record_file(), "{not json").unwrap();
+    let (_, err) = diff(&fs, &manifest, &["--prometheus", prom.to_str().unwrap()]);
+    assert!(
+        err.contains("leaving out the last rollback's metrics"),
+        "{err}"
+    );
+    let text = std::fs::read_to_string(&prom).unwrap();
+    let unreadable = parse_exposition(&text);
+    assert!(
+        !unreadable
+            .iter()
+            .any(|(m, _, _)| m.starts_with("rasa_last_rollback")),
+        "{text}"
+    );
+    assert!(unreadable.iter().any(|(m, _, _)| m == "rasa_old_roots"));
 
     // A file in a directory that is not there: refused before anything is done.
     let missing = fs.dir.path().join("no-such-dir/rasa.prom");

@@ -669,6 +669,7 @@ fn refuses_missing_and_non_btrfs_devices() {
             .args(["rollback", "--device", device])
             .env("NO_COLOR", "1")
             .env_remove("JOURNAL_STREAM")
+            .env("RASA_ROLLBACK_RECORD", fs.record_file())
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
@@ -777,6 +778,7 @@ fn concurrent_rollbacks_take_turns_and_always_leave_a_root() {
             .arg(&fs.device)
             .env("NO_COLOR", "1")
             .env_remove("JOURNAL_STREAM")
+            .env("RASA_ROLLBACK_RECORD", fs.record_file())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -1164,6 +1166,7 @@ fn a_closed_stdout_is_not_a_crash() {
             .arg("--device")
             .arg(&fs.device)
             .env("NO_COLOR", "1")
+            .env("RASA_ROLLBACK_RECORD", fs.record_file())
             .stdout(writer)
             .output()
             .unwrap();
@@ -1393,4 +1396,135 @@ fn booting_an_old_root_after_an_interrupted_reset_finishes_the_reset_and_says_so
     assert!(ls(&fs.path("root")).is_empty());
     assert!(!fs.path("root.rasa-new").exists());
     assert_eq!(old_roots(&fs).len(), 2);
+}
+
+fn read_record(path: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("no record at {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[test]
+fn rollback_records_its_outcome_for_every_result_and_never_follows_a_symlink() {
+    let Some(fs) = LoopBtrfs::new("rollback_records_its_outcome", 256) else {
+        return;
+    };
+    fs.standard_layout();
+    populate_root(&fs);
+    // A directory that is not there yet (as /run/rasa in the initrd) is created.
+    let record = fs.dir.path().join("run/rasa/rollback.json");
+    let record_arg = record.to_str().unwrap();
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+
+    // A normal run: "reset", with the name the previous root is kept under.
+    let out = fs.rasa(&["rollback", "--record-file", record_arg]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let kept = old_roots(&fs);
+    assert_eq!(kept.len(), 1);
+    let json = read_record(&record);
+    assert_eq!(json["result"], "reset", "{json}");
+    assert_eq!(json["oldRoot"], kept[0].as_str(), "{json}");
+    assert!(json["durationMs"].as_u64().is_some(), "{json}");
+    let time = json["time"].as_u64().unwrap();
+    assert!(time >= before && time <= before + 120, "{json}");
+    assert!(
+        json["message"].as_str().unwrap().contains(&kept[0]),
+        "{json}"
+    );
+    let mode = |path: &std::path::Path| {
+        std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::symlink_metadata(path).unwrap().permissions(),
+        ) & 0o777
+    };
+    assert_eq!(mode(&record), 0o644);
+    // The directory it made is root's only, as `rasa watch` makes /run/rasa.
+    assert_eq!(mode(record.parent().unwrap()), 0o700);
+
+    // A refusal (no such blank) is recorded too, with its message; the exit code is unchanged.
+    // What stands at the record's name is a symlink to a file elsewhere: it is replaced, and
+    // the file it points to is not written through.
+    let elsewhere = fs.dir.path().join("elsewhere");
+    std::fs::write(&elsewhere, "untouched").unwrap();
+    std::fs::remove_file(&record).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &record).unwrap();
+    let out = fs.rasa(&[
+        "rollback",
+        "--blank",
+        "no-such-blank",
+        "--record-file",
+        record_arg,
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "untouched");
+    assert!(std::fs::symlink_metadata(&record).unwrap().is_file());
+    let json = read_record(&record);
+    assert_eq!(json["result"], "refused", "{json}");
+    assert_eq!(json["oldRoot"], serde_json::Value::Null, "{json}");
+    let message = json["message"].as_str().unwrap();
+    assert!(
+        message.contains("\"no-such-blank\" does not exist") && message.contains("fix:"),
+        "{json}"
+    );
+    assert_eq!(
+        ls(record.parent().unwrap()),
+        ["rollback.json"],
+        "no temporary left behind"
+    );
+
+    // A failure part-way (the top level immutable, so the new root cannot be made) is recorded
+    // as "failed", with the error; the exit code is still 1.
+    sh(&format!("chattr +i '{}'", fs.top.display()));
+    let out = fs.rasa(&["rollback", "--record-file", record_arg]);
+    sh(&format!("chattr -i '{}'", fs.top.display()));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let json = read_record(&record);
+    assert_eq!(json["result"], "failed", "{json}");
+    assert!(
+        json["message"].as_str().unwrap().contains("root.rasa-new"),
+        "{json}"
+    );
+
+    // A dry run changes nothing and records nothing: the record still says what the last real
+    // run did.
+    let out = fs.rasa(&["rollback", "--dry-run", "--record-file", record_arg]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(read_record(&record)["result"], "failed");
+
+    // A record that cannot be written is a warning, never a failed rollback.
+    let blocked = fs.dir.path().join("not-a-dir");
+    std::fs::write(&blocked, "").unwrap();
+    let out = fs.rasa(&[
+        "rollback",
+        "--record-file",
+        blocked.join("rollback.json").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("could not record the outcome"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(old_roots(&fs).len(), 2);
+
+    // Without the flag, the environment's default (set by the fixture) is used.
+    let out = fs.rasa(&["rollback"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json = read_record(&fs.record_file());
+    assert_eq!(json["result"], "reset", "{json}");
+
+    // Booting an old root: "booted-old-root", with the name today's root is kept under.
+    let before_boot = old_roots(&fs);
+    let out = fs.rasa(&["rollback", "--from-old-root", "--record-file", record_arg]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let retired: Vec<String> = old_roots(&fs)
+        .into_iter()
+        .filter(|name| !before_boot.contains(name))
+        .collect();
+    assert_eq!(retired.len(), 1);
+    let json = read_record(&record);
+    assert_eq!(json["result"], "booted-old-root", "{json}");
+    assert_eq!(json["oldRoot"], retired[0].as_str(), "{json}");
 }

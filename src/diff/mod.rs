@@ -30,6 +30,7 @@ use crate::layout::{Layout, LayoutArgs};
 use crate::log;
 use crate::manifest::{self, Manifest};
 use crate::old_roots;
+use crate::rollback::record::Record;
 use crate::toplevel::{self, TopLevel};
 pub use found::{Found, FoundList};
 
@@ -106,6 +107,11 @@ pub struct Args {
     /// bytes the next boot erases by unit, and the old roots kept. Replaced atomically.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["long", "json", "nix"])]
     pub prometheus: Option<PathBuf>,
+
+    /// With --prometheus, export the last rollback's result, duration and time from this record
+    /// (written by `rasa rollback --record-file`); without one, those metrics are left out.
+    #[arg(long, value_name = "PATH", env = crate::rollback::record::ENV, default_value = crate::rollback::record::DEFAULT_PATH)]
+    pub rollback_record: PathBuf,
 
     /// Do not read a watch record, even where there is one.
     #[arg(long)]
@@ -325,7 +331,15 @@ pub fn run(args: Args) -> Result<u8> {
     }
     let outcome = collect(&args)?;
     if let Some(file) = &args.prometheus {
-        prometheus::write(&outcome, file)?;
+        let last_rollback = match Record::read(&args.rollback_record) {
+            Ok(record) => record,
+            Err(e) => {
+                // The diff metrics are still worth having; the rollback ones are left out.
+                log::warn(format!("leaving out the last rollback's metrics: {e:#}"));
+                None
+            }
+        };
+        prometheus::write(&outcome, last_rollback.as_ref(), file)?;
         return Ok(if args.exit_code && !outcome.found.is_empty() {
             exit::PROBLEMS
         } else {

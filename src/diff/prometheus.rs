@@ -4,8 +4,9 @@
 //! atomically (a temporary `.<name>.tmp` beside it, which the collector ignores, then a rename),
 //! so the collector never reads half of it.
 //!
-//! Not exported: the last rollback's duration and result. `rasa rollback` logs them to the
-//! journal and keeps them nowhere else, so there is nothing here to read them from.
+//! The last rollback's result, duration and time come from the record `rasa rollback` leaves
+//! in /run (`--rollback-record`); when there is none (no rollback ran this boot), those metrics
+//! are left out rather than made up.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -15,6 +16,7 @@ use anyhow::Result;
 
 use super::writers::NOT_RECORDED;
 use super::Outcome;
+use crate::rollback::record::Record;
 
 /// A label value with `\`, `"` and newlines escaped, as the text format requires.
 pub fn escape_label(value: &str) -> String {
@@ -37,7 +39,11 @@ struct ByUnit {
 }
 
 /// The metrics, in the text exposition format.
-pub fn render(outcome: &Outcome, out: &mut dyn Write) -> std::io::Result<()> {
+pub fn render(
+    outcome: &Outcome,
+    last_rollback: Option<&Record>,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
     let mut units: BTreeMap<&str, ByUnit> = BTreeMap::new();
     for found in outcome.found.iter() {
         let names = match &outcome.writers {
@@ -102,6 +108,40 @@ pub fn render(outcome: &Outcome, out: &mut dyn Write) -> std::io::Result<()> {
         writeln!(out, "# TYPE rasa_old_roots gauge")?;
         writeln!(out, "rasa_old_roots {count}")?;
     }
+    if let Some(record) = last_rollback {
+        render_rollback(record, out)?;
+    }
+    Ok(())
+}
+
+/// The last rollback's metrics (left out, all three, when it left no record).
+fn render_rollback(record: &Record, out: &mut dyn Write) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "# HELP rasa_last_rollback_duration_seconds How long the last rasa rollback took, from its start to its outcome (absent when it left no record in /run)."
+    )?;
+    writeln!(out, "# TYPE rasa_last_rollback_duration_seconds gauge")?;
+    writeln!(
+        out,
+        "rasa_last_rollback_duration_seconds {}",
+        record.duration_ms as f64 / 1e3
+    )?;
+    writeln!(
+        out,
+        "# HELP rasa_last_rollback_timestamp_seconds When the last rasa rollback reached its outcome, in Unix seconds (absent when it left no record)."
+    )?;
+    writeln!(out, "# TYPE rasa_last_rollback_timestamp_seconds gauge")?;
+    writeln!(out, "rasa_last_rollback_timestamp_seconds {}", record.time)?;
+    writeln!(
+        out,
+        "# HELP rasa_last_rollback_result The last rasa rollback's result (reset, kept-for-resume, booted-old-root, refused, failed) as the label of a 1 (absent when it left no record)."
+    )?;
+    writeln!(out, "# TYPE rasa_last_rollback_result gauge")?;
+    writeln!(
+        out,
+        "rasa_last_rollback_result{{result=\"{}\"}} 1",
+        record.result.as_str()
+    )?;
     Ok(())
 }
 
@@ -126,8 +166,10 @@ pub fn check_target(path: &Path) -> Result<()> {
 }
 
 /// Replace `path` with the metrics: readable by the collector (0644), never half-written.
-pub fn write(outcome: &Outcome, path: &Path) -> Result<()> {
-    crate::watch::record::write_atomically_as(path, 0o644, None, |out| render(outcome, out))
+pub fn write(outcome: &Outcome, last_rollback: Option<&Record>, path: &Path) -> Result<()> {
+    crate::watch::record::write_atomically_as(path, 0o644, None, |out| {
+        render(outcome, last_rollback, out)
+    })
 }
 
 #[cfg(test)]

@@ -120,6 +120,12 @@ impl LoopBtrfs {
         self.top.join(rel)
     }
 
+    /// Where `rasa rollback` run through `rasa`/`rasa_env` records its outcome (and `rasa diff
+    /// --prometheus` reads it).
+    pub fn record_file(&self) -> PathBuf {
+        self.dir.path().join("run/rollback.json")
+    }
+
     /// Run rasa with these arguments (plus `--device`, for the subcommands that take it).
     pub fn rasa(&self, args: &[&str]) -> Output {
         self.rasa_env(args, &[])
@@ -131,7 +137,9 @@ impl LoopBtrfs {
             .arg("--device")
             .arg(&self.device)
             .env("NO_COLOR", "1")
-            .env_remove("JOURNAL_STREAM");
+            .env_remove("JOURNAL_STREAM")
+            // The rollback record goes beside the disk image, not into this machine's /run.
+            .env("RASA_ROLLBACK_RECORD", self.record_file());
         for (k, v) in env {
             cmd.env(k, v);
         }

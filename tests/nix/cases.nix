@@ -726,6 +726,56 @@ in
 
   (
     let
+      config = eval [ encrypted { rasa.prometheus.enable = true; } ];
+      custom = eval [ encrypted { rasa.prometheus = { enable = true; file = "/var/lib/node-exporter/text/rasa.prom"; interval = "hourly"; }; } ];
+      plain = eval [ encrypted ];
+      service = config.systemd.services.rasa-prometheus;
+      timer = config.systemd.timers.rasa-prometheus;
+      layout = [ "--device" "/dev/mapper/cryptroot" "--root" "root" "--blank" "root-blank" "--old-roots" "old_roots" "--persist" "persist" ];
+    in
+    expect "rasa.prometheus.enable: rasa diff --prometheus on a timer, the layout flags of the other units, the directory made; not by default"
+      {
+        service = {
+          inherit (service.serviceConfig) Type;
+          argv = systemdArgv service.serviceConfig.ExecStart;
+        };
+        timer = {
+          inherit (timer) wantedBy;
+          inherit (timer.timerConfig) OnCalendar OnBootSec;
+        };
+        tmpfiles = config.systemd.tmpfiles.rules;
+        custom = {
+          argv = lib.drop 10 (systemdArgv custom.systemd.services.rasa-prometheus.serviceConfig.ExecStart);
+          inherit (custom.systemd.timers.rasa-prometheus.timerConfig) OnCalendar;
+          tmpfiles = custom.systemd.tmpfiles.rules;
+        };
+        # The rollback unit is the same with and without it (tests/vm/rollback.service).
+        rollbackUnchanged = (unitOf config).argv == (unitOf plain).argv;
+        byDefault = [ (plain.systemd.services ? rasa-prometheus) (plain.systemd.timers ? rasa-prometheus) ];
+      }
+      {
+        service = {
+          Type = "oneshot";
+          argv = [ exe "diff" ] ++ layout ++ [ "--prometheus" "/run/rasa-metrics/rasa.prom" ];
+        };
+        timer = {
+          wantedBy = [ "timers.target" ];
+          OnCalendar = "*:0/15";
+          OnBootSec = "3min";
+        };
+        tmpfiles = [ "d /run/rasa-metrics - - - -" ];
+        custom = {
+          argv = [ "--persist" "persist" "--prometheus" "/var/lib/node-exporter/text/rasa.prom" ];
+          OnCalendar = "hourly";
+          tmpfiles = [ "d /var/lib/node-exporter/text - - - -" ];
+        };
+        rollbackUnchanged = true;
+        byDefault = [ false false ];
+      }
+  )
+
+  (
+    let
       shadowWarnings = config: lib.filter (lib.hasInfix "/etc/shadow") config.warnings;
     in
     expect "warning: mutable users on a wiped root, and not with declarative users"
