@@ -924,7 +924,16 @@ fn run_mount(args: MountArgs) -> Result<u8> {
             return Ok(crate::error::exit::OK);
         }
     }
-    std::fs::create_dir_all(&args.at).with_context(|| format!("creating {}", args.at.display()))?;
+    // 0700 like the rest of /run/rasa (the watch and rollback records): browsing an old root is
+    // for root, and whoever creates /run/rasa first must not make it wider.
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&args.at)
+            .with_context(|| format!("creating {}", args.at.display()))?;
+    }
     let created = match std::fs::create_dir(&target) {
         Ok(()) => true,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,

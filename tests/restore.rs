@@ -616,6 +616,10 @@ fn a_mounted_old_root_is_browsable_read_only_and_survives_prune() {
     let out = fx.fs.rasa(&["old-roots", "mount", N1, "--at", &at]);
     assert!(out.status.success(), "{}", stderr(&out));
     let point = fx.mounts.join(N1);
+    // Made like the rest of /run/rasa: for root only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&fx.mounts).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700, "the mount directory is {mode:o}");
     // A real mount, in the test's (the user's) namespace, not a private one.
     let line = mountinfo_line(&point).expect("mounted where the user sees it");
     let options = line.split(' ').nth(5).unwrap();
