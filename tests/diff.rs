@@ -2016,3 +2016,62 @@ fn prometheus_file_is_valid_and_replaced_atomically() {
     );
     assert!(!missing.parent().unwrap().exists());
 }
+
+/// Without a watch record, the manifest's `services` (what the module's state check found: a
+/// unit and where it keeps its state) still say whose state a path is; with a record, the
+/// record wins for the paths it names.
+#[test]
+fn the_manifests_services_name_the_unit_of_a_path_without_a_record() {
+    let Some((fs, manifest)) = with_scenario("the_manifests_services_name_the_unit") else {
+        return;
+    };
+    let mut value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    value["services"] = serde_json::json!([
+        {"unit": "bluetooth.service", "paths": ["/var/lib/bluetooth"]},
+        {"unit": "editor-sync.service", "paths": ["/etc/new.conf"]}
+    ]);
+    let with_services = fs.dir.path().join("manifest-with-services.json");
+    std::fs::write(&with_services, value.to_string()).unwrap();
+
+    let (json, _) = diff(&fs, &with_services, &["--json", "--no-watch-record"]);
+    assert!(!json.contains("writers"), "--no-watch-record names nobody");
+    let (json, _) = diff(&fs, &with_services, &["--json"]);
+    let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(parsed.get("watch_record").is_none(), "no record was read");
+    let writers_of = |parsed: &serde_json::Value, path: &str| {
+        parsed["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["path"] == path)
+            .map(|e| e["writers"].clone())
+            .unwrap()
+    };
+    assert_eq!(
+        writers_of(&parsed, "/var/lib/bluetooth/AA:BB/info"),
+        serde_json::json!(["bluetooth.service"])
+    );
+    assert_eq!(
+        writers_of(&parsed, "/etc/new.conf"),
+        serde_json::json!(["editor-sync.service"])
+    );
+    assert_eq!(writers_of(&parsed, "/etc/keep.conf"), serde_json::json!([]));
+    let (summary, _) = diff(&fs, &with_services, &[]);
+    assert!(
+        summary.contains("WRITER (from the manifest's services)"),
+        "{summary}"
+    );
+
+    // A record names /etc/new.conf's writers itself; the manifest fills in the rest.
+    let record = fs.dir.path().join("watch.jsonl");
+    std::fs::write(&record, watch_record(RECORDED)).unwrap();
+    let r = record.to_str().unwrap();
+    let (json, _) = diff(&fs, &with_services, &["--json", "--watch-record", r]);
+    let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(parsed["watch_record"], r);
+    assert_eq!(
+        writers_of(&parsed, "/etc/new.conf"),
+        serde_json::json!(["my editor", "nixos-activation.service"])
+    );
+}

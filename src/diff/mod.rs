@@ -303,6 +303,10 @@ pub struct Source {
     /// Where the persistent copies live (for --nix).
     #[serde(skip)]
     pub storage_root: String,
+    /// The units the manifest says keep state, and where (its `services`): who a path belongs
+    /// to when no watch record names its writer.
+    #[serde(skip)]
+    pub services: Vec<crate::manifest::Service>,
 }
 
 impl Source {
@@ -419,6 +423,7 @@ pub struct RuleInputs {
     ignore: Vec<String>,
     manifest: Option<String>,
     storage_root: String,
+    services: Vec<crate::manifest::Service>,
 }
 
 impl RuleInputs {
@@ -436,6 +441,7 @@ impl RuleInputs {
             compared_with,
             manifest: self.manifest.clone(),
             storage_root: self.storage_root.clone(),
+            services: self.services.clone(),
         }
     }
 }
@@ -452,9 +458,11 @@ pub fn rule_inputs(explicit: Option<&Path>, ignore: &[String]) -> Result<RuleInp
         ignore: ignore.to_vec(),
         manifest: manifest.as_ref().map(|(p, _)| p.display().to_string()),
         storage_root: String::new(),
+        services: Vec::new(),
     };
     if let Some((_, m)) = &manifest {
         inputs.ignore.extend(m.diff_ignore.iter().cloned());
+        inputs.services = m.services.clone();
         for entry in &m.entries {
             inputs.persisted.push(entry.path.clone());
             // What the next boot does: mount (or link) storageRoot+path over the path. With no
@@ -489,6 +497,9 @@ fn collect(args: &Args) -> Result<Outcome> {
     } else if outcome.running_root {
         // This boot's record describes the running root.
         outcome.writers = writers::live();
+    }
+    if !args.no_watch_record {
+        outcome.writers = writers::with_declared(outcome.writers.take(), &outcome.source.services);
     }
     if let Some(caveat) = outcome.writers.as_ref().and_then(|w| w.caveat()) {
         log::warn(caveat);

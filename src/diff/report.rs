@@ -143,7 +143,11 @@ pub fn summary(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
                     by_writer.entry(name.as_bytes()).or_default().add(&found);
                 }
             }
-            table(by_writer, &format!("WRITER (from {})", writers.record), out)?;
+            table(
+                by_writer,
+                &format!("WRITER (from {})", writers.source()),
+                out,
+            )?;
         }
         // Counted, not collected: an unstored tree can be most of a large diff.
         let (unstored, unstored_bytes) = outcome
@@ -309,7 +313,7 @@ pub fn json(outcome: &Outcome, out: &mut impl Write) -> Result<()> {
         paths: outcome.found.len(),
         size: outcome.found.iter().map(|f| f.size).sum(),
         ignore: &outcome.rules.ignore_patterns,
-        watch_record: outcome.writers.as_ref().map(|w| w.record.as_str()),
+        watch_record: outcome.writers.as_ref().and_then(|w| w.record.as_deref()),
         entries: Entries(outcome),
     };
     serde_json::to_writer_pretty(&mut *out, &report)?;

@@ -12,9 +12,38 @@ use crate::log;
 use crate::watch::{self, Loaded};
 
 pub struct Writers {
-    /// Where the record was read, for the report.
-    pub record: String,
-    loaded: Loaded,
+    /// Where the watch record was read; `None` when only the manifest names units.
+    pub record: Option<String>,
+    loaded: Option<Loaded>,
+    /// (path, unit) from the manifest's `services`: the unit whose state a path is, for paths
+    /// the record does not name (or with no record at all).
+    declared: Vec<(String, String)>,
+}
+
+/// What the report says the writers come from when only the manifest names them.
+pub const FROM_MANIFEST: &str = "the manifest's services";
+
+/// Add the manifest's `services` to what the record says (or stand in for a missing record).
+pub fn with_declared(
+    writers: Option<Writers>,
+    services: &[crate::manifest::Service],
+) -> Option<Writers> {
+    let declared: Vec<(String, String)> = services
+        .iter()
+        .flat_map(|s| s.paths.iter().map(|p| (p.clone(), s.unit.clone())))
+        .collect();
+    match writers {
+        Some(mut w) => {
+            w.declared = declared;
+            Some(w)
+        }
+        None if declared.is_empty() => None,
+        None => Some(Writers {
+            record: None,
+            loaded: None,
+            declared,
+        }),
+    }
 }
 
 /// Shown for a path the record does not name (written before the watcher started, or left
@@ -22,9 +51,34 @@ pub struct Writers {
 pub const NOT_RECORDED: &str = "(not recorded)";
 
 impl Writers {
-    /// The units (or commands) that wrote `path`, in the record's order; empty when unknown.
+    /// Where the writers come from, for the report's heading.
+    pub fn source(&self) -> String {
+        match (&self.record, self.declared.is_empty()) {
+            (Some(record), true) => record.clone(),
+            (Some(record), false) => format!("{record} and {FROM_MANIFEST}"),
+            (None, _) => FROM_MANIFEST.to_owned(),
+        }
+    }
+
+    /// The units (or commands) that wrote `path`, in the record's order; else the units the
+    /// manifest says keep their state at or above `path`; empty when unknown.
     pub fn of(&self, path: &[u8]) -> Vec<&str> {
-        self.loaded.writers(path)
+        let recorded = self
+            .loaded
+            .as_ref()
+            .map(|l| l.writers(path))
+            .unwrap_or_default();
+        if !recorded.is_empty() {
+            return recorded;
+        }
+        let mut units: Vec<&str> = self
+            .declared
+            .iter()
+            .filter(|(at, _)| super::rules::under(path, at.as_bytes()))
+            .map(|(_, unit)| unit.as_str())
+            .collect();
+        units.dedup();
+        units
     }
 
     /// [`Writers::of`], or [`NOT_RECORDED`] alone: what a path is counted under.
@@ -40,7 +94,7 @@ impl Writers {
     /// What the record could not see: said with the report, so an empty column is not read as
     /// "nobody".
     pub fn caveat(&self) -> Option<String> {
-        let h = &self.loaded.header;
+        let h = &self.loaded.as_ref()?.header;
         (h.dropped_events > 0 || h.queue_overflows > 0).then(|| {
             format!(
                 "the watch record is incomplete ({} event(s) dropped at its cap, {} queue overflow(s))",
@@ -54,8 +108,9 @@ impl Writers {
 pub fn explicit(path: &Path) -> Result<Writers> {
     match watch::load_record(path) {
         Ok(loaded) => Ok(Writers {
-            record: path.display().to_string(),
-            loaded,
+            record: Some(path.display().to_string()),
+            loaded: Some(loaded),
+            declared: Vec::new(),
         }),
         Err(e) => Err(refuse(
             format!("cannot use the watch record {}: {e:#}", path.display()),
@@ -73,8 +128,9 @@ pub fn live() -> Option<Writers> {
     }
     match watch::load_record(path) {
         Ok(loaded) => Some(Writers {
-            record: path.display().to_string(),
-            loaded,
+            record: Some(path.display().to_string()),
+            loaded: Some(loaded),
+            declared: Vec::new(),
         }),
         Err(e) => {
             log::warn(format!("ignoring the watch record: {e:#}"));
@@ -96,8 +152,9 @@ pub fn in_tree(tree: BorrowedFd<'_>, tree_name: &str) -> Option<Writers> {
     };
     match watch::parse_record(&text, Path::new(&shown)) {
         Ok(loaded) => Some(Writers {
-            record: shown,
-            loaded,
+            record: Some(shown),
+            loaded: Some(loaded),
+            declared: Vec::new(),
         }),
         Err(e) => {
             log::warn(format!("ignoring the watch record: {e:#}"));
