@@ -421,6 +421,25 @@ pub fn validate_manifest(manifest: &Manifest) -> Vec<Problem> {
     }
     out.extend(relation_problems(manifest, &good_roots, &good_entries));
 
+    for (i, service) in manifest.services.iter().enumerate() {
+        let at = format!("services[{i}] ({})", service.unit);
+        if service.unit.is_empty() || service.unit.contains('/') {
+            out.push(Problem::new(
+                at.clone(),
+                format!("{:?} is not a systemd unit name", service.unit),
+                FIX_MANIFEST,
+            ));
+        }
+        for path in &service.paths {
+            if let Some(why) = path_problem(path) {
+                out.push(Problem::new(
+                    at.clone(),
+                    format!("path {path:?} {why}"),
+                    FIX_MANIFEST,
+                ));
+            }
+        }
+    }
     for (i, pattern) in manifest.diff_ignore.iter().enumerate() {
         let at = format!("diffIgnore[{i}]");
         if !pattern.starts_with('/') {
@@ -591,6 +610,30 @@ pub fn check_manifest(manifest: &Manifest, origin: &std::path::Path) -> anyhow::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn services_name_units_and_absolute_paths() {
+        let mut m: Manifest = serde_json::from_str(
+            r#"{"version": 1, "rollback": {"device": "/dev/x", "root": "root", "blank": null,
+              "oldRoots": "old_roots", "persist": "persist", "keep": 5, "keepDays": 7},
+              "entries": [], "services": [{"unit": "a.service", "paths": ["/var/lib/a"]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(validate_manifest(&m), vec![]);
+        m.services[0].paths.push("var/lib/b".into());
+        m.services[0].unit = String::new();
+        let shown: Vec<String> = validate_manifest(&m)
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "services[0] (): \"\" is not a systemd unit name",
+                "services[0] (): path \"var/lib/b\" is not absolute"
+            ]
+        );
+    }
 
     #[test]
     fn paths_with_control_characters_are_shown_escaped() {
