@@ -8,56 +8,27 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::fidelity::{assert_faithful, assert_faithful_except, build_live_tree, NOBODY};
-use common::{sh, stderr, stdout, LoopBtrfs, RASA};
+use common::{sh, stderr, stdout, LiveRoot, RASA};
 
 fn q(p: &Path) -> String {
     format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
 }
 
 /// A live root at `<top>/root` with the storage root `/persist` as a nested subvolume (same
-/// filesystem: reflinks), or with an ext4 filesystem mounted there (another filesystem).
-struct Fixture {
-    fs: LoopBtrfs,
-    live: PathBuf,
-    ext4: Option<(PathBuf, PathBuf)>,
+/// filesystem: reflinks), or with an ext4 filesystem mounted there (another filesystem): the
+/// shared `common::LiveRoot`, with migrate run to completion.
+struct Fixture(LiveRoot);
+
+impl std::ops::Deref for Fixture {
+    type Target = LiveRoot;
+    fn deref(&self) -> &LiveRoot {
+        &self.0
+    }
 }
 
 impl Fixture {
     fn new(test: &str, cross_fs: bool) -> Option<Fixture> {
-        let fs = LoopBtrfs::new(test, 400)?;
-        fs.subvolume("root");
-        let live = fs.path("root");
-        std::fs::create_dir(live.join("persist")).ok();
-        let mut ext4 = None;
-        if cross_fs {
-            let image = fs.dir.path().join("ext4.img");
-            std::fs::File::create(&image)
-                .unwrap()
-                .set_len(200 << 20)
-                .unwrap();
-            let dev = sh(&format!("losetup -f --show {}", q(&image)));
-            let dev = PathBuf::from(dev.trim());
-            sh(&format!("mkfs.ext4 -q -F {}", dev.display()));
-            sh(&format!(
-                "mount {} {}",
-                dev.display(),
-                q(&live.join("persist"))
-            ));
-            ext4 = Some((dev, live.join("persist")));
-        } else {
-            std::fs::remove_dir(live.join("persist")).unwrap();
-            sh(&format!(
-                "btrfs -q subvolume create {}",
-                q(&live.join("persist"))
-            ));
-        }
-        Some(Fixture { fs, live, ext4 })
-    }
-
-    fn manifest(&self, entries: &str) -> PathBuf {
-        let path = self.fs.dir.path().join("manifest.json");
-        std::fs::write(&path, common::manifest_text(entries)).unwrap();
-        path
+        LiveRoot::new(test, cross_fs).map(Fixture)
     }
 
     fn migrate(&self, manifest: &Path, extra: &[&str]) -> Output {
@@ -65,31 +36,11 @@ impl Fixture {
     }
 
     fn migrate_env(&self, manifest: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut cmd = Command::new(RASA);
-        cmd.arg("migrate")
-            .arg("--manifest")
-            .arg(manifest)
-            .arg("--live-root")
-            .arg(&self.live)
-            .args(extra)
-            .env("NO_COLOR", "1")
-            .env_remove("JOURNAL_STREAM");
+        let mut cmd = self.0.migrate(manifest, extra);
         for (k, v) in env {
             cmd.env(k, v);
         }
         cmd.output().unwrap()
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        if let Some((dev, mnt)) = &self.ext4 {
-            let _ = Command::new("umount").arg(mnt).output();
-            let _ = Command::new("losetup").arg("-d").arg(dev).status();
-        }
-        let _ = Command::new("umount")
-            .arg(self.live.join("persist"))
-            .output();
     }
 }
 
