@@ -77,12 +77,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let with_tmpfs = !args.iter().any(|a| a == "--no-tmpfs");
     deps::apt(&["btrfs-progs", "hyperfine"])?;
     let root = crate::project_root();
-    deps::run(
-        Command::new("cargo")
-            .args(["build", "--release", "--quiet", "--bin", "rasa"])
-            .current_dir(&root),
-    )?;
-    let rasa = root.join("target/release/rasa");
+    let rasa = super::release_rasa()?;
 
     let dir = root.join("target/bench-diff");
     let _ = std::fs::remove_dir_all(&dir);

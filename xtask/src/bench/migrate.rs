@@ -146,13 +146,7 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     crate::deps::apt(&["btrfs-progs", "rsync", "e2fsprogs", "coreutils"])?;
     let root = project_root();
-    eprintln!("xtask: building rasa (release)");
-    crate::deps::run(
-        Command::new("cargo")
-            .args(["build", "--release", "--quiet", "--bin", "rasa"])
-            .current_dir(&root),
-    )?;
-    let rasa = root.join("target/release/rasa");
+    let rasa = super::release_rasa()?;
     let work = root.join("target/bench-migrate");
     std::fs::create_dir_all(&work)?;
     if args.iter().any(|a| a == "--rerun-sparse") {

@@ -36,3 +36,15 @@ pub(crate) fn sh(cmd: &str) -> Result<String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
+
+/// Build rasa in release mode, as users run it; the path of the binary.
+pub(crate) fn release_rasa() -> Result<std::path::PathBuf> {
+    let root = crate::project_root();
+    eprintln!("xtask: building rasa (release)");
+    crate::deps::run(
+        std::process::Command::new("cargo")
+            .args(["build", "--release", "--quiet", "--bin", "rasa"])
+            .current_dir(&root),
+    )?;
+    Ok(root.join("target/release/rasa"))
+}

@@ -109,12 +109,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let runs = arg_value(args, "--runs", 5)?.max(1);
     deps::apt(&["btrfs-progs"])?;
     let project = crate::project_root();
-    deps::run(
-        Command::new("cargo")
-            .args(["build", "--release", "--quiet", "--bin", "rasa"])
-            .current_dir(&project),
-    )?;
-    let rasa = project.join("target/release/rasa");
+    let rasa = super::release_rasa()?;
 
     let dir = project.join("target/bench-watch");
     let _ = std::fs::remove_dir_all(&dir);
